@@ -21,6 +21,7 @@ This module imports neither grpc nor the SDK: it is the codec's hot path.
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, Final, NamedTuple
 
@@ -151,6 +152,36 @@ def _unicode_error(key: str, value: object) -> RestDecodeError | None:
     return None
 
 
+def _not_json(value: object) -> str | None:
+    """Say why ``value`` would not survive a trip through JSON text, or ``None``.
+
+    ``json.dumps`` refuses some such values but quietly rewrites others
+    (non-string object keys become strings, lone surrogates become escapes that
+    other readers refuse), so every level is checked here.
+    """
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if item is None or isinstance(item, (bool, int)):
+            continue
+        if isinstance(item, float):
+            if not math.isfinite(item):
+                return f"{item!r} is not a JSON number"
+        elif isinstance(item, str):
+            if _unicode_error("", item) is not None:
+                return "text is not valid Unicode (lone surrogate)"
+        elif isinstance(item, (list, tuple)):
+            stack.extend(item)
+        elif isinstance(item, Mapping):
+            for member_key, member in item.items():
+                if not isinstance(member_key, str):
+                    return f"object key {member_key!r} is not a string"
+                stack.extend((member_key, member))
+        else:
+            return f"a Python {type(item).__name__} is not a JSON value"
+    return None
+
+
 def _unrecognized(data: Mapping[Any, Any], kw: dict[str, Any], strict: bool) -> None:
     """Collect what ``data`` holds that the schema does not know into ``kw``.
 
@@ -168,10 +199,10 @@ def _unrecognized(data: Mapping[Any, Any], kw: dict[str, Any], strict: bool) -> 
             raise RestDecodeError(repr(key), "REST keys must be strings")
         if strict:
             raise RestDecodeError(key, "unknown key (strict mode rejects keys the schema does not know)")
-        try:
-            text = json.dumps(value, separators=_COMPACT, allow_nan=False)
-        except (TypeError, ValueError) as exc:
-            raise RestDecodeError(key, f"value is not representable as JSON: {exc}") from None
+        problem = _not_json(value)
+        if problem is not None:
+            raise RestDecodeError(key, f"value is not representable as JSON: {problem}")
+        text = json.dumps(value, separators=_COMPACT, ensure_ascii=False)
         if _unicode_error(key, key) is not None:
             raise RestDecodeError(ascii(key)[1:-1], "key is not valid Unicode (lone surrogate)")
         extras.append(_Extra(key=key, json_value=text))
