@@ -7,7 +7,18 @@ a command-line tool can print them as one readable line.
 
 from __future__ import annotations
 
-__all__ = ["FramingError", "RestDecodeError", "ShellInfoError"]
+from collections.abc import Sequence
+
+__all__ = [
+    "ConfigurationError",
+    "FramingError",
+    "HistoryExpired",
+    "RestDecodeError",
+    "RunRejected",
+    "ServiceError",
+    "ShellInfoError",
+    "StoreUnavailable",
+]
 
 
 class ShellInfoError(Exception):
@@ -47,3 +58,76 @@ class FramingError(ShellInfoError, ValueError):
 
     def __reduce__(self) -> tuple[type[FramingError], tuple[int, int, str]]:
         return (type(self), (self.index, self.offset, self.reason))
+
+
+class ServiceError(ShellInfoError):
+    """The run-update service refused or failed a request.
+
+    ``code`` is the name of the gRPC status code (``"INVALID_ARGUMENT"``,
+    ``"FAILED_PRECONDITION"``, ``"UNAVAILABLE"``, ...), kept as a string so that
+    this module does not import grpc. ``reason`` is the machine-readable reason
+    of the google.rpc ErrorInfo detail (``"RUN_FINAL"``, ...), or ``""``;
+    ``metadata`` its metadata; ``violations`` the (REST key, description) pairs
+    of the BadRequest detail.
+    """
+
+    def __init__(
+        self,
+        code: str,
+        reason: str,
+        message: str,
+        violations: Sequence[tuple[str, str]] = (),
+        metadata: dict[str, str] | None = None,
+    ) -> None:
+        self.code = code
+        self.reason = reason
+        self.message = message
+        self.violations = tuple(violations)
+        self.metadata = dict(metadata or {})
+        super().__init__(f"{code}: {message}")
+
+    @property
+    def field(self) -> str | None:
+        """The first REST key at fault, if the error names one."""
+        return self.violations[0][0] if self.violations else None
+
+    def __reduce__(self) -> tuple[type[ServiceError], tuple[object, ...]]:
+        return (type(self), (self.code, self.reason, self.message, self.violations, self.metadata))
+
+
+class RunRejected(ServiceError):
+    """An update broke a rule of the service (bad run, final status changed)."""
+
+
+class HistoryExpired(ServiceError):
+    """A watch asked to start before the oldest revision still retained.
+
+    ``oldest_revision`` is the oldest revision a watch can start from now.
+    """
+
+    def __init__(self, requested: int, oldest_revision: int) -> None:
+        self.requested = requested
+        self.oldest_revision = oldest_revision
+        super().__init__(
+            "OUT_OF_RANGE",
+            "HISTORY_EXPIRED",
+            f"revision {requested} is no longer retained; the oldest available is {oldest_revision}",
+            metadata={"oldest_revision": str(oldest_revision), "requested_revision": str(requested)},
+        )
+
+    def __reduce__(self) -> tuple[type[ServiceError], tuple[object, ...]]:
+        return (type(self), (self.requested, self.oldest_revision))
+
+
+class StoreUnavailable(ServiceError):
+    """The store behind the service cannot be reached now; retry later."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__("UNAVAILABLE", "STORE_UNAVAILABLE", message)
+
+    def __reduce__(self) -> tuple[type[ServiceError], tuple[object, ...]]:
+        return (type(self), (self.message,))
+
+
+class ConfigurationError(ShellInfoError, ValueError):
+    """A setting that cannot work: an unknown store URL, a missing TLS file, ..."""

@@ -1,0 +1,128 @@
+"""An in-memory store: for tests and throwaway use; nothing survives the process."""
+
+from __future__ import annotations
+
+import bisect
+import time
+from collections import deque
+from collections.abc import Sequence
+
+from shellinfo_grpc._gen.shellinfo.v1 import protection_shell_info_pb2 as _pb
+from shellinfo_grpc._gen.shellinfo.v1 import run_update_service_pb2 as _svc
+from shellinfo_grpc.errors import HistoryExpired, RunRejected
+from shellinfo_grpc.rules import check_update, compile_filter
+from shellinfo_grpc.store import PublishOutcome, Retention, Store
+
+__all__ = ["MemoryStore"]
+
+
+def _now_usecs() -> int:
+    return time.time_ns() // 1000
+
+
+class MemoryStore(Store):
+    """Keeps history and latest states in dictionaries and a deque."""
+
+    def __init__(self, *, retention: Retention | None = None) -> None:
+        super().__init__()
+        self._retention = retention or Retention()
+        self._history: deque[_svc.RunUpdate] = deque()
+        self._runs: dict[tuple[str, int], _svc.RunUpdate] = {}
+        self._keys: list[tuple[str, int]] = []  # sorted keys of _runs
+        self._head = 0
+        self._oldest = 1  # oldest revision a watch may start from
+
+    async def start(self) -> None:
+        """Nothing to open."""
+
+    async def close(self) -> None:
+        """Nothing to release."""
+
+    async def publish_batch(
+        self, items: Sequence[tuple[str, _pb.ProtectionShellInfo]]
+    ) -> list[PublishOutcome | RunRejected]:
+        """Apply updates in order; each is atomic by running without an await."""
+        outcomes: list[PublishOutcome | RunRejected] = []
+        committed: list[_svc.RunUpdate] = []
+        for source, run in items:
+            key = (source, run.job_run_id)
+            current = self._runs.get(key)
+            try:
+                changed = check_update(current.run if current is not None else None, run)
+            except RunRejected as exc:
+                outcomes.append(exc)
+                continue
+            if not changed:
+                assert current is not None
+                outcomes.append(PublishOutcome(current, changed=False))
+                continue
+            update = _svc.RunUpdate(source=source, run=run, revision=self._head + 1, accepted_time_usecs=_now_usecs())
+            self._head = update.revision
+            if current is None:
+                bisect.insort(self._keys, key)
+            self._runs[key] = update
+            self._history.append(update)
+            committed.append(update)
+            outcomes.append(PublishOutcome(update, changed=True))
+        self._trim()
+        for update in committed:
+            for listener in self._listeners:
+                listener(update)
+        return outcomes
+
+    def _trim(self) -> None:
+        limit = self._retention.max_updates
+        cutoff = _now_usecs() - int(self._retention.max_age_seconds * 1_000_000)
+        while self._history and (
+            (limit and len(self._history) > limit)
+            or (self._retention.max_age_seconds and self._history[0].accepted_time_usecs < cutoff)
+        ):
+            self._oldest = self._history.popleft().revision + 1
+
+    async def get(self, source: str, job_run_id: int) -> _svc.RunUpdate | None:
+        """The latest update of one run, or ``None``."""
+        return self._runs.get((source, job_run_id))
+
+    async def list_runs(
+        self, flt: _svc.RunFilter | None, after: tuple[str, int] | None, limit: int
+    ) -> list[_svc.RunUpdate]:
+        """Latest updates of matching runs ordered by key, after ``after``."""
+        matches = compile_filter(flt)
+        start = bisect.bisect_right(self._keys, after) if after is not None else 0
+        out: list[_svc.RunUpdate] = []
+        if limit <= 0:
+            return out
+        for key in self._keys[start:]:
+            update = self._runs[key]
+            if matches(update):
+                out.append(update)
+                if len(out) >= limit:
+                    break
+        return out
+
+    async def history(self, start_revision: int, end_revision: int, limit: int) -> list[_svc.RunUpdate]:
+        """Updates in ``[start_revision, end_revision]``, ascending, at most ``limit``."""
+        self._trim()
+        if start_revision < self._oldest:
+            raise HistoryExpired(start_revision, self._oldest)
+        if not self._history:
+            return []
+        first = self._history[0].revision
+        out: list[_svc.RunUpdate] = []
+        # Revisions in the history are contiguous: index arithmetic finds the start.
+        for index in range(max(start_revision - first, 0), len(self._history)):
+            update = self._history[index]
+            if update.revision > end_revision or len(out) >= limit:
+                break
+            out.append(update)
+        return out
+
+    async def snapshot(self, flt: _svc.RunFilter | None) -> tuple[list[_svc.RunUpdate], int]:
+        """Latest update of every matching run, in revision order, and the head."""
+        matches = compile_filter(flt)
+        updates = sorted((u for u in self._runs.values() if matches(u)), key=lambda u: u.revision)
+        return updates, self._head
+
+    def head_revision(self) -> int:
+        """The newest committed revision."""
+        return self._head

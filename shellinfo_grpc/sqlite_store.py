@@ -1,0 +1,718 @@
+"""The embedded SQLite store (``sqlite:///PATH``): an update is acknowledged only once it is durable.
+
+Layout of the file (schema version 1, ``PRAGMA user_version``; the file is
+marked with ``PRAGMA application_id``):
+
+* ``updates``: the history, one row per accepted update, keyed by revision;
+  trimmed from the oldest end by the retention policy.
+* ``runs``: the latest update of every run, keyed by (source, job_run_id);
+  never trimmed. ``status`` and ``run_type`` are copied out of the message
+  (NULL when unset) so that filters run in SQL.
+* ``meta``: ``head`` (the newest revision ever assigned) and ``oldest`` (the
+  oldest revision a watch may start from), so that revisions are never reused,
+  even when the whole history was trimmed and the process restarts.
+
+Messages are stored as deterministic protobuf bytes.
+
+Concurrency: the event loop never touches SQLite. One thread owns the writing
+connection, another the reading one (WAL lets readers run beside the writer).
+Concurrent :meth:`SqliteStore.publish_batch` calls are queued; a writer task
+takes everything queued, applies it in one ``BEGIN IMMEDIATE ... COMMIT``
+transaction (group commit: one fsync for many publishers), then, on the event
+loop, advances :meth:`SqliteStore.head_revision`, calls the listeners in
+revision order and resolves every caller. Within the transaction the rules
+see the runs as changed by the earlier batches; a batch that fails in an
+unexpected way is left out and fails alone. A failed transaction (I/O error,
+disk full) fails every caller of its group with
+:class:`~shellinfo_grpc.errors.StoreUnavailable`, and nothing of it is
+recorded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import sqlite3
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Final, TypeVar
+
+from google.protobuf.message import DecodeError
+
+from shellinfo_grpc._gen.shellinfo.v1 import protection_shell_info_pb2 as _pb
+from shellinfo_grpc._gen.shellinfo.v1 import run_update_service_pb2 as _svc
+from shellinfo_grpc.errors import ConfigurationError, HistoryExpired, RunRejected, StoreUnavailable
+from shellinfo_grpc.rules import check_update, compile_filter
+from shellinfo_grpc.store import PublishOutcome, Retention, Store
+
+__all__ = ["SqliteStore"]
+
+_log = logging.getLogger(__name__)
+
+_T = TypeVar("_T")
+
+#: "SHLI": marks a file as a shellinfo store (``PRAGMA application_id``).
+_APPLICATION_ID: Final = 0x5348_4C49
+#: The schema version this code writes (``PRAGMA user_version``).
+SCHEMA_VERSION: Final = 1
+
+#: Statements that bring the schema from version ``n - 1`` to ``n``.
+_MIGRATIONS: Final[dict[int, tuple[str, ...]]] = {
+    1: (
+        "CREATE TABLE meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL) WITHOUT ROWID",
+        "INSERT INTO meta (key, value) VALUES ('head', 0), ('oldest', 1)",
+        """CREATE TABLE updates (
+            revision INTEGER PRIMARY KEY,
+            source TEXT NOT NULL,
+            job_run_id INTEGER NOT NULL,
+            accepted_usecs INTEGER NOT NULL,
+            run BLOB NOT NULL
+        )""",
+        """CREATE TABLE runs (
+            source TEXT NOT NULL,
+            job_run_id INTEGER NOT NULL,
+            revision INTEGER NOT NULL,
+            accepted_usecs INTEGER NOT NULL,
+            status INTEGER,
+            run_type INTEGER,
+            run BLOB NOT NULL,
+            PRIMARY KEY (source, job_run_id)
+        ) WITHOUT ROWID""",
+    ),
+}
+
+_SYNCHRONOUS: Final = frozenset({"NORMAL", "FULL", "EXTRA"})
+_BUSY_TIMEOUT_MS: Final = 10_000
+#: Most items committed in one transaction; the rest wait for the next one.
+_MAX_GROUP_ITEMS: Final = 10_000
+#: Longest filter list pushed into an SQL ``IN (...)``; longer ones are checked in Python.
+_MAX_SQL_IN: Final = 500
+_INT64_MIN: Final = -(2**63)
+_INT64_MAX: Final = 2**63 - 1
+
+_Item = tuple[str, _pb.ProtectionShellInfo]
+_Key = tuple[str, int]
+_Change = tuple[_svc.RunUpdate, bytes]  # an accepted update and its run's stored bytes
+_BatchResult = list[PublishOutcome | RunRejected] | Exception
+
+
+def _now_usecs() -> int:
+    return time.time_ns() // 1000
+
+
+def _clamp64(value: int) -> int:
+    return min(max(value, _INT64_MIN), _INT64_MAX)
+
+
+def _decode(source: str, revision: int, accepted_usecs: int, blob: bytes) -> _svc.RunUpdate:
+    update = _svc.RunUpdate(source=source, revision=revision, accepted_time_usecs=accepted_usecs)
+    update.run.SetInParent()
+    try:
+        update.run.MergeFromString(blob)
+    except DecodeError as exc:
+        raise StoreUnavailable(f"the stored update with revision {revision} is corrupt: {exc}") from exc
+    return update
+
+
+def _filter_sql(flt: _svc.RunFilter | None) -> tuple[str, list[Any]]:
+    """The part of ``flt`` SQL can check, as ``AND ...`` clauses and their parameters."""
+    if flt is None:
+        return "", []
+    sql: list[str] = []
+    params: list[Any] = []
+    columns: tuple[tuple[str, Sequence[Any]], ...] = (
+        ("source", flt.sources),
+        ("job_run_id", flt.job_run_ids),
+        ("status", flt.statuses),
+        ("run_type", flt.run_types),
+    )
+    for column, values in columns:
+        unique = sorted(set(values))
+        if unique and len(unique) <= _MAX_SQL_IN:
+            sql.append(f" AND {column} IN ({', '.join('?' * len(unique))})")
+            params.extend(unique)
+    return "".join(sql), params
+
+
+@dataclass(slots=True)
+class _Pending:
+    """One caller's batch waiting for the writer."""
+
+    items: list[_Item]
+    future: asyncio.Future[list[PublishOutcome | RunRejected]]
+
+
+@dataclass(slots=True)
+class _GroupResult:
+    """What one writer transaction did."""
+
+    results: list[_BatchResult]
+    committed: list[_svc.RunUpdate] = field(default_factory=list)
+    head: int = 0
+
+
+def _resolve(future: asyncio.Future[_T], value: _T) -> None:
+    if not future.done():
+        future.set_result(value)
+
+
+def _fail(future: asyncio.Future[Any], exc: BaseException) -> None:
+    if not future.done():
+        future.set_exception(exc)
+
+
+class SqliteStore(Store):
+    """A :class:`~shellinfo_grpc.store.Store` in one SQLite file, in WAL mode.
+
+    ``synchronous`` is the SQLite ``PRAGMA synchronous`` of the writing
+    connection: ``"FULL"`` (the default) makes every acknowledged update
+    survive a power loss; ``"NORMAL"`` survives a crash of the process but may
+    lose the last commits on a power loss; ``"EXTRA"`` also syncs the
+    directory. Only one process may write a file at a time.
+    """
+
+    def __init__(self, path: Path, *, retention: Retention | None = None, synchronous: str = "FULL") -> None:
+        mode = synchronous.upper()
+        if mode not in _SYNCHRONOUS:
+            raise ConfigurationError(f"synchronous={synchronous!r}: use one of {', '.join(sorted(_SYNCHRONOUS))}")
+        super().__init__()
+        self._path = Path(path)
+        self._retention = retention or Retention()
+        self._synchronous = mode
+        self._head = 0  # newest revision whose listeners have been called (event loop)
+        self._queue: list[_Pending] = []
+        self._writer_task: asyncio.Task[None] | None = None
+        self._writer: ThreadPoolExecutor | None = None
+        self._reader: ThreadPoolExecutor | None = None
+        self._closing = False
+        self._closed = asyncio.Event()
+        # Owned by the writer thread.
+        self._wconn: sqlite3.Connection | None = None
+        self._w_head = 0
+        self._w_oldest = 1
+        # Owned by the reader thread.
+        self._rconn: sqlite3.Connection | None = None
+
+    @property
+    def path(self) -> Path:
+        """The SQLite file."""
+        return self._path
+
+    # -- lifecycle -----------------------------------------------------------
+
+    async def start(self) -> None:
+        """Create or open the file, bring the schema up to date and load the head revision.
+
+        Raises :class:`ConfigurationError` when the file cannot be used.
+        """
+        if self._writer is not None or self._closing:
+            raise ConfigurationError(f"store {self._path}: start() may be called once")
+        loop = asyncio.get_running_loop()
+        self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shellinfo-sqlite-writer")
+        self._reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shellinfo-sqlite-reader")
+        try:
+            self._head = await loop.run_in_executor(self._writer, self._open_writer)
+            await loop.run_in_executor(self._reader, self._open_reader)
+        except BaseException:
+            await self._release(loop)
+            raise
+
+    def _connect(self) -> sqlite3.Connection:
+        try:
+            conn = sqlite3.connect(self._path, isolation_level=None, timeout=_BUSY_TIMEOUT_MS / 1000)
+        except sqlite3.Error as exc:
+            raise ConfigurationError(f"store {self._path}: cannot open the SQLite file: {exc}") from exc
+        return conn
+
+    def _open_writer(self) -> int:
+        try:
+            self._path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ConfigurationError(f"store {self._path}: cannot create its directory: {exc}") from exc
+        if self._path.is_dir():
+            raise ConfigurationError(f"store {self._path}: is a directory; give the path of a file")
+        conn = self._connect()
+        try:
+            conn.execute(f"PRAGMA busy_timeout = {_BUSY_TIMEOUT_MS}")
+            self._check_identity(conn)
+            (mode,) = conn.execute("PRAGMA journal_mode = WAL").fetchone()
+            if str(mode).lower() != "wal":
+                raise ConfigurationError(f"store {self._path}: SQLite cannot use WAL mode here (journal_mode={mode})")
+            conn.execute(f"PRAGMA synchronous = {self._synchronous}")
+            conn.execute("PRAGMA journal_size_limit = 67108864")
+            self._migrate(conn)
+            meta = dict(conn.execute("SELECT key, value FROM meta").fetchall())
+            self._w_head = int(meta["head"])
+            self._w_oldest = int(meta["oldest"])
+            (newest,) = conn.execute("SELECT max(revision) FROM updates").fetchone()
+            if newest is not None and newest > self._w_head:
+                raise ConfigurationError(f"store {self._path}: inconsistent: revision {newest} is beyond the head")
+        except sqlite3.Error as exc:
+            conn.close()
+            raise ConfigurationError(f"store {self._path}: not a usable shellinfo SQLite store: {exc}") from exc
+        except BaseException:
+            conn.close()
+            raise
+        self._wconn = conn
+        return self._w_head
+
+    def _check_identity(self, conn: sqlite3.Connection) -> None:
+        (app_id,) = conn.execute("PRAGMA application_id").fetchone()
+        (version,) = conn.execute("PRAGMA user_version").fetchone()
+        if app_id not in (0, _APPLICATION_ID):
+            raise ConfigurationError(f"store {self._path}: another application's SQLite file (application_id {app_id})")
+        if version > SCHEMA_VERSION:
+            raise ConfigurationError(
+                f"store {self._path}: schema version {version} was written by a newer shellinfo-grpc "
+                f"(this one knows up to {SCHEMA_VERSION})"
+            )
+        if app_id == 0:
+            (tables,) = conn.execute("SELECT count(*) FROM sqlite_schema").fetchone()
+            if tables:
+                raise ConfigurationError(f"store {self._path}: a SQLite file that is not a shellinfo store")
+
+    def _migrate(self, conn: sqlite3.Connection) -> None:
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            (version,) = conn.execute("PRAGMA user_version").fetchone()
+            for target in range(version + 1, SCHEMA_VERSION + 1):
+                for statement in _MIGRATIONS[target]:
+                    conn.execute(statement)
+            if version != SCHEMA_VERSION:
+                conn.execute(f"PRAGMA application_id = {_APPLICATION_ID}")
+                conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+            conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:
+                conn.rollback()
+            raise
+
+    def _open_reader(self) -> None:
+        conn = self._connect()
+        try:
+            conn.execute(f"PRAGMA busy_timeout = {_BUSY_TIMEOUT_MS}")
+            conn.execute("PRAGMA query_only = ON")
+        except sqlite3.Error as exc:
+            conn.close()
+            raise ConfigurationError(f"store {self._path}: cannot open a reading connection: {exc}") from exc
+        self._rconn = conn
+
+    async def close(self) -> None:
+        """Commit everything queued, then close the connections and threads. Safe to call twice."""
+        if self._closing:
+            await self._closed.wait()
+            return
+        self._closing = True
+        try:
+            while self._writer_task is not None:
+                await asyncio.wait((self._writer_task,))
+        finally:
+            await self._release(asyncio.get_running_loop())
+
+    async def _release(self, loop: asyncio.AbstractEventLoop) -> None:
+        try:
+            for executor, closer in ((self._reader, self._close_reader), (self._writer, self._close_writer)):
+                if executor is not None:
+                    try:
+                        await loop.run_in_executor(executor, closer)
+                    except sqlite3.Error as exc:  # pragma: no cover - closing rarely fails
+                        _log.warning("store %s: closing a connection failed: %s", self._path, exc)
+                    executor.shutdown(wait=True)
+        finally:
+            self._reader = self._writer = None
+            self._closing = True
+            self._closed.set()
+
+    def _close_reader(self) -> None:
+        if self._rconn is not None:
+            self._rconn.close()
+            self._rconn = None
+
+    def _close_writer(self) -> None:
+        if self._wconn is not None:
+            self._wconn.close()  # the last connection: SQLite checkpoints and removes the WAL
+            self._wconn = None
+
+    # -- writing ---------------------------------------------------------------
+
+    async def publish_batch(
+        self, items: Sequence[tuple[str, _pb.ProtectionShellInfo]]
+    ) -> list[PublishOutcome | RunRejected]:
+        """Queue the batch for the next group commit; return once it is committed and durable."""
+        batch = list(items)
+        for source, run in batch:
+            if not isinstance(source, str) or not isinstance(run, _pb.ProtectionShellInfo):
+                raise TypeError(f"publish_batch takes (str, ProtectionShellInfo) pairs, not ({source!r}, {run!r})")
+        if self._closing or self._writer is None:
+            raise StoreUnavailable(f"store {self._path} is {'closed' if self._closing else 'not started'}")
+        if not batch:
+            return []
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[list[PublishOutcome | RunRejected]] = loop.create_future()
+        self._queue.append(_Pending(batch, future))
+        if self._writer_task is None:
+            self._writer_task = loop.create_task(self._drain(), name=f"shellinfo-sqlite-writer {self._path}")
+        return await future
+
+    async def _drain(self) -> None:
+        """Commit queued batches, a group at a time, until the queue is empty."""
+        loop = asyncio.get_running_loop()
+        try:
+            while self._queue:
+                group: list[_Pending] = []
+                size = cut = 0
+                while cut < len(self._queue):
+                    count = len(self._queue[cut].items)
+                    if group and size + count > _MAX_GROUP_ITEMS:
+                        break
+                    group.append(self._queue[cut])
+                    size += count
+                    cut += 1
+                del self._queue[:cut]
+                group = [pending for pending in group if not pending.future.done()]  # callers gone
+                if not group:
+                    continue
+                writer = self._writer
+                if writer is None:  # pragma: no cover - close() waits for this task before releasing
+                    raise StoreUnavailable(f"store {self._path} is closed")
+                job = loop.run_in_executor(writer, self._commit_group, [pending.items for pending in group])
+                # Delivery is a callback of the job, not of this task: even if this
+                # task is cancelled, a commit that happened is reported.
+                job.add_done_callback(functools.partial(self._deliver, group))
+                await asyncio.wait((job,))
+        finally:
+            self._writer_task = None
+            leftover, self._queue = self._queue, []
+            for pending in leftover:
+                _fail(pending.future, StoreUnavailable(f"store {self._path} is shutting down"))
+
+    def _deliver(self, group: list[_Pending], job: asyncio.Future[_GroupResult]) -> None:
+        """On the event loop, after a commit: advance the head, call listeners, resolve callers."""
+        if job.cancelled():  # pragma: no cover - jobs are never cancelled
+            for pending in group:
+                _fail(pending.future, StoreUnavailable(f"store {self._path}: the write was cancelled"))
+            return
+        exc = job.exception()
+        if exc is not None:
+            for pending in group:  # one exception object per caller: each gets its own traceback
+                if isinstance(exc, StoreUnavailable):
+                    error: BaseException = StoreUnavailable(exc.message)
+                    error.__cause__ = exc.__cause__
+                else:
+                    error = self._unavailable("cannot write", exc)
+                _fail(pending.future, error)
+            return
+        done = job.result()
+        self._head = done.head
+        for update in done.committed:
+            for listener in tuple(self._listeners):
+                try:
+                    listener(update)
+                except Exception:
+                    _log.exception("store %s: a listener failed on revision %d", self._path, update.revision)
+        for pending, result in zip(group, done.results, strict=True):
+            if isinstance(result, Exception):
+                _fail(pending.future, result)
+            else:
+                _resolve(pending.future, result)
+
+    def _unavailable(self, what: str, exc: BaseException) -> StoreUnavailable:
+        error = StoreUnavailable(f"store {self._path}: {what}: {exc}")
+        error.__cause__ = exc
+        return error
+
+    def _commit_group(self, batches: list[list[_Item]]) -> _GroupResult:
+        """Writer thread: apply every batch in one transaction.
+
+        The rules see the runs as changed by the earlier items of the same
+        transaction (an overlay of the new latest states), and the rows are
+        written at the end with ``executemany``. A batch that fails in an
+        unexpected way is left out of the overlay and fails alone.
+        """
+        conn = self._wconn
+        if conn is None:
+            raise StoreUnavailable(f"store {self._path} is closed")
+        now = _now_usecs()
+        head = self._w_head
+        oldest = self._w_oldest
+        done = _GroupResult(results=[])
+        latest: dict[_Key, _Change] = {}  # runs changed by this transaction
+        history: list[_Change] = []  # updates recorded by this transaction
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            (stored_head,) = conn.execute("SELECT value FROM meta WHERE key = 'head'").fetchone()
+            if stored_head != head:
+                raise StoreUnavailable(
+                    f"store {self._path}: another process wrote revision {stored_head} "
+                    f"(this one is at {head}); only one server may use a file"
+                )
+            for batch in batches:
+                changes: dict[_Key, _Change] = {}
+                recorded: list[_Change] = []
+                try:
+                    outcomes = self._apply(
+                        conn, batch, head=head, now=now, latest=latest, changes=changes, recorded=recorded
+                    )
+                except sqlite3.Error:
+                    raise  # the transaction as a whole is in doubt
+                except Exception as exc:
+                    done.results.append(exc)
+                    continue
+                done.results.append(outcomes)
+                if recorded:
+                    head = recorded[-1][0].revision
+                    latest.update(changes)
+                    history.extend(recorded)
+            if history:
+                self._write(conn, history, latest, head)
+                oldest = self._trim(conn, head, oldest, now)
+            conn.execute("COMMIT")
+        except BaseException as exc:
+            try:
+                if conn.in_transaction:
+                    conn.rollback()
+            except sqlite3.Error as rollback_exc:  # pragma: no cover - the connection is broken
+                _log.warning("store %s: rollback failed: %s", self._path, rollback_exc)
+            if isinstance(exc, sqlite3.Error):
+                raise self._unavailable("cannot write", exc) from exc
+            raise
+        done.committed = [update for update, _ in history]
+        self._w_head = done.head = head
+        self._w_oldest = oldest
+        return done
+
+    def _apply(
+        self,
+        conn: sqlite3.Connection,
+        batch: list[_Item],
+        *,
+        head: int,
+        now: int,
+        latest: dict[_Key, _Change],
+        changes: dict[_Key, _Change],
+        recorded: list[_Change],
+    ) -> list[PublishOutcome | RunRejected]:
+        """Check one batch; put its new latest states in ``changes`` and its updates in ``recorded``."""
+        outcomes: list[PublishOutcome | RunRejected] = []
+        for source, run in batch:
+            key = (source, run.job_run_id)
+            change = changes.get(key) or latest.get(key)
+            if change is not None:
+                current: _svc.RunUpdate | None = change[0]
+            elif run.HasField("job_run_id"):
+                row = conn.execute(
+                    "SELECT revision, accepted_usecs, run FROM runs WHERE source = ? AND job_run_id = ?", key
+                ).fetchone()
+                current = _decode(source, row[0], row[1], row[2]) if row is not None else None
+            else:
+                current = None
+            try:
+                changed = check_update(current.run if current is not None else None, run)
+            except RunRejected as exc:
+                outcomes.append(exc)
+                continue
+            if not changed:
+                assert current is not None
+                outcomes.append(PublishOutcome(current, changed=False))
+                continue
+            head += 1
+            update = _svc.RunUpdate(source=source, run=run, revision=head, accepted_time_usecs=now)
+            change = (update, update.run.SerializeToString(deterministic=True))
+            changes[key] = change
+            recorded.append(change)
+            outcomes.append(PublishOutcome(update, changed=True))
+        return outcomes
+
+    @staticmethod
+    def _write(conn: sqlite3.Connection, history: list[_Change], latest: dict[_Key, _Change], head: int) -> None:
+        """Inside a write transaction: record the new updates and latest states, and the head."""
+        conn.executemany(
+            "INSERT INTO updates (revision, source, job_run_id, accepted_usecs, run) VALUES (?, ?, ?, ?, ?)",
+            [(u.revision, u.source, u.run.job_run_id, u.accepted_time_usecs, blob) for u, blob in history],
+        )
+        conn.executemany(
+            "INSERT OR REPLACE INTO runs (source, job_run_id, revision, accepted_usecs, status, run_type, run)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?)",
+            [
+                (
+                    u.source,
+                    u.run.job_run_id,
+                    u.revision,
+                    u.accepted_time_usecs,
+                    u.run.status if u.run.HasField("status") else None,
+                    u.run.run_type if u.run.HasField("run_type") else None,
+                    blob,
+                )
+                for u, blob in latest.values()
+            ],
+        )
+        conn.execute("UPDATE meta SET value = ? WHERE key = 'head'", (head,))
+
+    def _trim(self, conn: sqlite3.Connection, head: int, oldest: int, now: int) -> int:
+        """Inside a write transaction: drop history beyond the retention; return the new oldest revision."""
+        keep = oldest
+        if self._retention.max_updates:
+            keep = max(keep, head - self._retention.max_updates + 1)
+        if self._retention.max_age_seconds:
+            cutoff = now - int(self._retention.max_age_seconds * 1_000_000)
+            row = conn.execute(
+                "SELECT revision FROM updates WHERE revision >= ? AND accepted_usecs >= ? ORDER BY revision LIMIT 1",
+                (keep, cutoff),
+            ).fetchone()
+            keep = max(keep, row[0] if row is not None else head + 1)
+        if keep > oldest:
+            conn.execute("DELETE FROM updates WHERE revision < ?", (keep,))
+            conn.execute("UPDATE meta SET value = ? WHERE key = 'oldest'", (keep,))
+        return keep
+
+    def _trim_now(self) -> None:
+        """Writer thread: apply the retention without a write (for age limits while idle)."""
+        conn = self._wconn
+        if conn is None:
+            raise StoreUnavailable(f"store {self._path} is closed")
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            self._w_oldest = self._trim(conn, self._w_head, self._w_oldest, _now_usecs())
+            conn.execute("COMMIT")
+        except sqlite3.Error as exc:
+            if conn.in_transaction:
+                conn.rollback()
+            raise self._unavailable("cannot trim the history", exc) from exc
+
+    # -- reading ---------------------------------------------------------------
+
+    async def _on(self, executor: ThreadPoolExecutor | None, func: Callable[[], _T]) -> _T:
+        """Run ``func`` on the writer's or the reader's thread."""
+        if executor is None or self._closed.is_set():
+            raise StoreUnavailable(f"store {self._path} is {'closed' if self._closing else 'not started'}")
+        try:
+            job = asyncio.get_running_loop().run_in_executor(executor, func)
+        except RuntimeError as exc:  # shut down by a concurrent close()
+            raise StoreUnavailable(f"store {self._path} is closed") from exc
+        return await job
+
+    async def _read(self, func: Callable[[sqlite3.Connection], _T]) -> _T:
+        return await self._on(self._reader, functools.partial(self._run_read, func))
+
+    def _run_read(self, func: Callable[[sqlite3.Connection], _T]) -> _T:
+        conn = self._rconn
+        if conn is None:
+            raise StoreUnavailable(f"store {self._path} is closed")
+        try:
+            conn.execute("BEGIN")
+            result = func(conn)
+            conn.execute("COMMIT")
+        except BaseException as exc:
+            try:
+                if conn.in_transaction:
+                    conn.rollback()
+            except sqlite3.Error as rollback_exc:  # pragma: no cover - the connection is broken
+                _log.warning("store %s: rollback failed: %s", self._path, rollback_exc)
+            if isinstance(exc, sqlite3.Error):
+                raise self._unavailable("cannot read", exc) from exc
+            raise
+        return result
+
+    async def get(self, source: str, job_run_id: int) -> _svc.RunUpdate | None:
+        """The latest update of one run, or ``None``."""
+        if not _INT64_MIN <= job_run_id <= _INT64_MAX:
+            return None
+
+        def read(conn: sqlite3.Connection) -> _svc.RunUpdate | None:
+            row = conn.execute(
+                "SELECT revision, accepted_usecs, run FROM runs WHERE source = ? AND job_run_id = ?",
+                (source, job_run_id),
+            ).fetchone()
+            return _decode(source, row[0], row[1], row[2]) if row is not None else None
+
+        return await self._read(read)
+
+    async def list_runs(
+        self, flt: _svc.RunFilter | None, after: tuple[str, int] | None, limit: int
+    ) -> list[_svc.RunUpdate]:
+        """Latest updates of matching runs ordered by (source, job_run_id), after ``after``."""
+        if limit <= 0:
+            return []
+        matches = compile_filter(flt)
+        where, params = _filter_sql(flt)
+        if after is not None:
+            source, job_run_id = after
+            if job_run_id < _INT64_MIN:
+                where += " AND source >= ?"
+                params.append(source)
+            else:
+                where += " AND (source > ? OR (source = ? AND job_run_id > ?))"
+                params.extend((source, source, _clamp64(job_run_id)))
+        # Only constant SQL and "?" placeholders are joined here; the values are parameters.
+        sql = "SELECT source, revision, accepted_usecs, run FROM runs WHERE 1" + where + " ORDER BY source, job_run_id"  # noqa: S608
+
+        def read(conn: sqlite3.Connection) -> list[_svc.RunUpdate]:
+            out: list[_svc.RunUpdate] = []
+            cursor = conn.execute(sql, params)  # fetched lazily: stops at the limit
+            try:
+                for row in cursor:
+                    update = _decode(*row)
+                    if matches(update):
+                        out.append(update)
+                        if len(out) >= limit:
+                            break
+            finally:
+                cursor.close()
+            return out
+
+        return await self._read(read)
+
+    async def history(self, start_revision: int, end_revision: int, limit: int) -> list[_svc.RunUpdate]:
+        """Updates in ``[start_revision, end_revision]``, ascending, at most ``limit``."""
+        max_age = self._retention.max_age_seconds
+
+        def read(conn: sqlite3.Connection) -> tuple[int, int | None, list[_svc.RunUpdate]]:
+            (oldest,) = conn.execute("SELECT value FROM meta WHERE key = 'oldest'").fetchone()
+            first_accepted: int | None = None
+            if max_age:
+                row = conn.execute("SELECT accepted_usecs FROM updates ORDER BY revision LIMIT 1").fetchone()
+                first_accepted = row[0] if row is not None else None
+            if start_revision < oldest or limit <= 0 or end_revision < start_revision:
+                return oldest, first_accepted, []
+            rows = conn.execute(
+                "SELECT source, revision, accepted_usecs, run FROM updates"
+                " WHERE revision >= ? AND revision <= ? ORDER BY revision LIMIT ?",
+                (_clamp64(start_revision), _clamp64(end_revision), limit),
+            ).fetchall()
+            return oldest, first_accepted, [_decode(*row) for row in rows]
+
+        oldest, first_accepted, updates = await self._read(read)
+        expired = first_accepted is not None and first_accepted < _now_usecs() - int(max_age * 1_000_000)
+        if expired and not self._closing:
+            # Updates expired while nothing was written: trim now, then read again.
+            await self._on(self._writer, self._trim_now)
+            oldest, _, updates = await self._read(read)
+        if start_revision < oldest:
+            raise HistoryExpired(start_revision, oldest)
+        return updates
+
+    async def snapshot(self, flt: _svc.RunFilter | None) -> tuple[list[_svc.RunUpdate], int]:
+        """Latest update of every matching run, in revision order, and the head they are consistent with.
+
+        Read in one transaction. The head may be ahead of :meth:`head_revision`
+        for a moment (committed, listeners not called yet): a watch should skip
+        listener updates whose revision is not above the returned head.
+        """
+        matches = compile_filter(flt)
+        where, params = _filter_sql(flt)
+        sql = "SELECT source, revision, accepted_usecs, run FROM runs WHERE 1" + where + " ORDER BY revision"  # noqa: S608
+
+        def read(conn: sqlite3.Connection) -> tuple[list[_svc.RunUpdate], int]:
+            (head,) = conn.execute("SELECT value FROM meta WHERE key = 'head'").fetchone()
+            updates = [_decode(*row) for row in conn.execute(sql, params)]
+            return [update for update in updates if matches(update)], int(head)
+
+        return await self._read(read)
+
+    def head_revision(self) -> int:
+        """The newest committed revision (updated on the event loop, just before its listeners run)."""
+        return self._head

@@ -1,0 +1,206 @@
+"""The storage interface of the run-update service, and how a URL picks a backend.
+
+A store keeps two things: the **history**, every accepted update in revision
+order (trimmed by the retention policy), and the **latest state** of every
+run. It assigns revisions, applies :func:`shellinfo_grpc.rules.check_update`
+atomically with the write, and tells its listeners about each committed update
+in revision order. The server needs nothing else, so a backend plugs in by
+implementing :class:`Store`:
+
+* :class:`~shellinfo_grpc.memory_store.MemoryStore` (``memory://``): for tests
+  and throwaway use; nothing survives the process.
+* :class:`~shellinfo_grpc.sqlite_store.SqliteStore` (``sqlite:///PATH``): the
+  embedded default; an update is acknowledged only once it is durable.
+
+Stores are used from one asyncio event loop.
+"""
+
+from __future__ import annotations
+
+import abc
+import contextlib
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Final
+from urllib.parse import parse_qs, unquote, urlsplit
+
+from shellinfo_grpc._gen.shellinfo.v1 import protection_shell_info_pb2 as _pb
+from shellinfo_grpc._gen.shellinfo.v1 import run_update_service_pb2 as _svc
+from shellinfo_grpc.errors import ConfigurationError, RunRejected
+
+__all__ = [
+    "DEFAULT_STORE_PATH",
+    "Listener",
+    "PublishOutcome",
+    "Retention",
+    "Store",
+    "default_store_url",
+    "open_store",
+]
+
+Listener = Callable[[_svc.RunUpdate], None]
+
+
+def _default_store_path() -> Path:
+    state = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return Path(state) / "shellinfo" / "runs.sqlite3"
+
+
+#: Where ``shellinfo serve`` keeps its SQLite file unless ``--store`` says
+#: otherwise: ``$XDG_STATE_HOME/shellinfo/runs.sqlite3``, by default
+#: ``~/.local/state/shellinfo/runs.sqlite3``.
+DEFAULT_STORE_PATH: Final = _default_store_path()
+
+
+def default_store_url() -> str:
+    """The store URL ``shellinfo serve`` uses by default (see DEFAULT_STORE_PATH)."""
+    return f"sqlite://{_default_store_path()}"
+
+
+@dataclass(frozen=True, slots=True)
+class Retention:
+    """How much history a store keeps.
+
+    ``max_updates`` keeps at most that many of the newest updates in the
+    history (0: no limit); ``max_age_seconds`` drops updates older than that
+    (0: no limit). The latest state of every run is always kept, whatever the
+    history retains. Watches that ask for a revision older than what is kept
+    end with OUT_OF_RANGE.
+    """
+
+    max_updates: int = 1_000_000
+    max_age_seconds: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.max_updates < 0 or self.max_age_seconds < 0:
+            raise ValueError("retention limits must not be negative")
+
+
+@dataclass(frozen=True, slots=True)
+class PublishOutcome:
+    """What a publish did: the run's current update, and whether it changed."""
+
+    update: _svc.RunUpdate
+    changed: bool
+
+
+class Store(abc.ABC):
+    """A backend of the run-update service. See the module docstring.
+
+    Subclasses call ``super().__init__()`` and, after each commit, call every
+    listener in ``self._listeners`` with each committed update in order.
+    """
+
+    def __init__(self) -> None:
+        self._listeners: list[Listener] = []
+
+    @abc.abstractmethod
+    async def start(self) -> None:
+        """Open the backend (files, connections); called once before use."""
+
+    @abc.abstractmethod
+    async def close(self) -> None:
+        """Finish pending writes and release the backend."""
+
+    @abc.abstractmethod
+    async def publish_batch(
+        self, items: Sequence[tuple[str, _pb.ProtectionShellInfo]]
+    ) -> list[PublishOutcome | RunRejected]:
+        """Apply updates ``(source, run)`` in order, atomically each.
+
+        For each item, the outcome: the new or unchanged current update, or the
+        :class:`RunRejected` error that refused it (nothing is recorded for a
+        refused item; the others are not affected). Returns only once every
+        recorded update is durable. Raises
+        :class:`~shellinfo_grpc.errors.StoreUnavailable` when the backend
+        cannot be reached; then nothing of the batch is acknowledged.
+        """
+
+    async def publish(self, source: str, run: _pb.ProtectionShellInfo) -> PublishOutcome:
+        """Apply one update; raise :class:`RunRejected` if a rule refuses it."""
+        (outcome,) = await self.publish_batch([(source, run)])
+        if isinstance(outcome, RunRejected):
+            raise outcome
+        return outcome
+
+    @abc.abstractmethod
+    async def get(self, source: str, job_run_id: int) -> _svc.RunUpdate | None:
+        """The latest update of one run, or ``None``."""
+
+    @abc.abstractmethod
+    async def list_runs(
+        self, flt: _svc.RunFilter | None, after: tuple[str, int] | None, limit: int
+    ) -> list[_svc.RunUpdate]:
+        """Latest updates of matching runs ordered by (source, job_run_id).
+
+        Only runs whose key is greater than ``after`` are returned, at most
+        ``limit`` of them.
+        """
+
+    @abc.abstractmethod
+    async def history(self, start_revision: int, end_revision: int, limit: int) -> list[_svc.RunUpdate]:
+        """Updates with ``start_revision <= revision <= end_revision``, ascending, at most ``limit``.
+
+        Raises :class:`~shellinfo_grpc.errors.HistoryExpired` when
+        ``start_revision`` is older than the oldest retained revision.
+        """
+
+    @abc.abstractmethod
+    async def snapshot(self, flt: _svc.RunFilter | None) -> tuple[list[_svc.RunUpdate], int]:
+        """The latest update of every matching run, in revision order, and the
+        head revision they are consistent with."""
+
+    @abc.abstractmethod
+    def head_revision(self) -> int:
+        """The revision of the newest committed update (0 when there is none)."""
+
+    def add_listener(self, listener: Listener) -> None:
+        """Call ``listener(update)`` for every update committed from now on.
+
+        Calls happen on the event loop, in revision order, after the update is
+        durable and readable through :meth:`history`. Listeners must not
+        raise and must not block: the server's listener only queues.
+        """
+        self._listeners.append(listener)
+
+    def remove_listener(self, listener: Listener) -> None:
+        """Stop calling ``listener`` (a server that stops removes its own)."""
+        with contextlib.suppress(ValueError):
+            self._listeners.remove(listener)
+
+
+def open_store(url: str, *, retention: Retention | None = None) -> Store:
+    """Make the store a URL names: ``memory://``, ``sqlite:///PATH[?synchronous=NORMAL]`` or ``nats://HOST:PORT``.
+
+    The store is not started; call :meth:`Store.start`. Query parameters
+    configure backend options (for NATS: ``stream``, ``subject_prefix``,
+    ``replicas``, ...).
+    """
+    parts = urlsplit(url)
+    scheme = parts.scheme.lower()
+    keep = retention or Retention()
+    if scheme == "memory":
+        from shellinfo_grpc.memory_store import MemoryStore  # noqa: PLC0415
+
+        return MemoryStore(retention=keep)
+    if scheme == "sqlite":
+        path = unquote(parts.netloc + parts.path)
+        if not path or path == "/":
+            raise ConfigurationError(f"store URL {url!r}: give a path, as in sqlite:///var/lib/shellinfo/runs.sqlite3")
+        from shellinfo_grpc.sqlite_store import SqliteStore  # noqa: PLC0415
+
+        options = {key: values[-1] for key, values in parse_qs(parts.query).items()}
+        unknown = set(options) - {"synchronous"}
+        if unknown:
+            raise ConfigurationError(f"store URL {url!r}: unknown option(s) {', '.join(sorted(unknown))}")
+        return SqliteStore(Path(path).expanduser(), retention=keep, synchronous=options.get("synchronous", "FULL"))
+    if scheme in {"nats", "tls"}:
+        try:
+            from shellinfo_grpc.nats_store import NatsStore  # type: ignore[import-not-found,unused-ignore]  # noqa: PLC0415
+        except ImportError as exc:  # pragma: no cover - depends on the install
+            raise ConfigurationError(f"store URL {url!r}: the NATS backend is not available ({exc})") from None
+        options = {key: values[-1] for key, values in parse_qs(parts.query).items()}
+        return NatsStore.from_url(url, options=options, retention=keep)  # type: ignore[no-any-return]
+    raise ConfigurationError(f"store URL {url!r}: unknown scheme; use memory://, sqlite:///PATH or nats://HOST:PORT")
