@@ -65,9 +65,9 @@ class MemoryStore(Store):
             committed.append(update)
             outcomes.append(PublishOutcome(update, changed=True))
         self._trim()
-        for update in committed:
-            for listener in self._listeners:
-                listener(update)
+        if committed:
+            for listener in tuple(self._listeners):
+                listener(committed)
         return outcomes
 
     def _trim(self) -> None:

@@ -103,6 +103,9 @@ class ServerConfig:
     most updates (and their approximate size) in one WatchRuns response.
     ``tokens``: accepted bearer tokens; empty means no authentication.
     ``shutdown_grace``: seconds in-flight calls get to finish on shutdown.
+    ``max_run_bytes``: the largest serialized run accepted, far below the 4 MiB
+    a client with gRPC's default limits can receive, so that every accepted
+    update can be read back and watched.
     """
 
     max_watch_queue: int = 10_000
@@ -113,6 +116,7 @@ class ServerConfig:
     shutdown_grace: float = 10.0
     max_receive_bytes: int = 4 << 20
     max_send_bytes: int = 16 << 20
+    max_run_bytes: int = 1 << 20
     extra_options: tuple[tuple[str, Any], ...] = field(default_factory=tuple)
 
     def grpc_options(self) -> list[tuple[str, Any]]:
@@ -245,17 +249,28 @@ class _Watcher:
         self.closing = False
         self.seen = revision  # newest revision the hub has offered (matching or not)
 
-    def offer(self, update: _svc.RunUpdate) -> None:
-        self.seen = update.revision
-        if self.overflow or not self.matches(update):
+    def offer(self, updates: Sequence[_svc.RunUpdate]) -> None:
+        """Queue the matching updates of one commit; never waits.
+
+        The bound applies to what earlier commits left unsent: a watcher that
+        still has ``max_queue`` updates waiting when the next commit arrives
+        cannot keep up, and its queue is dropped (it resumes from its last
+        revision). A single large commit never overflows a watcher that is
+        keeping up.
+        """
+        self.seen = updates[-1].revision
+        if self.overflow:
             return
         if len(self.pending) >= self.max_queue:
-            # Drop the backlog: this watcher resumes from its last revision.
             self.overflow = True
             self.pending.clear()
-        else:
-            self.pending.append(update)
-        self.event.set()
+            self.event.set()
+            return
+        before = len(self.pending)
+        matches = self.matches
+        self.pending.extend(u for u in updates if matches(u))
+        if len(self.pending) != before:
+            self.event.set()
 
     def close(self) -> None:
         self.closing = True
@@ -270,12 +285,12 @@ class _Hub:
         self.watchers: set[_Watcher] = set()
         self.closed = False
         self._store = store
-        store.add_listener(self._on_update)
+        store.add_listener(self._on_commit)
 
-    def _on_update(self, update: _svc.RunUpdate) -> None:
-        self.revision = update.revision
+    def _on_commit(self, updates: Sequence[_svc.RunUpdate]) -> None:
+        self.revision = updates[-1].revision
         for watcher in self.watchers:
-            watcher.offer(update)
+            watcher.offer(updates)
 
     def register(self, matches: Callable[[_svc.RunUpdate], bool], max_queue: int) -> _Watcher:
         watcher = _Watcher(matches, max_queue, self.revision)
@@ -289,7 +304,7 @@ class _Hub:
 
     def close(self) -> None:
         self.closed = True
-        self._store.remove_listener(self._on_update)
+        self._store.remove_listener(self._on_commit)
         for watcher in self.watchers:
             watcher.close()
 
@@ -317,6 +332,16 @@ class RunUpdateServicer(_svc_grpc.RunUpdateServiceServicer):
         except StoreUnavailable as exc:
             await _abort(context, _service_status(exc))
 
+    def _check_size(self, run: _pb.ProtectionShellInfo) -> None:
+        size = run.ByteSize()
+        if size > self._config.max_run_bytes:
+            raise RunRejected(
+                "INVALID_ARGUMENT",
+                "RUN_TOO_LARGE",
+                f"the run is {size} bytes serialized; the most this service accepts is {self._config.max_run_bytes}",
+                [("run", f"{size} bytes is over the limit of {self._config.max_run_bytes}")],
+            )
+
     async def PublishRun(
         self, request: _svc.PublishRunRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> _svc.PublishRunResponse:
@@ -324,9 +349,10 @@ class RunUpdateServicer(_svc_grpc.RunUpdateServiceServicer):
         run = request.run if request.HasField("run") else None
         try:
             check_run(run)
+            assert run is not None
+            self._check_size(run)
         except RunRejected as exc:
             await _abort(context, _service_status(exc))
-        assert run is not None
         (outcome,) = await self._publish([(request.source, run)], context)
         if isinstance(outcome, RunRejected):
             await _abort(context, _service_status(outcome))
@@ -373,10 +399,11 @@ class RunUpdateServicer(_svc_grpc.RunUpdateServiceServicer):
                     run = req.run if req.HasField("run") else None
                     try:
                         check_run(run)
+                        assert run is not None
+                        self._check_size(run)
                     except RunRejected as exc:
                         acks[i] = _svc.PublishRunsResponse(index=index + i, error=_publish_error(exc))
                         continue
-                    assert run is not None
                     items.append((req.source, run))
                     positions.append(i)
                 outcomes = await self._publish(items, context) if items else []
@@ -428,8 +455,12 @@ class RunUpdateServicer(_svc_grpc.RunUpdateServiceServicer):
                 await _abort(context, _invalid("page_token", str(exc)))
         flt = request.filter if request.HasField("filter") else None
         updates = await self._store.list_runs(flt, after, size + 1)
-        token = _encode_page_token(updates[size - 1], request.filter) if len(updates) > size else ""
-        return _svc.ListRunsResponse(updates=updates[:size], next_page_token=token)
+        # A page ends at page_size runs or at max_batch_bytes, whichever comes
+        # first, so that it fits what a client with default limits receives.
+        page = next(iter(self._batches(updates[:size], size)), [])
+        more = len(updates) > len(page)
+        token = _encode_page_token(page[-1], request.filter) if more else ""
+        return _svc.ListRunsResponse(updates=page, next_page_token=token)
 
     async def WatchRuns(
         self, request: _svc.WatchRunsRequest, context: grpc.aio.ServicerContext[Any, Any]
@@ -473,11 +504,12 @@ class RunUpdateServicer(_svc_grpc.RunUpdateServiceServicer):
         finally:
             self._hub.unregister(watcher)
 
-    def _batches(self, updates: Sequence[_svc.RunUpdate]) -> Iterable[list[_svc.RunUpdate]]:
-        """Split updates into responses of bounded count and size."""
+    def _batches(self, updates: Sequence[_svc.RunUpdate], limit: int = 0) -> Iterable[list[_svc.RunUpdate]]:
+        """Split updates into responses of bounded count (``limit``, by default
+        ``max_batch_updates``) and size (``max_batch_bytes``)."""
         batch: list[_svc.RunUpdate] = []
         size = 0
-        limit_n, limit_bytes = self._config.max_batch_updates, self._config.max_batch_bytes
+        limit_n, limit_bytes = limit or self._config.max_batch_updates, self._config.max_batch_bytes
         for update in updates:
             n = update.ByteSize()
             if batch and (len(batch) >= limit_n or size + n > limit_bytes):
@@ -654,6 +686,7 @@ async def create_server(address: str, store: Store, config: ServerConfig | None 
     Returns a started :class:`RunningServer`; its ``port`` is the bound port.
     """
     cfg = config or ServerConfig()
+    credentials = cfg.tls.credentials() if cfg.tls is not None else None  # fail before opening the store
     await store.start()
     interceptors = [_BearerTokenInterceptor(cfg.tokens)] if cfg.tokens else []
     server = grpc.aio.server(options=cfg.grpc_options(), interceptors=interceptors)
@@ -665,8 +698,8 @@ async def create_server(address: str, store: Store, config: ServerConfig | None 
         [SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME], server
     )
     try:
-        if cfg.tls is not None:
-            port = server.add_secure_port(address, cfg.tls.credentials())
+        if credentials is not None:
+            port = server.add_secure_port(address, credentials)
         else:
             port = server.add_insecure_port(address)
     except RuntimeError as exc:

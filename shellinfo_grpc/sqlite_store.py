@@ -408,12 +408,17 @@ class SqliteStore(Store):
             return
         done = job.result()
         self._head = done.head
-        for update in done.committed:
+        if done.committed:
             for listener in tuple(self._listeners):
                 try:
-                    listener(update)
+                    listener(done.committed)
                 except Exception:
-                    _log.exception("store %s: a listener failed on revision %d", self._path, update.revision)
+                    _log.exception(
+                        "store %s: a listener failed on revisions %d..%d",
+                        self._path,
+                        done.committed[0].revision,
+                        done.committed[-1].revision,
+                    )
         for pending, result in zip(group, done.results, strict=True):
             if isinstance(result, Exception):
                 _fail(pending.future, result)

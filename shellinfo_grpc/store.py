@@ -40,7 +40,8 @@ __all__ = [
     "open_store",
 ]
 
-Listener = Callable[[_svc.RunUpdate], None]
+#: Called with the updates of one commit, in revision order.
+Listener = Callable[[Sequence[_svc.RunUpdate]], None]
 
 
 def _default_store_path() -> Path:
@@ -90,7 +91,7 @@ class Store(abc.ABC):
     """A backend of the run-update service. See the module docstring.
 
     Subclasses call ``super().__init__()`` and, after each commit, call every
-    listener in ``self._listeners`` with each committed update in order.
+    listener in ``self._listeners`` with the committed updates, in order.
     """
 
     def __init__(self) -> None:
@@ -157,11 +158,12 @@ class Store(abc.ABC):
         """The revision of the newest committed update (0 when there is none)."""
 
     def add_listener(self, listener: Listener) -> None:
-        """Call ``listener(update)`` for every update committed from now on.
+        """Call ``listener(updates)`` once for every commit from now on.
 
-        Calls happen on the event loop, in revision order, after the update is
-        durable and readable through :meth:`history`. Listeners must not
-        raise and must not block: the server's listener only queues.
+        ``updates`` are the updates of that commit, in revision order; calls
+        happen on the event loop, in revision order, after the updates are
+        durable and readable through :meth:`history`. Listeners must not raise
+        and must not block: the server's listener only queues.
         """
         self._listeners.append(listener)
 

@@ -66,6 +66,20 @@ class ServerHost:
         """Commit updates straight into a store, in one batch (no server needed)."""
         self.call(store.publish_batch([(source, from_rest(run)) for source, run in items]))
 
+    def publish_commits(self, store: Store, items: list[tuple[str, dict[str, Any]]]) -> None:
+        """Commit updates one commit each, all in one turn of the server's loop.
+
+        MemoryStore commits without suspending, so no watcher can take
+        anything from its queue between these commits: a watcher with a queue
+        bound below len(items) overflows, as one that does not read would.
+        """
+
+        async def commit_each() -> None:
+            for source, run in items:
+                await store.publish_batch([(source, from_rest(run))])
+
+        self.call(commit_each())
+
     def close(self) -> None:
         for running in list(self.running):
             self.stop(running)
@@ -385,7 +399,7 @@ def test_watch_from_now_learns_its_start_from_progress(client: RunUpdateClient) 
         assert event.revision == 2
 
 
-def test_watch_from_now_cut_before_its_first_response_resumes_where_the_server_says(host: ServerHost) -> None:
+def test_watch_from_now_cut_early_resumes_where_the_server_says(host: ServerHost) -> None:
     store = MemoryStore()
     server = host.start(store, ServerConfig(max_watch_queue=5))
     with RunUpdateClient(f"127.0.0.1:{server.port}", timeout=WAIT) as client:
@@ -398,9 +412,10 @@ def test_watch_from_now_cut_before_its_first_response_resumes_where_the_server_s
             while not server.servicer._hub.watchers:
                 assert time.monotonic() < deadline, "the watch did not reach the server"
                 time.sleep(0.01)
-            # The burst overflows the watcher before it sent anything; the
-            # RESOURCE_EXHAUSTED status names the last revision it was sent.
-            host.publish_direct(store, [("", run(i)) for i in range(2, 12)])
+            # The commits overflow the watcher before it sent anything but its
+            # start; the RESOURCE_EXHAUSTED status names the last revision it
+            # was sent.
+            host.publish_commits(store, [("", run(i)) for i in range(2, 12)])
             assert revisions(collector.take(10)) == list(range(2, 12))
             assert watch.last_error is not None
             assert watch.last_error.code == "RESOURCE_EXHAUSTED"
@@ -498,9 +513,9 @@ def test_watch_resumes_after_resource_exhausted(host: ServerHost) -> None:
         watch = client.watch(start_revision=1)
         with Collector(watch, delay=0.002) as collector:
             assert revisions(collector.take(1)) == [1]
-            # 60 updates committed as one batch reach the watcher's queue at
-            # once: it overflows (more than 5 behind) whatever the consumer does.
-            host.publish_direct(store, [("a", run(i)) for i in range(2, 62)])
+            # 60 commits in one turn of the server's loop: the watcher's queue
+            # overflows (more than 5 behind) whatever the consumer does.
+            host.publish_commits(store, [("a", run(i)) for i in range(2, 62)])
             assert revisions(collector.take(60)) == list(range(2, 62))
             # And a burst over the publish stream while the consumer is slow.
             results = list(client.publish_many([run(i) for i in range(62, 262)], source="b"))

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import sqlite3
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -107,7 +107,7 @@ def test_revisions_increase_from_one(make_store: MakeStore) -> None:
 def test_identical_republish_is_a_noop(make_store: MakeStore) -> None:
     async def body(store: Store) -> None:
         seen: list[int] = []
-        store.add_listener(lambda u: seen.append(u.revision))
+        store.add_listener(lambda us: seen.extend(u.revision for u in us))
         run = shell(7, S.RUN_STATUS_RUNNING, RT.RUN_TYPE_FULL, start_time_usecs=10, error="")
         first = await publish_ok(store, "src", run)
         again = await publish_ok(store, "src", pb.ProtectionShellInfo.FromString(run.SerializeToString()))
@@ -241,14 +241,17 @@ def test_listeners_see_every_committed_update_once_in_order(make_store: MakeStor
         heads: list[tuple[int, int]] = []
         readable: list[asyncio.Task[list[svc.RunUpdate]]] = []
 
-        def listener(update: svc.RunUpdate) -> None:
-            first.append(update)
-            heads.append((update.revision, store.head_revision()))
-            # The update must be readable by history() once the listener hears of it.
-            readable.append(asyncio.get_running_loop().create_task(store.history(update.revision, update.revision, 1)))
+        def listener(updates: Sequence[svc.RunUpdate]) -> None:
+            for update in updates:
+                first.append(update)
+                heads.append((update.revision, store.head_revision()))
+                # The update must be readable by history() once the listener hears of it.
+                readable.append(
+                    asyncio.get_running_loop().create_task(store.history(update.revision, update.revision, 1))
+                )
 
         store.add_listener(listener)
-        store.add_listener(lambda u: second.append(u.revision))
+        store.add_listener(lambda us: second.extend(u.revision for u in us))
         await publish_ok(store, "a", shell(1, S.RUN_STATUS_RUNNING))
         await publish_ok(store, "a", shell(1, S.RUN_STATUS_RUNNING))  # no-op
         await store.publish_batch([("a", shell(2)), ("a", shell(None)), ("a", shell(1, S.RUN_STATUS_SUCCESS))])
@@ -427,7 +430,7 @@ def test_many_concurrent_publishers_get_distinct_gapless_revisions(make_store: M
 
     async def body(store: Store) -> None:
         heard: list[int] = []
-        store.add_listener(lambda u: heard.append(u.revision))
+        store.add_listener(lambda us: heard.extend(u.revision for u in us))
 
         async def publisher(number: int) -> list[int]:
             revisions = []
@@ -638,16 +641,16 @@ def test_sqlite_failing_listener_does_not_stop_the_store(tmp_path: Path, caplog:
     async def body(store: SqliteStore) -> None:
         heard: list[int] = []
 
-        def broken(update: svc.RunUpdate) -> None:
+        def broken(updates: Sequence[svc.RunUpdate]) -> None:
             raise RuntimeError("listener bug")
 
         store.add_listener(broken)
-        store.add_listener(lambda u: heard.append(u.revision))
+        store.add_listener(lambda us: heard.extend(u.revision for u in us))
         with caplog.at_level(logging.ERROR, logger="shellinfo_grpc.sqlite_store"):
             assert (await publish_ok(store, "a", shell(1))).update.revision == 1
             assert (await publish_ok(store, "a", shell(2))).update.revision == 2
         assert heard == [1, 2]
-        assert "listener failed on revision 1" in caplog.text
+        assert "listener failed on revisions 1..1" in caplog.text
 
     sqlite_run(tmp_path / "runs.sqlite3", body)
 
