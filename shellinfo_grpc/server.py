@@ -427,7 +427,10 @@ class RunUpdateServicer(_svc_grpc.RunUpdateServiceServicer):
         self, request: _svc.GetRunRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> _svc.GetRunResponse:
         """Return the latest state of one run, or NOT_FOUND."""
-        update = await self._store.get(request.source, request.job_run_id)
+        try:
+            update = await self._store.get(request.source, request.job_run_id)
+        except StoreUnavailable as exc:
+            await _abort(context, _service_status(exc))
         if update is None:
             await _abort(
                 context,
@@ -454,7 +457,10 @@ class RunUpdateServicer(_svc_grpc.RunUpdateServiceServicer):
             except ValueError as exc:
                 await _abort(context, _invalid("page_token", str(exc)))
         flt = request.filter if request.HasField("filter") else None
-        updates = await self._store.list_runs(flt, after, size + 1)
+        try:
+            updates = await self._store.list_runs(flt, after, size + 1)
+        except StoreUnavailable as exc:
+            await _abort(context, _service_status(exc))
         # A page ends at page_size runs or at max_batch_bytes, whichever comes
         # first, so that it fits what a client with default limits receives.
         page = next(iter(self._batches(updates[:size], size)), [])
@@ -479,7 +485,10 @@ class RunUpdateServicer(_svc_grpc.RunUpdateServiceServicer):
         sent = watcher.seen  # every matching update up to here has been sent
         try:
             if request.include_snapshot:
-                updates, head = await self._store.snapshot(flt)
+                try:
+                    updates, head = await self._store.snapshot(flt)
+                except StoreUnavailable as exc:
+                    await _abort(context, _service_status(exc))
                 complete = True
                 for batch in self._batches(updates):
                     sent = batch[-1].revision

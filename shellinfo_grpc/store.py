@@ -200,9 +200,9 @@ def open_store(url: str, *, retention: Retention | None = None) -> Store:
         return SqliteStore(Path(path).expanduser(), retention=keep, synchronous=options.get("synchronous", "FULL"))
     if scheme in {"nats", "tls"}:
         try:
-            from shellinfo_grpc.nats_store import NatsStore  # type: ignore[import-not-found,unused-ignore]  # noqa: PLC0415
+            from shellinfo_grpc.nats_store import NatsStore  # noqa: PLC0415
         except ImportError as exc:  # pragma: no cover - depends on the install
             raise ConfigurationError(f"store URL {url!r}: the NATS backend is not available ({exc})") from None
         options = {key: values[-1] for key, values in parse_qs(parts.query).items()}
-        return NatsStore.from_url(url, options=options, retention=keep)  # type: ignore[no-any-return]
+        return NatsStore.from_url(url, options=options, retention=keep)
     raise ConfigurationError(f"store URL {url!r}: unknown scheme; use memory://, sqlite:///PATH or nats://HOST:PORT")
