@@ -49,7 +49,9 @@ _HHMM_FIELDS: Final = frozenset({"start_time_hhmm", "end_time_hhmm"})
 _UNRECOGNIZED: Final = "unrecognized"
 
 _VALID_HHMM: Final = frozenset(f"{h:02d}:{m:02d}" for h in range(24) for m in range(60))
-_COMPACT: Final = (",", ":")
+# Built once: json.dumps/json.loads with options build an encoder per call.
+_JSON_ENCODER: Final = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+_JSON_DECODER: Final = json.JSONDecoder()
 
 
 def rest_names(enum_descriptor: Any) -> dict[int, str]:
@@ -108,6 +110,7 @@ def _rest_fields() -> tuple[_Field, ...]:
 
 _FIELDS: Final = _rest_fields()
 _BY_KEY: Final = {field.key: field for field in _FIELDS}
+_KNOWN_KEYS: Final = frozenset(_BY_KEY)
 
 #: The REST keys of ``ProtectionShellInfo`` that this schema version knows, in
 #: schema order.
@@ -202,7 +205,7 @@ def _unrecognized(data: Mapping[Any, Any], kw: dict[str, Any], strict: bool) -> 
         problem = _not_json(value)
         if problem is not None:
             raise RestDecodeError(key, f"value is not representable as JSON: {problem}")
-        text = json.dumps(value, separators=_COMPACT, ensure_ascii=False)
+        text = _JSON_ENCODER.encode(value)
         if _unicode_error(key, key) is not None:
             raise RestDecodeError(ascii(key)[1:-1], "key is not valid Unicode (lone surrogate)")
         extras.append(_Extra(key=key, json_value=text))
@@ -255,8 +258,8 @@ def _from_rest_source() -> str:
             lines.append(f"        kw[{attr!r}] = v")
     lines += [
         # Each known key with a value put one entry in kw: if the counts differ
-        # there are nulls or unknown keys, and only then is data scanned again.
-        "    if odd or len(kw) != len(data):",
+        # there are nulls or unknown keys, and only unknown keys need the scan.
+        "    if odd or (len(kw) != len(data) and not _KNOWN_KEYS.issuperset(data)):",
         "        _unrecognized(data, kw, strict)",
         "    try:",
         "        return _Message(**kw)",
@@ -304,7 +307,7 @@ def _with_unrecognized(out: dict[str, Any], unrecognized: _pb.UnrecognizedRest) 
         out = {key: spellings.get(key, out.get(key)) for key in REST_KEYS if key in out or key in spellings}
     for extra in unrecognized.extra_keys:
         if extra.key not in out:
-            out[extra.key] = json.loads(extra.json_value)
+            out[extra.key] = _JSON_DECODER.decode(extra.json_value)
     return out
 
 
