@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import bisect
 import time
-from collections import deque
 from collections.abc import Sequence
 
 from shellinfo_grpc._gen.shellinfo.v1 import protection_shell_info_pb2 as _pb
@@ -26,7 +25,11 @@ class MemoryStore(Store):
     def __init__(self, *, retention: Retention | None = None) -> None:
         super().__init__()
         self._retention = retention or Retention()
-        self._history: deque[_svc.RunUpdate] = deque()
+        # The history is a list with a moving start (_base): trimming advances
+        # _base, and the list is compacted when half of it is trimmed. Reads
+        # index it directly (revisions in it are contiguous).
+        self._history: list[_svc.RunUpdate] = []
+        self._base = 0
         self._runs: dict[tuple[str, int], _svc.RunUpdate] = {}
         self._keys: list[tuple[str, int]] = []  # sorted keys of _runs
         self._head = 0
@@ -71,13 +74,20 @@ class MemoryStore(Store):
         return outcomes
 
     def _trim(self) -> None:
+        history, base = self._history, self._base
         limit = self._retention.max_updates
-        cutoff = _now_usecs() - int(self._retention.max_age_seconds * 1_000_000)
-        while self._history and (
-            (limit and len(self._history) > limit)
-            or (self._retention.max_age_seconds and self._history[0].accepted_time_usecs < cutoff)
-        ):
-            self._oldest = self._history.popleft().revision + 1
+        if limit and len(history) - base > limit:
+            base = len(history) - limit
+        if self._retention.max_age_seconds:
+            cutoff = _now_usecs() - int(self._retention.max_age_seconds * 1_000_000)
+            while base < len(history) and history[base].accepted_time_usecs < cutoff:
+                base += 1
+        if base != self._base:
+            self._oldest = history[base - 1].revision + 1
+            if base > len(history) // 2:
+                del history[:base]
+                base = 0
+            self._base = base
 
     async def get(self, source: str, job_run_id: int) -> _svc.RunUpdate | None:
         """The latest update of one run, or ``None``."""
@@ -105,17 +115,13 @@ class MemoryStore(Store):
         self._trim()
         if start_revision < self._oldest:
             raise HistoryExpired(start_revision, self._oldest)
-        if not self._history:
+        history, base = self._history, self._base
+        if base >= len(history) or limit <= 0:
             return []
-        first = self._history[0].revision
-        out: list[_svc.RunUpdate] = []
-        # Revisions in the history are contiguous: index arithmetic finds the start.
-        for index in range(max(start_revision - first, 0), len(self._history)):
-            update = self._history[index]
-            if update.revision > end_revision or len(out) >= limit:
-                break
-            out.append(update)
-        return out
+        first = history[base].revision
+        start = base + max(start_revision - first, 0)
+        stop = min(len(history), base + end_revision - first + 1, start + limit)
+        return history[start:stop] if stop > start else []
 
     async def snapshot(self, flt: _svc.RunFilter | None) -> tuple[list[_svc.RunUpdate], int]:
         """Latest update of every matching run, in revision order, and the head."""

@@ -45,6 +45,7 @@ from shellinfo_grpc._gen.shellinfo.v1 import protection_shell_info_pb2 as _pb
 from shellinfo_grpc._gen.shellinfo.v1 import run_update_service_pb2 as _svc
 from shellinfo_grpc._gen.shellinfo.v1 import run_update_service_pb2_grpc as _svc_grpc
 from shellinfo_grpc.errors import ConfigurationError, HistoryExpired, RunRejected, ServiceError, StoreUnavailable
+from shellinfo_grpc.framing import _varint
 from shellinfo_grpc.rules import check_run, compile_filter
 from shellinfo_grpc.store import Store
 
@@ -232,6 +233,48 @@ def _decode_page_token(token: str, flt: _svc.RunFilter) -> tuple[str, int]:
     return source, job_run_id
 
 
+# --- watch responses, encoded by hand -----------------------------------------------
+#
+# A WatchRunsResponse is `repeated RunUpdate updates = 1; int64 revision = 2;
+# bool snapshot_complete = 3`. Building it as a message makes upb copy every
+# update into the repeated field, and sizing batches needs ByteSize() per
+# update: together most of the cost of a catch-up. Instead each update is
+# serialized once (once per commit for live updates, whatever the number of
+# watchers) and responses are concatenated from those bytes, which is the
+# same wire format. WatchRuns is registered with a serializer that passes
+# bytes through (see _add_service).
+
+# One update and its serialized form.
+_Encoded = tuple[_svc.RunUpdate, bytes]
+
+_UPDATES_TAG: Final = b"\x0a"  # field 1, length-delimited
+_REVISION_TAG: Final = b"\x10"  # field 2, varint
+_SNAPSHOT_COMPLETE: Final = b"\x18\x01"  # field 3 = true
+_SHORT_LENGTHS: Final = tuple(_varint(n) for n in range(1 << 14))
+
+
+def _encode(updates: Iterable[_svc.RunUpdate]) -> list[_Encoded]:
+    return [(update, update.SerializeToString()) for update in updates]
+
+
+def _response(batch: Sequence[_Encoded], revision: int, *, snapshot_complete: bool = False) -> bytes:
+    """The wire form of ``WatchRunsResponse(updates=..., revision=..., snapshot_complete=...)``."""
+    parts: list[bytes] = []
+    short = _SHORT_LENGTHS
+    for _, data in batch:
+        size = len(data)
+        parts += (_UPDATES_TAG, short[size] if size < len(short) else _varint(size), data)
+    if revision:
+        parts += (_REVISION_TAG, _varint(revision))
+    if snapshot_complete:
+        parts.append(_SNAPSHOT_COMPLETE)
+    return b"".join(parts)
+
+
+def _serialize_watch_response(response: bytes | _svc.WatchRunsResponse) -> bytes:
+    return response if type(response) is bytes else response.SerializeToString()  # type: ignore[union-attr]
+
+
 # --- watching -----------------------------------------------------------------
 
 
@@ -243,13 +286,13 @@ class _Watcher:
     def __init__(self, matches: Callable[[_svc.RunUpdate], bool], max_queue: int, revision: int) -> None:
         self.matches = matches
         self.max_queue = max_queue
-        self.pending: deque[_svc.RunUpdate] = deque()
+        self.pending: deque[_Encoded] = deque()
         self.event = asyncio.Event()
         self.overflow = False
         self.closing = False
         self.seen = revision  # newest revision the hub has offered (matching or not)
 
-    def offer(self, updates: Sequence[_svc.RunUpdate]) -> None:
+    def offer(self, updates: Sequence[_Encoded]) -> None:
         """Queue the matching updates of one commit; never waits.
 
         The bound applies to what earlier commits left unsent: a watcher that
@@ -258,7 +301,7 @@ class _Watcher:
         revision). A single large commit never overflows a watcher that is
         keeping up.
         """
-        self.seen = updates[-1].revision
+        self.seen = updates[-1][0].revision
         if self.overflow:
             return
         if len(self.pending) >= self.max_queue:
@@ -268,7 +311,7 @@ class _Watcher:
             return
         before = len(self.pending)
         matches = self.matches
-        self.pending.extend(u for u in updates if matches(u))
+        self.pending.extend(item for item in updates if matches(item[0]))
         if len(self.pending) != before:
             self.event.set()
 
@@ -289,8 +332,10 @@ class _Hub:
 
     def _on_commit(self, updates: Sequence[_svc.RunUpdate]) -> None:
         self.revision = updates[-1].revision
-        for watcher in self.watchers:
-            watcher.offer(updates)
+        if self.watchers:
+            encoded = _encode(updates)  # once per commit, whatever the number of watchers
+            for watcher in self.watchers:
+                watcher.offer(encoded)
 
     def register(self, matches: Callable[[_svc.RunUpdate], bool], max_queue: int) -> _Watcher:
         watcher = _Watcher(matches, max_queue, self.revision)
@@ -463,14 +508,14 @@ class RunUpdateServicer(_svc_grpc.RunUpdateServiceServicer):
             await _abort(context, _service_status(exc))
         # A page ends at page_size runs or at max_batch_bytes, whichever comes
         # first, so that it fits what a client with default limits receives.
-        page = next(iter(self._batches(updates[:size], size)), [])
+        page = [update for update, _ in next(iter(self._batches(_encode(updates[:size]), size)), [])]
         more = len(updates) > len(page)
         token = _encode_page_token(page[-1], request.filter) if more else ""
         return _svc.ListRunsResponse(updates=page, next_page_token=token)
 
-    async def WatchRuns(
+    async def WatchRuns(  # type: ignore[override]  # may yield pre-encoded bytes, see _add_service
         self, request: _svc.WatchRunsRequest, context: grpc.aio.ServicerContext[Any, Any]
-    ) -> AsyncIterator[_svc.WatchRunsResponse]:
+    ) -> AsyncIterator[bytes | _svc.WatchRunsResponse]:
         """Stream matching updates: snapshot or history first, then live."""
         if request.start_revision < 0:
             await _abort(context, _invalid("start_revision", "must not be negative"))
@@ -490,9 +535,9 @@ class RunUpdateServicer(_svc_grpc.RunUpdateServiceServicer):
                 except StoreUnavailable as exc:
                     await _abort(context, _service_status(exc))
                 complete = True
-                for batch in self._batches(updates):
-                    sent = batch[-1].revision
-                    yield _svc.WatchRunsResponse(updates=batch, revision=sent)
+                for batch in self._batches(_encode(updates)):
+                    sent = batch[-1][0].revision
+                    yield _response(batch, sent)
                     if watcher.closing or watcher.overflow:
                         complete = False  # _live ends the call with the right status
                         break
@@ -501,30 +546,30 @@ class RunUpdateServicer(_svc_grpc.RunUpdateServiceServicer):
                     yield _svc.WatchRunsResponse(snapshot_complete=True, revision=sent)
             elif request.start_revision:
                 sent = request.start_revision - 1
-                async for response in self._catch_up(request.start_revision, watcher, matches, context):
-                    sent = response.revision
+                async for response, revision in self._catch_up(request.start_revision, watcher, matches, context):
+                    sent = revision
                     yield response
             else:
                 # A watch "from now" says at once where now is, so that a
                 # client that loses the connection knows where to resume.
                 yield _svc.WatchRunsResponse(revision=sent)
-            async for response in self._live(watcher, sent, progress, context):
-                yield response
+            async for live in self._live(watcher, sent, progress, context):
+                yield live
         finally:
             self._hub.unregister(watcher)
 
-    def _batches(self, updates: Sequence[_svc.RunUpdate], limit: int = 0) -> Iterable[list[_svc.RunUpdate]]:
+    def _batches(self, updates: Iterable[_Encoded], limit: int = 0) -> Iterable[list[_Encoded]]:
         """Split updates into responses of bounded count (``limit``, by default
         ``max_batch_updates``) and size (``max_batch_bytes``)."""
-        batch: list[_svc.RunUpdate] = []
+        batch: list[_Encoded] = []
         size = 0
         limit_n, limit_bytes = limit or self._config.max_batch_updates, self._config.max_batch_bytes
-        for update in updates:
-            n = update.ByteSize()
+        for item in updates:
+            n = len(item[1])
             if batch and (len(batch) >= limit_n or size + n > limit_bytes):
                 yield batch
                 batch, size = [], 0
-            batch.append(update)
+            batch.append(item)
             size += n
         if batch:
             yield batch
@@ -535,7 +580,7 @@ class RunUpdateServicer(_svc_grpc.RunUpdateServiceServicer):
         watcher: _Watcher,
         matches: Callable[[_svc.RunUpdate], bool],
         context: grpc.aio.ServicerContext[Any, Any],
-    ) -> AsyncIterator[_svc.WatchRunsResponse]:
+    ) -> AsyncIterator[tuple[bytes, int]]:
         """Send the stored history from ``start`` up to where the live queue begins."""
         end = watcher.seen  # the live queue holds everything after this
         position = start
@@ -550,16 +595,15 @@ class RunUpdateServicer(_svc_grpc.RunUpdateServiceServicer):
             if not chunk:
                 break
             position = chunk[-1].revision + 1
-            selected = [u for u in chunk if matches(u)]
-            for batch in self._batches(selected):
-                last = batch[-1].revision
-                yield _svc.WatchRunsResponse(updates=batch, revision=last)
+            for batch in self._batches(_encode(u for u in chunk if matches(u))):
+                last = batch[-1][0].revision
+                yield _response(batch, last), last
             if watcher.overflow or watcher.closing:
                 return  # _live ends the call with the right status
         if end > last:
             # Everything matching up to `end` has been sent: say so, so that a
             # filtered watcher's resume point moves past updates it skipped.
-            yield _svc.WatchRunsResponse(revision=end)
+            yield _response((), end), end
 
     async def _live(
         self,
@@ -567,7 +611,7 @@ class RunUpdateServicer(_svc_grpc.RunUpdateServiceServicer):
         sent: int,
         progress: float,
         context: grpc.aio.ServicerContext[Any, Any],
-    ) -> AsyncIterator[_svc.WatchRunsResponse]:
+    ) -> AsyncIterator[bytes | _svc.WatchRunsResponse]:
         """Send queued updates as they arrive; progress while idle."""
         pending = watcher.pending
         while True:
@@ -591,21 +635,24 @@ class RunUpdateServicer(_svc_grpc.RunUpdateServiceServicer):
                         metadata={"last_revision": str(sent)},
                     ),
                 )
-            while pending and pending[0].revision <= sent:
+            while pending and pending[0][0].revision <= sent:
                 pending.popleft()  # already sent by the snapshot or the catch-up
             if pending:
-                batch: list[_svc.RunUpdate] = []
+                batch: list[_Encoded] = []
                 size = 0
-                while pending and len(batch) < self._config.max_batch_updates and size < self._config.max_batch_bytes:
-                    update = pending.popleft()
-                    batch.append(update)
-                    size += update.ByteSize()
-                sent = batch[-1].revision if pending else max(batch[-1].revision, watcher.seen)
-                yield _svc.WatchRunsResponse(updates=batch, revision=sent)
+                limit_n, limit_bytes = self._config.max_batch_updates, self._config.max_batch_bytes
+                while pending and len(batch) < limit_n and (not batch or size + len(pending[0][1]) <= limit_bytes):
+                    item = pending.popleft()
+                    batch.append(item)
+                    size += len(item[1])
+                last = batch[-1][0].revision
+                sent = last if pending else max(last, watcher.seen)
+                yield _response(batch, sent)
                 continue
             watcher.event.clear()
             try:
-                await asyncio.wait_for(watcher.event.wait(), timeout=progress)
+                async with asyncio.timeout(progress):  # no task per wait, unlike wait_for
+                    await watcher.event.wait()
             except TimeoutError:
                 if not pending and not watcher.overflow and not watcher.closing:
                     sent = max(sent, watcher.seen)
@@ -669,6 +716,40 @@ def _deny(handler: grpc.RpcMethodHandler[Any, Any]) -> grpc.RpcMethodHandler[Any
 # --- assembling and running -------------------------------------------------------
 
 
+def _add_service(servicer: RunUpdateServicer, server: grpc.aio.Server) -> None:
+    """Register the service as the generated ``add_RunUpdateServiceServicer_to_server``
+    does, except that WatchRuns responses may be pre-encoded bytes."""
+    handlers = {
+        "PublishRun": grpc.unary_unary_rpc_method_handler(
+            servicer.PublishRun,
+            request_deserializer=_svc.PublishRunRequest.FromString,
+            response_serializer=_svc.PublishRunResponse.SerializeToString,
+        ),
+        "PublishRuns": grpc.stream_stream_rpc_method_handler(
+            servicer.PublishRuns,
+            request_deserializer=_svc.PublishRunsRequest.FromString,
+            response_serializer=_svc.PublishRunsResponse.SerializeToString,
+        ),
+        "GetRun": grpc.unary_unary_rpc_method_handler(
+            servicer.GetRun,
+            request_deserializer=_svc.GetRunRequest.FromString,
+            response_serializer=_svc.GetRunResponse.SerializeToString,
+        ),
+        "ListRuns": grpc.unary_unary_rpc_method_handler(
+            servicer.ListRuns,
+            request_deserializer=_svc.ListRunsRequest.FromString,
+            response_serializer=_svc.ListRunsResponse.SerializeToString,
+        ),
+        "WatchRuns": grpc.unary_stream_rpc_method_handler(
+            servicer.WatchRuns,
+            request_deserializer=_svc.WatchRunsRequest.FromString,
+            response_serializer=_serialize_watch_response,
+        ),
+    }
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
+    server.add_registered_method_handlers(SERVICE_NAME, handlers)  # type: ignore[attr-defined]
+
+
 @dataclass(slots=True)
 class RunningServer:
     """A started server, its bound port, and what shuts it down gracefully."""
@@ -700,7 +781,7 @@ async def create_server(address: str, store: Store, config: ServerConfig | None 
     interceptors = [_BearerTokenInterceptor(cfg.tokens)] if cfg.tokens else []
     server = grpc.aio.server(options=cfg.grpc_options(), interceptors=interceptors)
     servicer = RunUpdateServicer(store, cfg)
-    _svc_grpc.add_RunUpdateServiceServicer_to_server(servicer, server)
+    _add_service(servicer, server)
     health = health_aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     reflection.enable_server_reflection(
