@@ -12,10 +12,17 @@ converted and written before the next is read, so a bad record stops
 ``convert`` with everything before it already written (nothing already
 accepted is lost), and a live pipe is passed through as it arrives.
 
-Exit status: 0 on success; 2 for bad input or bad usage, with one readable line
-on standard error and never a traceback; 1 when reading or writing fails; 130
-on Ctrl-C; 141 (as for a process killed by SIGPIPE), silently, when standard
-output is closed early.
+The service commands, ``serve``, ``publish``, ``watch``, ``get`` and
+``list``, live in :mod:`shellinfo_grpc._cli_service`.
+
+Exit status: 0 on success; 2 for bad input or bad usage, including settings
+that cannot work (a missing TLS or token file, a bad store URL, a port in use:
+a :class:`~shellinfo_grpc.errors.ConfigurationError`); 1 when reading or
+writing fails, or when the service refuses or fails a call (a
+:class:`~shellinfo_grpc.errors.ServiceError`: a refused publish, a run not
+found, a wrong token, no server); 130 on Ctrl-C; 141 (as for a process killed
+by SIGPIPE), silently, when standard output is closed early. Every error is
+one readable line on standard error, never a traceback.
 
 Adding a command: write ``_add_<name>(subparsers)``, which declares its
 arguments and sets ``handler=_cmd_<name>``, and ``_cmd_<name>(args, io) ->
@@ -36,14 +43,16 @@ from typing import BinaryIO, Final, TextIO
 from google.protobuf.unknown_fields import UnknownFieldSet
 
 from shellinfo_grpc import __version__
+from shellinfo_grpc._cli_service import COMMANDS as _SERVICE_COMMANDS
 from shellinfo_grpc._gen.shellinfo.v1.protection_shell_info_pb2 import ProtectionShellInfo
-from shellinfo_grpc.errors import FramingError, RestDecodeError, ShellInfoError
+from shellinfo_grpc.errors import FramingError, RestDecodeError, ServiceError, ShellInfoError
 from shellinfo_grpc.framing import _write_all, encode_delimited, iter_frames
 from shellinfo_grpc.rest import from_rest, rest_names, to_rest
 
 __all__ = [
     "EXIT_BAD_INPUT",
     "EXIT_BROKEN_PIPE",
+    "EXIT_CALL_FAILED",
     "EXIT_INTERRUPTED",
     "EXIT_IO_ERROR",
     "EXIT_OK",
@@ -56,6 +65,8 @@ __all__ = [
 EXIT_OK: Final = 0
 #: Reading or writing failed (a read error, a full disk).
 EXIT_IO_ERROR: Final = 1
+#: The service refused or failed a call (a ServiceError).
+EXIT_CALL_FAILED: Final = 1
 #: Bad input or bad usage (argparse uses 2 for the latter too).
 EXIT_BAD_INPUT: Final = 2
 #: Interrupted by Ctrl-C (128 + SIGINT).
@@ -436,7 +447,7 @@ def _add_validate(subparsers: argparse._SubParsersAction[argparse.ArgumentParser
     parser.set_defaults(handler=_cmd_validate)
 
 
-_COMMANDS: Final = (_add_convert, _add_validate)
+_COMMANDS: Final = (*_SERVICE_COMMANDS, _add_convert, _add_validate)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -500,12 +511,19 @@ def main(
         return EXIT_BROKEN_PIPE
     except KeyboardInterrupt:  # a handler that writes flushes what it accepted first (see _cmd_convert)
         return EXIT_INTERRUPTED
-    except ShellInfoError as exc:
-        print(f"{_PROG}: {exc}", file=err)
+    except ServiceError as exc:  # the service refused or failed a call
+        print(f"{_PROG}: {_one_line(str(exc))}", file=err)
+        return EXIT_CALL_FAILED
+    except ShellInfoError as exc:  # bad input, or a setting that cannot work (ConfigurationError)
+        print(f"{_PROG}: {_one_line(str(exc))}", file=err)
         return EXIT_BAD_INPUT
     except OSError as exc:
         print(f"{_PROG}: I/O error: {exc}", file=err)
         return EXIT_IO_ERROR
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.splitlines())
 
 
 def _std_buffer(stream: TextIO | None, what: str) -> BinaryIO:

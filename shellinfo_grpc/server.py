@@ -811,12 +811,12 @@ async def serve(
 ) -> None:
     """Run the service until SIGTERM or SIGINT, then shut down gracefully."""
     running = await create_server(address, store, config)
-    if on_started is not None:
-        on_started(running)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    if on_started is not None:  # only now: a signal right after it shuts down gracefully
+        on_started(running)
     try:
         await stop.wait()
         log.info("shutting down")

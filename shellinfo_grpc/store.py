@@ -24,7 +24,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
-from urllib.parse import parse_qs, unquote, urlsplit
+from urllib.parse import parse_qs, quote, unquote, urlsplit
 
 from shellinfo_grpc._gen.shellinfo.v1 import protection_shell_info_pb2 as _pb
 from shellinfo_grpc._gen.shellinfo.v1 import run_update_service_pb2 as _svc
@@ -45,7 +45,9 @@ Listener = Callable[[Sequence[_svc.RunUpdate]], None]
 
 
 def _default_store_path() -> Path:
-    state = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    state = os.environ.get("XDG_STATE_HOME", "")
+    if not os.path.isabs(state):  # the XDG spec: ignore a relative path
+        state = str(Path.home() / ".local" / "state")
     return Path(state) / "shellinfo" / "runs.sqlite3"
 
 
@@ -57,7 +59,7 @@ DEFAULT_STORE_PATH: Final = _default_store_path()
 
 def default_store_url() -> str:
     """The store URL ``shellinfo serve`` uses by default (see DEFAULT_STORE_PATH)."""
-    return f"sqlite://{_default_store_path()}"
+    return f"sqlite://{quote(str(_default_store_path()))}"
 
 
 @dataclass(frozen=True, slots=True)
