@@ -286,7 +286,8 @@ def _add_serve(subparsers: _Subparsers[argparse.ArgumentParser]) -> None:
     parser.add_argument(
         "--store",
         metavar="URL",
-        help="sqlite:///PATH (durable) or memory:// (keeps nothing); default"
+        help="sqlite:///PATH (durable), memory:// (keeps nothing) or nats://HOST:PORT[,HOST:PORT...]"
+        " (JetStream, for several replicas; see docs/deployment.md); default"
         " sqlite:///$XDG_STATE_HOME/shellinfo/runs.sqlite3, ~/.local/state/shellinfo/runs.sqlite3"
         " when XDG_STATE_HOME is unset",
     )
@@ -306,7 +307,8 @@ def _add_serve(subparsers: _Subparsers[argparse.ArgumentParser]) -> None:
         default=Retention().max_updates,
         metavar="N",
         help="keep at most the newest N updates in the history (default %(default)s; 0: no limit);"
-        " the latest state of every run is always kept",
+        " SQLite and memory stores always keep the latest state of every run, while on NATS a run"
+        " whose last update falls out of the history is forgotten",
     )
     parser.add_argument(
         "--retain-seconds",

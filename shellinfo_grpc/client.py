@@ -364,14 +364,22 @@ def _read_pem(path: Path | str, what: str) -> bytes:
 
 
 def _is_loopback(address: str) -> bool:
-    """Whether a gRPC target names this machine (loopback address, localhost, Unix socket)."""
+    """Whether a gRPC target names only this machine (loopback, localhost, Unix socket).
+
+    A target may list several addresses (``ipv4:127.0.0.1:1,127.0.0.1:2``): every
+    one of them must be loopback, since the channel may fail over to any.
+    """
     if address.startswith(("unix:", "unix-abstract:")):
         return True
-    host = address
+    hosts = address
     for scheme in ("dns:///", "ipv4:", "ipv6:"):
-        if host.startswith(scheme):
-            host = host[len(scheme) :]
+        if hosts.startswith(scheme):
+            hosts = hosts[len(scheme) :]
             break
+    return all(_is_loopback_host(host) for host in hosts.split(","))
+
+
+def _is_loopback_host(host: str) -> bool:
     if host.startswith("["):
         host = host[1 : host.find("]")]
     elif host.count(":") == 1:

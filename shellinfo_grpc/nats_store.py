@@ -124,6 +124,7 @@ class NatsStore(Store):
         self._live: Any = None
         self._head = 0
         self._locks: dict[str, asyncio.Lock] = {}
+        self._waiters: list[tuple[int, asyncio.Future[None]]] = []
         self._lock_users: dict[str, int] = {}
 
     # --- configuration -----------------------------------------------------------
@@ -174,18 +175,22 @@ class NatsStore(Store):
 
     async def start(self) -> None:
         """Connect, create the stream if it is missing, and follow it from its head."""
+        connect = nats.connect(
+            self._servers,
+            name="shellinfo-grpc",
+            max_reconnect_attempts=-1,  # keep trying: the service recovers when NATS returns
+            reconnect_time_wait=0.5,
+            connect_timeout=max(1, int(self._timeout)),
+            allow_reconnect=True,
+            **self._connect_options,
+        )
         try:
-            self._nc = await nats.connect(
-                self._servers,
-                name="shellinfo-grpc",
-                max_reconnect_attempts=-1,  # keep trying: the service recovers when NATS returns
-                reconnect_time_wait=0.5,
-                connect_timeout=max(1, int(self._timeout)),
-                allow_reconnect=True,
-                **self._connect_options,
-            )
-        except _UNREACHABLE as exc:
-            raise ConfigurationError(f"NATS store: cannot connect to {', '.join(self._servers)}: {exc}") from None
+            # nats-py retries a first connection as long as later ones: bound it,
+            # so that a wrong address fails start-up instead of hanging it.
+            self._nc = await asyncio.wait_for(connect, timeout=2 * self._timeout)
+        except (*_UNREACHABLE, TimeoutError) as exc:
+            reason = f"no answer within {2 * self._timeout:g} s" if isinstance(exc, TimeoutError) else str(exc)
+            raise ConfigurationError(f"NATS store: cannot connect to {', '.join(self._servers)}: {reason}") from None
         self._js = self._nc.jetstream(timeout=self._timeout)
         self._jsm = self._nc.jsm(timeout=self._timeout)
         try:
@@ -236,10 +241,20 @@ class NatsStore(Store):
             await nc.close()
 
     async def _on_message(self, msg: Any) -> None:
-        update = self._decode(msg.data, msg.metadata.sequence.stream)
+        seq = msg.metadata.sequence.stream
+        self._head = max(self._head, seq)
+        if self._waiters:
+            waiting = []
+            for wanted, waiter in self._waiters:
+                if wanted <= seq:
+                    if not waiter.done():
+                        waiter.set_result(None)
+                else:
+                    waiting.append((wanted, waiter))
+            self._waiters = waiting
+        update = self._decode(msg.data, seq)
         if update is None:
             return
-        self._head = update.revision
         for listener in tuple(self._listeners):
             try:
                 listener((update,))
@@ -262,12 +277,32 @@ class NatsStore(Store):
 
     # --- writing -----------------------------------------------------------------
 
-    async def _last(self, subject: str) -> _svc.RunUpdate | None:
+    async def _last(self, subject: str) -> tuple[int, _svc.RunUpdate | None]:
+        """The sequence of the last message on ``subject`` (0: none) and its update.
+
+        The update is ``None`` when there is no message, or when the last one
+        is not a RunUpdate (a foreign publisher): its sequence still counts for
+        the optimistic write.
+        """
         try:
             raw = await self._jsm.get_last_msg(self._stream, subject)
         except nats.js.errors.NotFoundError:
-            return None
-        return self._decode(raw.data or b"", raw.seq)
+            return 0, None
+        return raw.seq, self._decode(raw.data or b"", raw.seq)
+
+    async def _followed(self, seq: int) -> None:
+        """Wait (bounded) until this replica's live feed has passed ``seq``.
+
+        Then the update is in ``head_revision()`` and its listeners have heard
+        of it when the publish returns, as with the other stores. If the feed
+        is slow (NATS trouble), the publish still returns: it is stored.
+        """
+        if self._head >= seq:
+            return
+        waiter = asyncio.get_running_loop().create_future()
+        self._waiters.append((seq, waiter))
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.shield(waiter), timeout=self._timeout)
 
     async def _publish_one(self, source: str, run: _pb.ProtectionShellInfo) -> PublishOutcome | RunRejected:
         subject = self._subject(source, run.job_run_id)
@@ -290,7 +325,7 @@ class NatsStore(Store):
         for attempt in range(self._max_attempts):
             if attempt:
                 await asyncio.sleep(random.uniform(0, min(0.2, 0.005 * 2**attempt)))  # noqa: S311 - jitter
-            current = await self._last(subject)
+            last_seq, current = await self._last(subject)
             try:
                 changed = check_update(current.run if current is not None else None, run)
             except RunRejected as exc:
@@ -300,7 +335,7 @@ class NatsStore(Store):
                 return PublishOutcome(current, changed=False)
             update = _svc.RunUpdate(source=source, accepted_time_usecs=_now_usecs())
             update.run.MergeFromString(payload_run)
-            headers = {_EXPECTED_LAST_SUBJECT_SEQ: str(current.revision if current is not None else 0)}
+            headers = {_EXPECTED_LAST_SUBJECT_SEQ: str(last_seq)}
             try:
                 ack = await self._js.publish(subject, update.SerializeToString(), stream=self._stream, headers=headers)
             except nats.js.errors.APIError as exc:
@@ -308,6 +343,7 @@ class NatsStore(Store):
                     continue  # another replica wrote this run: decide again on its new state
                 raise
             update.revision = ack.seq
+            await self._followed(ack.seq)
             return PublishOutcome(update, changed=True)
         raise StoreUnavailable(
             f"NATS store: run {run.job_run_id} of source {source!r} kept changing under "
@@ -317,7 +353,11 @@ class NatsStore(Store):
     async def publish_batch(
         self, items: Sequence[tuple[str, _pb.ProtectionShellInfo]]
     ) -> list[PublishOutcome | RunRejected]:
-        """Apply updates; different runs concurrently, updates of one run in order."""
+        """Apply updates: different runs concurrently, updates of one run in order.
+
+        Outcomes come back in request order, but the revisions of different
+        runs within one batch may not follow it (each run's do).
+        """
         by_run: dict[tuple[str, int], list[int]] = {}
         for index, (source, run) in enumerate(items):
             by_run.setdefault((source, run.job_run_id), []).append(index)
@@ -340,7 +380,7 @@ class NatsStore(Store):
     async def get(self, source: str, job_run_id: int) -> _svc.RunUpdate | None:
         """The last message on the run's subject."""
         try:
-            return await self._last(self._subject(source, job_run_id))
+            return (await self._last(self._subject(source, job_run_id)))[1]
         except _UNREACHABLE as exc:
             raise self._unavailable("cannot read the run", exc) from None
 

@@ -111,7 +111,11 @@ class Store(abc.ABC):
     async def publish_batch(
         self, items: Sequence[tuple[str, _pb.ProtectionShellInfo]]
     ) -> list[PublishOutcome | RunRejected]:
-        """Apply updates ``(source, run)`` in order, atomically each.
+        """Apply updates ``(source, run)``, atomically each, updates of one run in order.
+
+        Revisions follow request order within a run; across runs, a backend
+        may assign them in another order (NatsStore publishes runs
+        concurrently), and outcomes always come back in request order.
 
         For each item, the outcome: the new or unchanged current update, or the
         :class:`RunRejected` error that refused it (nothing is recorded for a

@@ -1,26 +1,36 @@
 """Contract tests of shellinfo_grpc.store: every backend keeps the same promises.
 
-Each contract test runs against MemoryStore and SqliteStore; the tests at the
-end cover what only the SQLite file does (reopening, bad files, I/O errors).
-The tests are plain functions that drive the store with ``asyncio.run``, so no
-pytest plugin is needed.
+Each contract test runs against MemoryStore, SqliteStore and NatsStore (on a
+real nats-server, one per module; every test gets a stream and subject prefix
+of its own); the tests at the end cover what only the SQLite file does
+(reopening, bad files, I/O errors). The tests are plain functions that drive
+the store with ``asyncio.run``, so no pytest plugin is needed. Without the
+nats-server binary the NATS cases are skipped (under CI they fail); the few
+contract tests NatsStore cannot pass are listed in ``NATS_DEVIATIONS`` with
+the reason.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import sqlite3
-from collections.abc import Awaitable, Callable, Sequence
+import uuid
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
+import nats
+import nats.js.errors
 import pytest
+from nats_fixtures import NatsNode, single_server
 
 from shellinfo_grpc._gen.shellinfo.v1 import protection_shell_info_pb2 as pb
 from shellinfo_grpc._gen.shellinfo.v1 import run_update_service_pb2 as svc
 from shellinfo_grpc.errors import ConfigurationError, HistoryExpired, RunRejected, StoreUnavailable
 from shellinfo_grpc.memory_store import MemoryStore
+from shellinfo_grpc.nats_store import NatsStore
 from shellinfo_grpc.rules import compile_filter
 from shellinfo_grpc.sqlite_store import SqliteStore
 from shellinfo_grpc.store import PublishOutcome, Retention, Store
@@ -46,16 +56,61 @@ def shell(
     return run
 
 
-@pytest.fixture(params=["memory", "sqlite"])
-def make_store(request: pytest.FixtureRequest, tmp_path: Path) -> MakeStore:
-    """A factory of unstarted stores of one backend; SQLite ones share a file per test."""
+@pytest.fixture(scope="module")
+def nats_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NatsNode]:
+    """One JetStream nats-server for the module's NATS cases (skipped without the binary, failed under CI)."""
+    with single_server(tmp_path_factory.mktemp("nats")) as node:
+        yield node
+
+
+#: Contract tests NatsStore fails, by test function, with the reason (strict
+#: xfail). None is excluded: every contract test applies to a shared stream.
+NATS_DEVIATIONS: dict[str, str] = {
+    "test_retention_by_count_trims_history_but_keeps_runs": (
+        "the stream's max_msgs also drops the last message of a run, so the run's latest state is gone "
+        "(get() None, missing from list_runs/snapshot, final status no longer enforced); Retention says latest "
+        "states are always kept (a limitation documented in nats_store's module docstring)"
+    ),
+    "test_retention_by_age": (
+        "the stream's max_age also drops the last message of a run (runs disappear, as with max_updates), and "
+        "JetStream expires by age on a timer, so history() still returns updates past max_age for a while"
+    ),
+}
+
+
+async def _delete_stream(url: str, stream: str) -> None:
+    nc = await nats.connect([url], connect_timeout=2, allow_reconnect=False, max_reconnect_attempts=0)
+    try:
+        with contextlib.suppress(nats.js.errors.NotFoundError):
+            await nc.jsm(timeout=5).delete_stream(stream)
+    finally:
+        await nc.close()
+
+
+@pytest.fixture(params=["memory", "sqlite", "nats"])
+def make_store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[MakeStore]:
+    """A factory of unstarted stores of one backend; SQLite ones share a file per test, NATS ones a stream."""
+    if request.param == "nats":
+        deviation = NATS_DEVIATIONS.get(request.function.__name__)
+        if deviation is not None:
+            request.applymarker(pytest.mark.xfail(strict=True, reason=f"NatsStore: {deviation}"))
+        node: NatsNode = request.getfixturevalue("nats_server")
+        stream = f"T{uuid.uuid4().hex[:16].upper()}"
+        options = {"stream": stream, "subject_prefix": f"test.{stream.lower()}", "timeout": "10"}
+
+        def make_nats(retention: Retention | None = None, path: Path | None = None) -> Store:
+            return NatsStore.from_url(node.url, options=options, retention=retention)
+
+        yield make_nats
+        asyncio.run(_delete_stream(node.url, stream))
+        return
 
     def make(retention: Retention | None = None, path: Path | None = None) -> Store:
         if request.param == "memory":
             return MemoryStore(retention=retention)
         return SqliteStore(path or tmp_path / "state" / "runs.sqlite3", retention=retention)
 
-    return make
+    yield make
 
 
 def with_store(make: MakeStore, body: Callable[[Store], Awaitable[T]], retention: Retention | None = None) -> T:

@@ -1,0 +1,916 @@
+"""NatsStore on real nats-server processes: several replicas, one ordered history, nothing lost.
+
+The contract every store keeps is tested in test_store.py (NatsStore
+included); this module tests what only a shared JetStream stream does:
+
+* the ``nats://`` store URL and what it creates (stream, subjects, replicas,
+  retention), revision = stream sequence, latest state = last message of the
+  run's subject;
+* the rules across replicas: idempotent republish, final statuses, and no
+  update lost when publishers on two replicas race on the same runs;
+* two service processes on one stream: publish on one, watch on the other;
+* a service replica killed with SIGKILL under a watcher whose target lists
+  both replicas: the watch fails over with no gap and no duplicate;
+* a three-node JetStream cluster with an R3 stream losing its stream leader
+  mid-burst: every acknowledged update is kept, in order;
+* NATS down under a running service: UNAVAILABLE, then recovery without a
+  restart, and an open watch that goes on.
+
+Everything listens on 127.0.0.1; every wait is bounded; every process is
+killed at the end whatever happens. Without the nats-server binary the tests
+that need one are skipped (under CI that is a failure).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import threading
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import nats
+import pytest
+from nats.js import api
+from nats_fixtures import (
+    NatsNode,
+    ServiceReplica,
+    cluster_of_three,
+    free_ports,
+    single_server,
+)
+
+from shellinfo_grpc import from_rest
+from shellinfo_grpc._gen.shellinfo.v1 import protection_shell_info_pb2 as pb
+from shellinfo_grpc._gen.shellinfo.v1 import run_update_service_pb2 as svc
+from shellinfo_grpc.client import ReconnectPolicy, RunUpdateClient, RunWatch, WatchEvent
+from shellinfo_grpc.errors import ConfigurationError, HistoryExpired, RunRejected, ServiceError, StoreUnavailable
+from shellinfo_grpc.nats_store import NatsStore
+from shellinfo_grpc.store import PublishOutcome, Retention, Store, open_store
+
+WAIT = 20.0  # the longest any single wait may take, in seconds
+
+pytestmark = pytest.mark.timeout(120)  # a hang fails the test instead of the run
+
+T = TypeVar("T")
+
+S = pb.RunStatus
+
+
+# --- helpers ------------------------------------------------------------------------------
+
+
+def shell(job_run_id: int, status: int = S.RUN_STATUS_RUNNING, **fields: Any) -> pb.ProtectionShellInfo:
+    return pb.ProtectionShellInfo(job_run_id=job_run_id, status=status, **fields)  # type: ignore[arg-type]
+
+
+def names() -> tuple[str, str]:
+    """A fresh stream name and subject prefix, so that tests on one server never meet."""
+    tag = uuid.uuid4().hex[:12]
+    return f"T{tag.upper()}", f"test.{tag}.runs"
+
+
+async def until(check: Callable[[], bool], what: str, timeout: float = WAIT) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, f"timed out after {timeout} s waiting for {what}"
+        await asyncio.sleep(0.01)
+
+
+def wait_until(check: Callable[[], bool], what: str, timeout: float = WAIT) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, f"timed out after {timeout} s waiting for {what}"
+        time.sleep(0.02)
+
+
+async def retry_unavailable(read: Callable[[], Awaitable[T]], timeout: float = WAIT) -> T:
+    """``await read()``, again after each StoreUnavailable, for up to ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return await read()
+        except StoreUnavailable:
+            if time.monotonic() > deadline:
+                raise
+            await asyncio.sleep(0.2)
+
+
+@dataclass(frozen=True)
+class StreamMessage:
+    """One message of the stream as JetStream keeps it."""
+
+    seq: int
+    subject: str
+    expected_last_subject_seq: int | None
+    update: svc.RunUpdate
+
+
+@contextlib.asynccontextmanager
+async def jetstream(servers: Sequence[str]) -> Any:
+    """A JetStream manager on a connection of its own (not the store's)."""
+    nc = await nats.connect(list(servers), connect_timeout=2, max_reconnect_attempts=5, reconnect_time_wait=0.2)
+    try:
+        yield nc.jsm(timeout=10)
+    finally:
+        await nc.close()
+
+
+async def stream_messages(servers: Sequence[str], stream: str) -> list[StreamMessage]:
+    """Every message of the stream, in sequence order, read straight from JetStream."""
+    async with jetstream(servers) as jsm:
+        state = (await jsm.stream_info(stream)).state
+        messages = []
+        for seq in range(state.first_seq, state.last_seq + 1):
+            raw = await jsm.get_msg(stream, seq)
+            expected = (raw.headers or {}).get("Nats-Expected-Last-Subject-Sequence")
+            update = svc.RunUpdate.FromString(raw.data or b"")
+            update.revision = raw.seq
+            messages.append(StreamMessage(raw.seq, raw.subject, None if expected is None else int(expected), update))
+        return messages
+
+
+def assert_chained(messages: Sequence[StreamMessage]) -> None:
+    """Each write of a run was made on the run's previous message (optimistic concurrency held)."""
+    last: dict[str, int] = {}
+    for message in messages:
+        assert message.expected_last_subject_seq == last.get(message.subject, 0), message
+        last[message.subject] = message.seq
+
+
+def count_conflicts(*stores: Store) -> list[str]:
+    """Spy on started NatsStores: the subjects of the publishes JetStream refused as stale (error 10071).
+
+    A refused write means two replicas raced on a run and the loser decided
+    again on the winner's state; a test of that race checks it happened.
+    """
+    refused: list[str] = []
+    for store in stores:
+        assert isinstance(store, NatsStore)
+        js = store._js
+        publish = js.publish
+
+        async def spy(subject: str, *args: Any, _publish: Any = publish, **kwargs: Any) -> Any:
+            try:
+                return await _publish(subject, *args, **kwargs)
+            except nats.js.errors.APIError as exc:
+                if exc.err_code == 10071:
+                    refused.append(subject)
+                raise
+
+        js.publish = spy
+    return refused
+
+
+@contextlib.asynccontextmanager
+async def started(*stores: Store) -> Any:
+    for store in stores:
+        await store.start()
+    try:
+        yield stores
+    finally:
+        for store in stores:
+            await store.close()
+
+
+class Heard:
+    """A listener that keeps the revisions it hears."""
+
+    def __init__(self, store: Store) -> None:
+        self.revisions: list[int] = []
+        store.add_listener(lambda updates: self.revisions.extend(u.revision for u in updates))
+
+
+class WatchThread:
+    """Iterates a blocking watch on a thread, keeping every event (bounded waits only)."""
+
+    def __init__(self, watch: RunWatch) -> None:
+        self.watch = watch
+        self.events: list[WatchEvent] = []
+        self.error: BaseException | None = None
+        self._lock = threading.Lock()
+        self.thread = threading.Thread(target=self._consume, name="watch", daemon=True)
+        self.thread.start()
+
+    def _consume(self) -> None:
+        try:
+            for event in self.watch:
+                with self._lock:
+                    self.events.append(event)
+        except BaseException as exc:  # handed to the test thread
+            self.error = exc
+
+    def all_events(self) -> list[WatchEvent]:
+        with self._lock:
+            return list(self.events)
+
+    def revisions(self) -> list[int]:
+        with self._lock:
+            return [event.revision for event in self.events if event.update is not None]
+
+    def updates(self) -> list[svc.RunUpdate]:
+        with self._lock:
+            return [event.update for event in self.events if event.update is not None]
+
+    def wait_for_revision(self, revision: int, timeout: float = WAIT) -> None:
+        def reached() -> bool:
+            if self.error is not None:
+                raise self.error
+            seen = self.revisions()
+            return bool(seen) and seen[-1] >= revision
+
+        wait_until(reached, f"the watch to deliver revision {revision}", timeout)
+
+    def wait_started(self) -> None:
+        """Wait until a watch from now knows where it starts (its first response arrived)."""
+        wait_until(lambda: self.watch.resume_revision is not None, "the watch's first response")
+
+    def close(self) -> None:
+        self.watch.close()
+        self.thread.join(WAIT)
+        assert not self.thread.is_alive()
+
+
+def assert_gapless_once(revisions: Sequence[int], first: int = 1) -> None:
+    """Revisions ``first``, ``first + 1``, ...: each once, in order, none missing."""
+    assert list(revisions) == list(range(first, first + len(revisions))), revisions
+
+
+# --- fixtures -----------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def nats_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NatsNode]:
+    """One JetStream server shared by the tests that leave it running (each on its own stream)."""
+    with single_server(tmp_path_factory.mktemp("nats")) as node:
+        yield node
+
+
+@pytest.fixture
+def own_nats(tmp_path: Path) -> Iterator[NatsNode]:
+    """A JetStream server of this test's alone, which it may stop and start."""
+    with single_server(tmp_path / "nats") as node:
+        yield node
+
+
+@pytest.fixture
+def replicas(tmp_path: Path) -> Iterator[Callable[..., ServiceReplica]]:
+    """Starts service processes; every one is killed at the end of the test."""
+    started_replicas: list[ServiceReplica] = []
+
+    def start(store_url: str, name: str) -> ServiceReplica:
+        replica = ServiceReplica(store_url, tmp_path / "replicas", name)
+        started_replicas.append(replica)
+        return replica.start()
+
+    yield start
+    for replica in started_replicas:
+        replica.kill()
+
+
+# --- the store URL --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("url", "message"),
+    [
+        pytest.param("nats://127.0.0.1:4222?bogus=1", "unknown option", id="unknown-option"),
+        pytest.param("nats://127.0.0.1:4222?stream=a.b", "stream name", id="dotted-stream"),
+        pytest.param("nats://127.0.0.1:4222?subject_prefix=a.>", "subject prefix", id="wildcard-prefix"),
+        pytest.param("nats://127.0.0.1:4222?subject_prefix=a.", "subject prefix", id="prefix-ends-in-dot"),
+        pytest.param("nats://127.0.0.1:4222?replicas=0", "positive", id="zero-replicas"),
+        pytest.param("nats://127.0.0.1:4222?replicas=three", "store URL", id="replicas-not-a-number"),
+        pytest.param("nats://127.0.0.1:4222?timeout=0", "positive", id="zero-timeout"),
+        pytest.param("nats://?stream=S", "host", id="no-host"),
+        pytest.param("nats://127.0.0.1:4222?creds=/nonexistent/x.creds", "not found", id="missing-creds"),
+        pytest.param("nats://127.0.0.1:4222?tls_cert=/x.pem", "tls_key", id="cert-without-key"),
+    ],
+)
+def test_bad_store_urls_are_configuration_errors(url: str, message: str) -> None:
+    with pytest.raises(ConfigurationError, match=message):
+        open_store(url)
+
+
+def test_store_url_lists_every_server_and_keeps_credentials() -> None:
+    store = open_store("nats://u:p@127.0.0.1:1,127.0.0.1:2?stream=S&subject_prefix=a.b&replicas=3&max_attempts=4")
+    assert isinstance(store, NatsStore)
+    assert store._servers == ["nats://u:p@127.0.0.1:1", "nats://u:p@127.0.0.1:2"]
+    assert (store._stream, store._prefix, store._replicas, store._max_attempts) == ("S", "a.b", 3, 4)
+
+
+def test_unreachable_nats_fails_start_with_a_configuration_error() -> None:
+    (port,) = free_ports(1)
+    store = open_store(f"nats://127.0.0.1:{port}?timeout=1")
+
+    async def main() -> None:
+        with pytest.raises(ConfigurationError, match="cannot connect"):
+            await asyncio.wait_for(store.start(), 3)
+
+    asyncio.run(main())
+
+
+def test_replicas_beyond_a_single_server_fail_start(nats_server: NatsNode) -> None:
+    stream, prefix = names()
+    store = open_store(f"{nats_server.url}?stream={stream}&subject_prefix={prefix}&replicas=3")
+
+    async def main() -> None:
+        with pytest.raises(ConfigurationError, match=stream):
+            await store.start()
+        await store.close()
+
+    asyncio.run(main())
+
+
+def test_store_url_makes_the_stream_revision_is_its_sequence(nats_server: NatsNode) -> None:
+    """open_store(nats://...) with stream, subject prefix, replicas and retention."""
+    stream, prefix = names()
+    url = f"nats://{nats_server.address}?stream={stream}&subject_prefix={prefix}&replicas=1"
+    retention = Retention(max_updates=500, max_age_seconds=3600)
+
+    async def main() -> None:
+        store = open_store(url, retention=retention)
+        assert isinstance(store, NatsStore)
+        async with started(store):
+            first = await store.publish("agent-1", shell(1))
+            other = await store.publish("agent-2", shell(1))  # another source: another run
+            final = await store.publish("agent-1", shell(1, S.RUN_STATUS_SUCCESS, end_time_usecs=9))
+            again = await store.publish("agent-1", shell(1, S.RUN_STATUS_SUCCESS, end_time_usecs=9))
+            odd = await store.publish("é .*>", shell(-7))  # a source no subject token could hold as is
+            assert [o.update.revision for o in (first, other, final, again, odd)] == [1, 2, 3, 3, 4]
+            assert (final.changed, again.changed) == (True, False)
+
+            async with jetstream([nats_server.url]) as jsm:
+                info = await jsm.stream_info(stream, subjects_filter=">")
+                latest_by_subject = {}
+                for subject in info.state.subjects:
+                    raw = await jsm.get_last_msg(stream, subject)
+                    latest_by_subject[subject] = (raw.seq, svc.RunUpdate.FromString(raw.data))
+            config, state = info.config, info.state
+            assert config.subjects == [f"{prefix}.>"]
+            assert (config.num_replicas, config.max_msgs, config.max_age) == (1, 500, 3600)
+            assert config.storage == api.StorageType.FILE
+            assert (state.messages, state.first_seq, state.last_seq, len(state.subjects)) == (4, 1, 4, 3)
+
+            # Revision = stream sequence; the stored message is the update.
+            messages = await stream_messages([nats_server.url], stream)
+            history = await store.history(1, 100, 100)
+            assert [m.update for m in messages] == history
+            assert [m.seq for m in messages] == [u.revision for u in history] == [1, 2, 3, 4]
+            for message in messages:
+                assert message.subject.startswith(f"{prefix}.")
+                assert message.subject.endswith(f".{message.update.run.job_run_id}")
+            assert_chained(messages)
+
+            # Latest state = the last message of the run's subject.
+            assert len(latest_by_subject) == 3
+            for seq, update in latest_by_subject.values():
+                update.revision = seq
+                assert await store.get(update.source, update.run.job_run_id) == update
+            assert (await store.get("agent-1", 1)) == final.update
+            assert await store.get("agent-1", 2) is None
+            runs = await store.list_runs(None, None, 10)
+            assert sorted(u.revision for u in runs) == sorted(seq for seq, _ in latest_by_subject.values())
+            assert await store.get("é .*>", -7) == odd.update
+
+        # A replica that starts later starts at the stream's head, with the same history.
+        later = open_store(url, retention=Retention(max_updates=7))  # the stream exists: its limits stay
+        async with started(later):
+            assert later.head_revision() == 4
+            assert await later.history(1, 4, 10) == history
+            async with jetstream([nats_server.url]) as jsm:
+                assert (await jsm.stream_info(stream)).config.max_msgs == 500
+
+    asyncio.run(main())
+
+
+def test_retention_limits_the_stream_and_older_watches_expire(nats_server: NatsNode) -> None:
+    """Retention becomes the stream's max_msgs; a read before the oldest kept revision is HistoryExpired."""
+    stream, prefix = names()
+
+    async def main() -> None:
+        store = open_store(f"{nats_server.url}?stream={stream}&subject_prefix={prefix}", retention=Retention(5))
+        async with started(store):
+            for index in range(8):
+                await store.publish("a", shell(index))
+            with pytest.raises(HistoryExpired) as caught:
+                await store.history(3, 100, 100)
+            assert (caught.value.requested, caught.value.oldest_revision) == (3, 4)
+            assert [u.revision for u in await store.history(4, 100, 100)] == [4, 5, 6, 7, 8]
+            async with jetstream([nats_server.url]) as jsm:
+                state = (await jsm.stream_info(stream)).state
+            assert (state.first_seq, state.last_seq, state.messages) == (4, 8, 5)
+
+    asyncio.run(main())
+
+
+def test_a_publish_returns_once_its_replica_has_followed_it(nats_server: NatsNode) -> None:
+    stream, prefix = names()
+
+    async def main() -> None:
+        store = open_store(f"{nats_server.url}?stream={stream}&subject_prefix={prefix}")
+        heard = Heard(store)
+        async with started(store):
+            for index in range(300):  # each lags with some probability: over 300, almost surely one does
+                outcome = await store.publish("a", shell(index))
+                assert store.head_revision() >= outcome.update.revision
+                assert heard.revisions[-1:] == [outcome.update.revision]
+
+    asyncio.run(main())
+
+
+def test_a_foreign_message_on_a_run_subject_does_not_block_the_run(nats_server: NatsNode) -> None:
+    stream, prefix = names()
+
+    async def main() -> None:
+        store = open_store(f"{nats_server.url}?stream={stream}&subject_prefix={prefix}")
+        async with started(store):
+            first = await store.publish("a", shell(1))
+            (message,) = await stream_messages([nats_server.url], stream)
+            nc = await nats.connect([nats_server.url])
+            try:
+                await nc.jetstream().publish(message.subject, b"\xff\xff\xff", stream=stream)  # not a RunUpdate
+            finally:
+                await nc.close()
+            assert await store.get("a", 1) is None  # skipped, loudly (logged)
+            outcome = await store.publish("a", shell(1, S.RUN_STATUS_SUCCESS))
+            assert outcome.update.revision == first.update.revision + 2
+
+    asyncio.run(main())
+
+
+def test_a_batch_keeps_each_runs_order_and_answers_in_request_order(nats_server: NatsNode) -> None:
+    """NatsStore publishes the runs of a batch concurrently (documented on Store.publish_batch):
+    revisions follow request order within each run, and outcomes come back in request order."""
+    stream, prefix = names()
+
+    async def main() -> None:
+        store = open_store(f"{nats_server.url}?stream={stream}&subject_prefix={prefix}")
+        async with started(store):
+            items = [("a", shell(run, error=f"{run}-{step}")) for run in range(3) for step in range(3)]
+            outcomes = await store.publish_batch(items)
+            assert all(isinstance(o, PublishOutcome) for o in outcomes)
+            done = [o for o in outcomes if isinstance(o, PublishOutcome)]
+            assert [o.update.run.error for o in done] == [run.error for _, run in items]
+            assert sorted(o.update.revision for o in done) == list(range(1, 10))
+            for run in range(3):
+                per_run = [o.update.revision for o in done if o.update.run.job_run_id == run]
+                assert per_run == sorted(per_run)
+
+    asyncio.run(main())
+
+
+# --- rules across replicas ----------------------------------------------------------------
+
+
+def test_rules_hold_across_replicas(nats_server: NatsNode) -> None:
+    """Idempotent republish and final statuses hold whichever replica wrote the run before."""
+    stream, prefix = names()
+    url = f"{nats_server.url}?stream={stream}&subject_prefix={prefix}"
+
+    async def main() -> None:
+        a, b = open_store(url), open_store(url)
+        async with started(a, b):
+            run = shell(5, start_time_usecs=100, error="")
+            first = await a.publish("src", run)
+            same = await b.publish("src", pb.ProtectionShellInfo.FromString(run.SerializeToString()))
+            assert (first.changed, same.changed) == (True, False)
+            assert same.update == first.update
+            assert same.update.revision == 1
+
+            done = await b.publish("src", shell(5, S.RUN_STATUS_SUCCESS, end_time_usecs=200))
+            for store in (a, b):
+                with pytest.raises(RunRejected) as caught:
+                    await store.publish("src", shell(5, S.RUN_STATUS_RUNNING))
+                assert (caught.value.code, caught.value.reason, caught.value.field) == (
+                    "FAILED_PRECONDITION",
+                    "RUN_FINAL",
+                    "status",
+                )
+                with pytest.raises(RunRejected, match="final"):
+                    await store.publish("src", shell(5, S.RUN_STATUS_FAILURE, end_time_usecs=200))
+            replay = await a.publish("src", shell(5, S.RUN_STATUS_SUCCESS, end_time_usecs=200))
+            assert (replay.changed, replay.update) == (False, done.update)
+            note = await a.publish("src", shell(5, S.RUN_STATUS_SUCCESS, end_time_usecs=200, error="late note"))
+            assert (note.changed, note.update.revision) == (True, 3)
+            assert await b.get("src", 5) == note.update
+            messages = await stream_messages([nats_server.url], stream)
+            assert [m.seq for m in messages] == [1, 2, 3]
+            assert_chained(messages)
+
+    asyncio.run(main())
+
+
+def test_concurrent_publishers_on_two_replicas_lose_nothing(nats_server: NatsNode) -> None:
+    """20 publishers on two replicas race on 3 runs; every acknowledged update is kept once."""
+    stream, prefix = names()
+    url = f"{nats_server.url}?stream={stream}&subject_prefix={prefix}"
+    publishers, each, runs = 20, 15, 3
+
+    async def main() -> None:
+        a, b = open_store(url), open_store(url)
+        heard_a, heard_b = Heard(a), Heard(b)
+        async with started(a, b):
+            conflicts = count_conflicts(a, b)
+
+            async def publisher(number: int) -> list[PublishOutcome]:
+                store = (a, b)[number % 2]
+                outcomes = []
+                for index in range(each):
+                    note = f"p{number}-{index}"  # every state differs: every publish is a change
+                    outcomes.append(await store.publish("shared", shell(index % runs, error=note)))
+                return outcomes
+
+            results = await asyncio.gather(*(publisher(n) for n in range(publishers)))
+            acked = {o.update.run.error: o.update for outcomes in results for o in outcomes}
+            assert all(o.changed for outcomes in results for o in outcomes)
+            assert len(acked) == publishers * each
+            for outcomes in results:  # each publisher's writes landed in its order
+                revisions = [o.update.revision for o in outcomes]
+                assert revisions == sorted(revisions)
+
+            messages = await stream_messages([nats_server.url], stream)
+            # Every acknowledged update is in the stream exactly once, at its revision, and nothing else is.
+            assert [m.seq for m in messages] == list(range(1, publishers * each + 1))
+            assert {m.update.run.error: m.update for m in messages} == acked
+            assert len({m.update.run.error for m in messages}) == len(messages)
+            # Each write was made on the run's previous message: no update overwrote another unseen.
+            assert_chained(messages)
+            assert len({m.subject for m in messages}) == runs
+            assert conflicts, "the replicas never raced on a run: the test proved nothing"
+
+            # Both replicas told their listeners about every update, once, in order.
+            total = len(messages)
+            await until(lambda: len(heard_a.revisions) >= total and len(heard_b.revisions) >= total, "listeners")
+            assert heard_a.revisions == heard_b.revisions == list(range(1, total + 1))
+
+            # Final statuses: the replicas race to end each run differently; one wins, once.
+            finals = await asyncio.gather(
+                *(
+                    store.publish_batch([("shared", shell(run, status, end_time_usecs=1))])
+                    for run in range(runs)
+                    for store, status in ((a, S.RUN_STATUS_SUCCESS), (b, S.RUN_STATUS_FAILURE))
+                )
+            )
+            for run in range(runs):
+                pair = [outcome for (outcome,) in finals[2 * run : 2 * run + 2]]
+                won = [o for o in pair if isinstance(o, PublishOutcome)]
+                lost = [o for o in pair if isinstance(o, RunRejected)]
+                assert len(won) == len(lost) == 1, pair
+                assert lost[0].reason == "RUN_FINAL"
+                for store in (a, b):
+                    assert await store.get("shared", run) == won[0].update
+                    with pytest.raises(RunRejected, match="final"):
+                        await store.publish("shared", shell(run, S.RUN_STATUS_RUNNING, error="after the end"))
+            assert_chained(await stream_messages([nats_server.url], stream))
+
+    asyncio.run(main())
+
+
+# --- service processes ----------------------------------------------------------------------
+
+
+def test_two_replica_processes_serve_one_history(
+    nats_server: NatsNode, replicas: Callable[..., ServiceReplica]
+) -> None:
+    """Publish on one replica, watch on the other, live and from revision 1."""
+    stream, prefix = names()
+    url = f"{nats_server.url}?stream={stream}&subject_prefix={prefix}"
+    a, b = replicas(url, "a"), replicas(url, "b")
+    with RunUpdateClient(a.address, timeout=WAIT) as ca, RunUpdateClient(b.address, timeout=WAIT) as cb:
+        live_b, live_a = WatchThread(cb.watch()), WatchThread(ca.watch())
+        try:
+            live_b.wait_started()
+            live_a.wait_started()
+            acked: dict[int, tuple[str, int, str]] = {}
+            for index in range(10):
+                client, source = ((ca, "via-a"), (cb, "via-b"))[index % 2]
+                result = client.publish(
+                    from_rest({"jobRunId": index % 4, "status": "kRunning", "error": f"n{index}"}), source=source
+                )
+                assert result.changed
+                acked[result.revision] = (source, index % 4, f"n{index}")
+            assert sorted(acked) == list(range(1, 11))
+            # An identical republish through the other replica is a no-op with the same revision.
+            again = cb.publish(from_rest({"jobRunId": 1, "status": "kRunning", "error": "n9"}), source="via-b")
+            assert (again.revision, again.changed) == (10, False)
+            # A watch from revision 1 on either replica, opened after the fact.
+            from_start = [WatchThread(c.watch(start_revision=1)) for c in (ca, cb)]
+            try:
+                for watch in (live_a, live_b, *from_start):
+                    watch.wait_for_revision(10)
+                    assert watch.revisions() == list(range(1, 11))
+                    assert {u.revision: (u.source, u.run.job_run_id, u.run.error) for u in watch.updates()} == acked
+            finally:
+                for watch in from_start:
+                    watch.close()
+            assert ca.get(3, source="via-b") == cb.get(3, source="via-b")
+            assert list(ca.list()) == list(cb.list())
+        finally:
+            live_a.close()
+            live_b.close()
+
+
+def test_snapshot_watch_on_one_replica_while_another_publishes(
+    nats_server: NatsNode, replicas: Callable[..., ServiceReplica]
+) -> None:
+    """A snapshot watch on B, opened while a stream of updates goes in through A, misses and repeats nothing."""
+    stream, prefix = names()
+    url = f"{nats_server.url}?stream={stream}&subject_prefix={prefix}"
+    a, b = replicas(url, "a"), replicas(url, "b")
+    count = 400
+    with RunUpdateClient(a.address, timeout=WAIT) as ca, RunUpdateClient(b.address, timeout=WAIT) as cb:
+
+        def items() -> Iterator[tuple[str, dict[str, Any]]]:
+            for index in range(count):
+                time.sleep(0.004)  # a steady stream, so that the snapshot is taken in the middle of it
+                yield ("src", {"jobRunId": index % 7, "status": "kRunning", "error": f"n{index}"})
+
+        results: list[Any] = []
+        feeder = threading.Thread(target=lambda: results.extend(ca.publish_many(items())), daemon=True)
+        feeder.start()
+        wait_until(lambda: len(results) >= 50, "the first acknowledgements")
+        snapshot = WatchThread(cb.watch(include_snapshot=True))
+        feeder.join(WAIT)
+        assert not feeder.is_alive()
+        assert sorted(r.revision for r in results) == list(range(1, count + 1))
+        for run in range(7):  # each run's updates in request order (across runs, see the batch-order test)
+            revisions = [r.revision for r in results[run::7]]
+            assert revisions == sorted(revisions)
+        snapshot.wait_for_revision(count)
+        events = snapshot.all_events()
+        snapshot.close()
+        (complete,) = [i for i, e in enumerate(events) if e.snapshot_complete]
+        assert events[complete].revision < count  # the snapshot was taken mid-stream: live updates followed it
+        state: dict[int, svc.RunUpdate] = {}
+        for event in events[:complete]:
+            assert event.update is not None
+            state[event.update.run.job_run_id] = event.update
+        after = [e.revision for e in events[complete + 1 :]]
+        assert after == list(range(events[complete].revision + 1, count + 1))  # live: from the snapshot on, once each
+        for event in events[complete + 1 :]:
+            assert event.update is not None
+            state[event.update.run.job_run_id] = event.update
+        assert sorted(state.values(), key=lambda u: u.revision) == sorted(cb.list(), key=lambda u: u.revision)
+        assert {u.run.error for u in state.values()} == {f"n{index}" for index in range(count - 7, count)}
+
+
+@pytest.mark.parametrize(
+    ("target", "allowed"),
+    [
+        pytest.param(
+            "ipv4:127.0.0.1:1,127.0.0.1:2",
+            True,
+            id="ipv4-loopback-pair",
+        ),
+        pytest.param("ipv4:127.0.0.1:1,10.0.0.5:2", False, id="ipv4-loopback-and-remote"),
+        pytest.param("ipv6:[::1]:1,[::1]:2", True, id="ipv6-loopback-pair"),
+        pytest.param(
+            "ipv6:[::1]:1,[2001:db8::1]:2",
+            False,
+            id="ipv6-loopback-and-remote",
+        ),
+    ],
+)
+def test_a_plaintext_token_goes_to_a_multi_address_target_only_if_every_address_is_loopback(
+    target: str, allowed: bool
+) -> None:
+    if allowed:
+        RunUpdateClient(target, token="secret").close()
+    else:
+        with pytest.raises(ConfigurationError, match="plaintext"):
+            RunUpdateClient(target, token="secret").close()
+
+
+class Publisher:
+    """Publishes distinct updates through one client on a thread until told to stop; keeps what was acknowledged."""
+
+    def __init__(self, client: RunUpdateClient, source: str) -> None:
+        self.client = client
+        self.source = source
+        self.acked: dict[int, str] = {}  # revision -> the update's note
+        self.errors: list[ServiceError] = []
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, name=f"publisher-{source}", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        for index in itertools.count():
+            if self.stop.is_set():
+                return
+            note = f"{self.source}-{index}"
+            try:
+                result = self.client.publish(
+                    from_rest({"jobRunId": index % 5, "status": "kRunning", "error": note}), source=self.source
+                )
+            except ServiceError as exc:
+                self.errors.append(exc)
+                self.stop.wait(0.05)
+                continue
+            assert result.changed
+            self.acked[result.revision] = note
+
+    def halt(self) -> None:
+        self.stop.set()
+        self.thread.join(WAIT)
+        assert not self.thread.is_alive()
+
+
+@pytest.mark.slow
+def test_sigkill_of_a_replica_under_a_watcher_fails_over_without_gap(
+    nats_server: NatsNode, replicas: Callable[..., ServiceReplica]
+) -> None:
+    """the watch's target lists both replicas; the one it uses is killed mid-stream."""
+    stream, prefix = names()
+    url = f"{nats_server.url}?stream={stream}&subject_prefix={prefix}"
+    a, b = replicas(url, "a"), replicas(url, "b")
+    fast = ReconnectPolicy(initial_delay=0.05, max_delay=0.5, timeout=WAIT)
+    # pick_first takes the first address (A) and moves to the next when it fails.
+    target = f"ipv4:{a.address},{b.address}"
+    with (
+        RunUpdateClient(target, timeout=WAIT, reconnect=fast) as watcher_client,
+        RunUpdateClient(target, timeout=5) as c_either,
+        RunUpdateClient(a.address, timeout=5) as ca,
+        RunUpdateClient(b.address, timeout=5) as cb,
+    ):
+        watch = WatchThread(watcher_client.watch(start_revision=1))
+        pub_a, pub_b, pub_either = Publisher(ca, "via-a"), Publisher(cb, "via-b"), Publisher(c_either, "via-either")
+        publishers = (pub_a, pub_b, pub_either)
+        try:
+            wait_until(lambda: all(len(p.acked) >= 20 for p in publishers), "publishes on both replicas")
+            watch.wait_for_revision(max(pub_a.acked))
+            a.kill()  # SIGKILL, while the watch streams through it and pub_a publishes through it
+            at_kill = {p.source: len(p.acked) for p in publishers}
+            wait_until(
+                lambda: (
+                    len(pub_b.acked) >= at_kill["via-b"] + 30 and len(pub_either.acked) >= at_kill["via-either"] + 30
+                ),
+                "publishes through B and through the two-address target after the kill",
+            )
+            wait_until(lambda: len(pub_a.errors) >= 1, "publishes through A to fail")
+        finally:
+            for publisher in publishers:
+                publisher.halt()
+        try:
+            last = max(*pub_a.acked, *pub_b.acked, *pub_either.acked)
+            watch.wait_for_revision(last)
+            delivered = {u.revision: u for u in watch.updates()}
+            # Once each, in order, no gap: every message of the stream up to the last acknowledged one.
+            assert_gapless_once(watch.revisions())
+            for publisher in publishers:
+                for revision, note in publisher.acked.items():
+                    assert delivered[revision].run.error == note
+                    assert delivered[revision].source == publisher.source
+            assert watch.watch.reconnects >= 1  # it was on A, and resumed on B
+            assert {e.code for e in pub_a.errors} == {"UNAVAILABLE"}, pub_a.errors
+            assert not pub_b.errors, pub_b.errors
+            assert {e.code for e in pub_either.errors} <= {"UNAVAILABLE"}, (
+                pub_either.errors
+            )  # at most the one in flight
+            messages = asyncio.run(stream_messages([nats_server.url], stream))
+            assert [m.update for m in messages][: len(delivered)] == list(delivered.values())
+        finally:
+            watch.close()
+
+
+# --- a three-node cluster -------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_r3_stream_keeps_every_acknowledged_update_when_its_leader_dies(tmp_path: Path) -> None:
+    """a burst on an R3 stream; the stream leader is SIGKILLed mid-burst."""
+    stream, prefix = names()
+    with cluster_of_three(tmp_path / "cluster") as cluster:
+        url = cluster.store_url(stream=stream, subject_prefix=prefix, replicas=3)
+
+        async def main() -> None:
+            store = open_store(url)
+            heard = Heard(store)
+            async with started(store):
+                async with jetstream(cluster.urls) as jsm:
+                    info = await jsm.stream_info(stream)
+                assert info.config.num_replicas == 3
+                leader = info.cluster.leader
+                assert leader in {"n1", "n2", "n3"}
+                assert len(info.cluster.replicas) == 2
+
+                acked: dict[int, str] = {}
+                failures: list[BaseException] = []
+                stop = asyncio.Event()
+
+                async def publisher(number: int) -> None:
+                    for index in itertools.count():
+                        if stop.is_set():
+                            return
+                        note = f"p{number}-{index}"
+                        try:
+                            outcome = await store.publish("burst", shell(number * 10 + index % 4, error=note))
+                        except StoreUnavailable as exc:
+                            failures.append(exc)
+                            await asyncio.sleep(0.05)
+                            continue
+                        except Exception as exc:  # anything else is a failure of the test
+                            failures.append(exc)
+                            return
+                        assert outcome.changed
+                        acked[outcome.update.revision] = note
+
+                tasks = [asyncio.create_task(publisher(n)) for n in range(8)]
+                try:
+                    await until(lambda: len(acked) >= 150, "acknowledged publishes before the kill")
+                    await asyncio.to_thread(cluster.node(leader).kill)
+                    at_kill = len(acked)
+                    await until(lambda: len(acked) >= at_kill + 150, "publishes after the leader died", 30)
+                finally:
+                    stop.set()
+                    await asyncio.gather(*tasks)
+                assert all(isinstance(f, StoreUnavailable) for f in failures), failures
+
+                last = max(acked)
+                # Reads make an ordered consumer, which can time out for a while after the
+                # failover even once publishes go through again: UNAVAILABLE, to be retried.
+                history = await retry_unavailable(lambda: store.history(1, 1_000_000, 1_000_000))
+                assert_gapless_once([u.revision for u in history])
+                assert history[-1].revision >= last
+                by_revision = {u.revision: u for u in history}
+                for revision, note in acked.items():
+                    assert by_revision[revision].run.error == note
+                messages = await stream_messages(cluster.urls, stream)
+                assert [m.update for m in messages] == history
+                assert_chained(messages)
+                # The replica's live feed went on past the failover, once each, in order.
+                await until(lambda: store.head_revision() >= history[-1].revision, "the store to follow the stream")
+                assert heard.revisions == [u.revision for u in history]
+                async with jetstream([n.url for n in cluster.nodes if n.name != leader]) as jsm:
+                    assert (await jsm.stream_info(stream)).cluster.leader not in {None, leader}
+
+            # The killed node comes back and catches up (its /healthz checks its stream replicas).
+            await asyncio.to_thread(cluster.node(leader).start)
+
+        asyncio.run(main())
+
+
+# --- NATS down --------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_service_rides_out_nats_being_down(own_nats: NatsNode, replicas: Callable[..., ServiceReplica]) -> None:
+    """NATS stops under a running service and an open watch, then comes back."""
+    stream, prefix = names()
+    replica = replicas(f"{own_nats.url}?stream={stream}&subject_prefix={prefix}&timeout=1", "only")
+    with RunUpdateClient(replica.address, timeout=WAIT) as client:
+        watch = WatchThread(client.watch(start_revision=1, reconnect=ReconnectPolicy(max_delay=0.5, timeout=WAIT)))
+        try:
+            acked: dict[int, str] = {}
+
+            def publish(note: str) -> None:
+                result = client.publish(from_rest({"jobRunId": 1, "status": "kRunning", "error": note}))
+                assert result.changed
+                acked[result.revision] = note
+
+            for index in range(5):
+                publish(f"before-{index}")
+            watch.wait_for_revision(5)
+
+            own_nats.kill()
+            refused = []
+            for index in range(3):
+                with pytest.raises(ServiceError) as caught:
+                    publish(f"down-{index}")
+                refused.append(f"down-{index}")
+                assert (caught.value.code, caught.value.reason) == ("UNAVAILABLE", "STORE_UNAVAILABLE")
+            with pytest.raises(ServiceError) as caught:
+                client.get(1)
+            assert caught.value.code == "UNAVAILABLE"
+
+            own_nats.start()  # same port, same JetStream directory
+            deadline = time.monotonic() + WAIT
+            while True:  # the service reconnects by itself; until then, publishes are UNAVAILABLE
+                try:
+                    publish("back-0")
+                    break
+                except ServiceError as exc:
+                    error = exc
+                assert error.code == "UNAVAILABLE", error
+                assert time.monotonic() < deadline, "the service did not recover"
+                time.sleep(0.1)
+            for index in range(1, 6):
+                publish(f"back-{index}")
+
+            last = max(acked)
+            watch.wait_for_revision(last)
+            assert_gapless_once(watch.revisions())
+            delivered = {u.revision: u.run.error for u in watch.updates()}
+            assert {revision: delivered[revision] for revision in acked} == acked
+            messages = asyncio.run(stream_messages([own_nats.url], stream))
+            assert [m.seq for m in messages] == watch.revisions()
+            assert_chained(messages)
+            # A publish that failed may still have been stored when NATS came back (its
+            # message was queued by the NATS client): never the other way round.
+            assert set(delivered.values()) - set(acked.values()) <= set(refused)
+        finally:
+            watch.close()
