@@ -491,7 +491,7 @@ class _WatchCursor:
 
     def request(self) -> _svc.WatchRunsRequest:
         """The request for the next connection."""
-        if self.phase == _SNAPSHOT and self.position is None:
+        if self.phase == _SNAPSHOT:
             return _svc.WatchRunsRequest(
                 filter=self._filter,
                 start_revision=self._start,
@@ -528,6 +528,17 @@ class _WatchCursor:
             self.phase = _STREAM
             yield WatchEvent(None, self.position, snapshot_complete=True)
 
+    def handed(self, response: _svc.WatchRunsResponse) -> Iterator[tuple[WatchEvent, tuple[int | None, str]]]:
+        """The events of one response, each with the cursor state before it."""
+        before = (self.position, self.phase)
+        for event in self.events(response):
+            yield event, before
+            before = (self.position, self.phase)
+
+    def take_back(self, before: tuple[int | None, str]) -> None:
+        """Undo the position an event moved, when the caller never got it."""
+        self.position, self.phase = before
+
     def retry_delay(self, error: ServiceError) -> float | None:
         """Seconds to wait before resuming after ``error``, or ``None`` to raise it.
 
@@ -538,6 +549,14 @@ class _WatchCursor:
         which would only come back.
         """
         too_slow = error.code == "RESOURCE_EXHAUSTED" and error.reason == _WATCHER_TOO_SLOW
+        if self.phase == _RESUMED and isinstance(error, HistoryExpired):
+            # A snapshot that broke off could not be completed from the history
+            # (trimmed): take a new snapshot. Its updates at or below the
+            # position were delivered already and are skipped.
+            self.phase = _SNAPSHOT
+            self.reconnects += 1
+            self.last_error = error
+            return 0.0
         if not (error.code == "UNAVAILABLE" or too_slow):
             return None
         now = time.monotonic()
@@ -632,8 +651,9 @@ class RunWatch(_WatchBase):
                 cause: grpc.RpcError | None = None
                 try:
                     for response in call:
-                        for event in cursor.events(response):
+                        for event, before in cursor.handed(response):
                             if self._closed.is_set():
+                                cursor.take_back(before)  # closed: this event is not handed over
                                 return
                             yield event
                     error = ServiceError("UNAVAILABLE", "", _ENDED)
@@ -716,8 +736,9 @@ class AsyncRunWatch(_WatchBase):
                 cause: grpc.RpcError | None = None
                 try:
                     async for response in call:
-                        for event in cursor.events(response):
+                        for event, before in cursor.handed(response):
                             if self._closed:
+                                cursor.take_back(before)  # closed: this event is not handed over
                                 return
                             yield event
                     error = ServiceError("UNAVAILABLE", "", _ENDED)

@@ -168,6 +168,15 @@ class NatsStore(Store):
         except ValueError as exc:
             raise ConfigurationError(f"store URL {url!r}: {exc}") from None
 
+    def _shown_servers(self) -> str:
+        """The server URLs for messages, without passwords or tokens."""
+        shown = []
+        for server in self._servers:
+            parts = urlsplit(server)
+            host = parts.netloc.rpartition("@")[2]
+            shown.append(f"{parts.scheme}://{'***@' if '@' in parts.netloc else ''}{host}")
+        return ", ".join(shown)
+
     def _subject(self, source: str, job_run_id: int) -> str:
         return f"{self._prefix}.{_source_token(source)}.{job_run_id}"
 
@@ -182,6 +191,7 @@ class NatsStore(Store):
             reconnect_time_wait=0.5,
             connect_timeout=max(1, int(self._timeout)),
             allow_reconnect=True,
+            error_cb=self._on_nats_error,
             **self._connect_options,
         )
         try:
@@ -190,7 +200,7 @@ class NatsStore(Store):
             self._nc = await asyncio.wait_for(connect, timeout=2 * self._timeout)
         except (*_UNREACHABLE, TimeoutError) as exc:
             reason = f"no answer within {2 * self._timeout:g} s" if isinstance(exc, TimeoutError) else str(exc)
-            raise ConfigurationError(f"NATS store: cannot connect to {', '.join(self._servers)}: {reason}") from None
+            raise ConfigurationError(f"NATS store: cannot connect to {self._shown_servers()}: {reason}") from None
         self._js = self._nc.jetstream(timeout=self._timeout)
         self._jsm = self._nc.jsm(timeout=self._timeout)
         try:
@@ -239,6 +249,11 @@ class NatsStore(Store):
             await nc.drain()
         with contextlib.suppress(*_UNREACHABLE):
             await nc.close()
+
+    async def _on_nats_error(self, exc: Exception) -> None:
+        # nats-py reports connection trouble here (and keeps reconnecting):
+        # one line, no traceback, no credentials.
+        _log.warning("NATS %s: %s: %s", self._shown_servers(), type(exc).__name__, exc)
 
     async def _on_message(self, msg: Any) -> None:
         seq = msg.metadata.sequence.stream
@@ -312,11 +327,14 @@ class NatsStore(Store):
         self._lock_users[subject] = self._lock_users.get(subject, 0) + 1
         try:
             async with lock:
-                return await self._publish_locked(subject, source, run)
+                outcome = await self._publish_locked(subject, source, run)
         finally:
             self._lock_users[subject] -= 1
             if not self._lock_users[subject]:
                 del self._lock_users[subject], self._locks[subject]
+        if isinstance(outcome, PublishOutcome) and outcome.changed:
+            await self._followed(outcome.update.revision)  # outside the lock: a slow feed delays only this call
+        return outcome
 
     async def _publish_locked(
         self, subject: str, source: str, run: _pb.ProtectionShellInfo
@@ -343,7 +361,6 @@ class NatsStore(Store):
                     continue  # another replica wrote this run: decide again on its new state
                 raise
             update.revision = ack.seq
-            await self._followed(ack.seq)
             return PublishOutcome(update, changed=True)
         raise StoreUnavailable(
             f"NATS store: run {run.job_run_id} of source {source!r} kept changing under "
@@ -369,11 +386,10 @@ class NatsStore(Store):
 
         try:
             await asyncio.gather(*(run_in_order(indexes) for indexes in by_run.values()))
-        except StoreUnavailable:
-            raise
         except _UNREACHABLE as exc:
             raise self._unavailable("publish failed", exc) from None
-        return [outcome for outcome in outcomes if outcome is not None]
+        assert all(outcome is not None for outcome in outcomes)
+        return outcomes  # type: ignore[return-value]
 
     # --- reading -----------------------------------------------------------------
 
@@ -395,6 +411,11 @@ class NatsStore(Store):
             while len(out) < limit:
                 msg = await sub.next_msg(timeout=self._timeout)
                 meta = msg.metadata
+                if not out and deliver == api.DeliverPolicy.BY_START_SEQUENCE and meta.sequence.stream > start:
+                    # Retention trimmed the start away after the oldest
+                    # revision was checked: JetStream began at the oldest
+                    # message it still has. Never skip updates silently.
+                    raise HistoryExpired(start, meta.sequence.stream)
                 if meta.sequence.stream > end:
                     break
                 update = self._decode(msg.data, meta.sequence.stream)
@@ -421,8 +442,6 @@ class NatsStore(Store):
             if start_revision > last or limit <= 0:
                 return []
             return await self._read(api.DeliverPolicy.BY_START_SEQUENCE, start_revision, last, limit)
-        except (HistoryExpired, StoreUnavailable):
-            raise
         except _UNREACHABLE as exc:
             raise self._unavailable("cannot read the history", exc) from None
 

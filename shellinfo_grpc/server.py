@@ -51,6 +51,8 @@ from shellinfo_grpc.store import Store
 
 __all__ = [
     "SERVICE_NAME",
+    "RunUpdateServicer",
+    "RunningServer",
     "ServerConfig",
     "TlsConfig",
     "create_server",
@@ -414,11 +416,22 @@ class RunUpdateServicer(_svc_grpc.RunUpdateServiceServicer):
         that are waiting go to the store as one batch (one commit), which is
         what makes a busy agent's stream fast.
         """
-        queue: asyncio.Queue[_svc.PublishRunsRequest | None] = asyncio.Queue(maxsize=4096)
+        # Read-ahead is bounded by bytes (requests may be up to
+        # max_receive_bytes each), not only by count.
+        queue: asyncio.Queue[_svc.PublishRunsRequest | None] = asyncio.Queue(maxsize=1000)
+        budget = max(4 * self._config.max_batch_bytes, self._config.max_receive_bytes)
+        queued = 0
+        room = asyncio.Event()
+        room.set()
 
         async def read() -> None:
+            nonlocal queued
             try:
                 async for req in request_iterator:
+                    await room.wait()
+                    queued += req.ByteSize()
+                    if queued >= budget:
+                        room.clear()
                     await queue.put(req)
             finally:
                 await queue.put(None)
@@ -435,6 +448,9 @@ class RunUpdateServicer(_svc_grpc.RunUpdateServiceServicer):
                     done = True
                     batch.pop()
                 requests = [r for r in batch if r is not None]
+                queued -= sum(r.ByteSize() for r in requests)
+                if queued < budget:
+                    room.set()
                 if not requests:
                     continue
                 acks: list[_svc.PublishRunsResponse | None] = [None] * len(requests)
@@ -463,10 +479,14 @@ class RunUpdateServicer(_svc_grpc.RunUpdateServiceServicer):
                 for ack in acks:
                     assert ack is not None
                     yield ack
+            # The stream ended: if reading it failed (a request that does not
+            # parse, say), the call fails too instead of ending with OK.
+            await reader
         finally:
-            reader.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await reader
+            if not reader.done():
+                reader.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await reader
 
     async def GetRun(
         self, request: _svc.GetRunRequest, context: grpc.aio.ServicerContext[Any, Any]
@@ -588,9 +608,7 @@ class RunUpdateServicer(_svc_grpc.RunUpdateServiceServicer):
         while position <= end:
             try:
                 chunk = await self._store.history(position, end, 4 * self._config.max_batch_updates)
-            except HistoryExpired as exc:
-                await _abort(context, _service_status(exc))
-            except StoreUnavailable as exc:
+            except (HistoryExpired, StoreUnavailable) as exc:
                 await _abort(context, _service_status(exc))
             if not chunk:
                 break
@@ -600,10 +618,11 @@ class RunUpdateServicer(_svc_grpc.RunUpdateServiceServicer):
                 yield _response(batch, last), last
             if watcher.overflow or watcher.closing:
                 return  # _live ends the call with the right status
-        if end > last:
-            # Everything matching up to `end` has been sent: say so, so that a
-            # filtered watcher's resume point moves past updates it skipped.
-            yield _response((), end), end
+        # Everything matching up to `end` has been sent. Say so in a response
+        # of its own (it carries no updates): a filtered watcher's resume point
+        # moves past the updates it skipped, and a client completing a broken
+        # snapshot from the history knows it has caught up.
+        yield _response((), max(end, last)), max(end, last)
 
     async def _live(
         self,

@@ -11,6 +11,9 @@ implementing :class:`Store`:
   and throwaway use; nothing survives the process.
 * :class:`~shellinfo_grpc.sqlite_store.SqliteStore` (``sqlite:///PATH``): the
   embedded default; an update is acknowledged only once it is durable.
+* :class:`~shellinfo_grpc.nats_store.NatsStore` (``nats://HOST:PORT``): one
+  JetStream stream shared by several replicas of the service (the ``nats``
+  extra). Its retention also forgets runs whose last update it trims.
 
 Stores are used from one asyncio event loop.
 """
@@ -78,7 +81,7 @@ class Retention:
 
     def __post_init__(self) -> None:
         if self.max_updates < 0 or self.max_age_seconds < 0:
-            raise ValueError("retention limits must not be negative")
+            raise ConfigurationError("retention limits must not be negative")
 
 
 @dataclass(frozen=True, slots=True)

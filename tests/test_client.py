@@ -705,3 +705,27 @@ def test_tls_files_that_cannot_be_read_are_configuration_errors(tmp_path: Path) 
         RunUpdateClient("localhost:1", tls_ca=missing)
     with pytest.raises(ConfigurationError, match="together"):
         RunUpdateClient("localhost:1", tls_cert=missing)
+
+
+def test_a_snapshot_cut_short_after_its_history_was_trimmed_is_taken_again(host: ServerHost) -> None:
+    """A snapshot that breaks off is completed from the history; when the
+    history no longer reaches back that far, the watch takes a new snapshot
+    instead of failing, and delivers nothing twice."""
+    store = MemoryStore(retention=Retention(max_updates=50))
+    big = "x" * 20_000
+    host.publish_direct(store, [("", run(i, error=big)) for i in range(1, 301)])
+    server = host.start(store, ServerConfig(max_batch_updates=1, max_watch_queue=1))
+    with RunUpdateClient(f"127.0.0.1:{server.port}", timeout=WAIT) as client:
+        watch = client.watch(include_snapshot=True, reconnect=ReconnectPolicy(initial_delay=0.01, timeout=WAIT))
+        with Collector(watch) as collector:
+            (first,) = collector.take(1)
+            # Two commits while the watcher holds a queue bound of 1: it
+            # overflows mid-snapshot and must resume; runs 1..250 are older
+            # than the retained history.
+            host.publish_commits(store, [("", run(1001)), ("", run(1002))])
+            events = collector.take(302)  # 301 updates and the snapshot-complete event
+            updates = [first, *(e for e in events if e.update is not None)]
+            assert [e.update.run.job_run_id for e in updates if e.update] == [*range(1, 301), 1001, 1002]
+            assert len({e.revision for e in updates}) == len(updates)  # nothing twice
+            assert any(e.snapshot_complete for e in events)
+            assert isinstance(watch.last_error, HistoryExpired)  # the history could not complete it

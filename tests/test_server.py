@@ -626,6 +626,9 @@ async def test_watch_backlog_is_sent_in_batches_in_order_exactly_once() -> None:
         assert all(len(r.updates) <= 400 for r in carrying)
         assert len(carrying) <= 3000 // 400 + 2, "the backlog was not batched"
         check_watch_invariants(responses, start=1)
+        # The catch-up ends with a response of its own that carries no updates.
+        end = await next_response(call)
+        assert (list(end.updates), end.revision) == ([], 3000)
         # Then live, one at a time again.
         published = await h.publish("c1", jobRunId=1, status="kRunning")
         response = await next_response(call)
@@ -1180,3 +1183,27 @@ async def test_buf_curl_calls_get_run_as_json() -> None:
         code, _, err = await buf_curl("-d", '{"source":"c1","jobRunId":"2"}', url)
         assert code == grpc.StatusCode.NOT_FOUND.value[0] << 3
         assert "not_found" in err.lower()
+
+
+@aio_test
+async def test_publish_runs_with_a_request_that_does_not_parse_fails_the_call() -> None:
+    """One acknowledgement per update: a request the server cannot read must not end the stream with OK."""
+    async with serving() as h:
+        good = svc.PublishRunsRequest(source="c1", run=from_rest({"jobRunId": 1})).SerializeToString()
+        raw = h.channel.stream_stream(
+            "/shellinfo.v1.RunUpdateService/PublishRuns",
+            request_serializer=lambda data: data,
+            response_deserializer=svc.PublishRunsResponse.FromString,
+        )
+        call = raw(iter([good, b"\xff\xff\xff", good]))
+        acks: list[svc.PublishRunsResponse] = []
+
+        async def read_all() -> None:
+            async for ack in call:
+                acks.append(ack)
+
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await read_all()
+        assert info.value.code() != grpc.StatusCode.OK
+        assert [a.revision for a in acks] in ([], [1])  # what was acknowledged was stored
+        assert len(acks) < 3

@@ -391,7 +391,10 @@ class ListRunsResponse(_message.Message):
     UPDATES_FIELD_NUMBER: _builtins.int
     NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
     next_page_token: _builtins.str
-    """next_page_token fetches the next page; empty on the last page."""
+    """next_page_token fetches the next page; empty on the last page. A page
+    may hold fewer than page_size runs (pages are also cut at about 1 MiB):
+    only an empty next_page_token means the end.
+    """
     @_builtins.property
     def updates(self) -> _containers.RepeatedCompositeFieldContainer[Global___RunUpdate]:
         """updates are the latest accepted updates of the matching runs, ordered by

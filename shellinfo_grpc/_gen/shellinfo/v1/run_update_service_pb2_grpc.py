@@ -43,6 +43,9 @@ class RunUpdateServiceStub:
     returns the existing revision (changed = false), so agents may retry;
     - once a run has a final status (kSuccess, kFailure, kWarning, kCanceled,
     kMissed) a different state is FAILED_PRECONDITION.
+    - a run larger than the service's limit (1 MiB serialized by default) is
+    INVALID_ARGUMENT with reason RUN_TOO_LARGE, so that every accepted
+    update can be read back by clients with gRPC's default limits.
     Errors carry google.rpc details: BadRequest field violations named by REST
     key (jobRunId, endTimeUsecs, ...) and an ErrorInfo with a reason.
     """
@@ -97,6 +100,9 @@ class RunUpdateServiceServicer:
     returns the existing revision (changed = false), so agents may retry;
     - once a run has a final status (kSuccess, kFailure, kWarning, kCanceled,
     kMissed) a different state is FAILED_PRECONDITION.
+    - a run larger than the service's limit (1 MiB serialized by default) is
+    INVALID_ARGUMENT with reason RUN_TOO_LARGE, so that every accepted
+    update can be read back by clients with gRPC's default limits.
     Errors carry google.rpc details: BadRequest field violations named by REST
     key (jobRunId, endTimeUsecs, ...) and an ErrorInfo with a reason.
     """
@@ -113,6 +119,8 @@ class RunUpdateServiceServicer:
         streams both ways so that one connection carries any number of updates,
         with exactly one acknowledgement per update, in request order. A refused
         update is acknowledged with its error and does not end the stream.
+        Revisions follow request order for the updates of one run; updates of
+        different runs may be stored in another order by a replicated store.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -196,6 +204,9 @@ class RunUpdateService:
     returns the existing revision (changed = false), so agents may retry;
     - once a run has a final status (kSuccess, kFailure, kWarning, kCanceled,
     kMissed) a different state is FAILED_PRECONDITION.
+    - a run larger than the service's limit (1 MiB serialized by default) is
+    INVALID_ARGUMENT with reason RUN_TOO_LARGE, so that every accepted
+    update can be read back by clients with gRPC's default limits.
     Errors carry google.rpc details: BadRequest field violations named by REST
     key (jobRunId, endTimeUsecs, ...) and an ErrorInfo with a reason.
     """

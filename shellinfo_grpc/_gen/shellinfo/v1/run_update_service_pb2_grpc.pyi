@@ -44,6 +44,9 @@ class RunUpdateServiceStub:
         returns the existing revision (changed = false), so agents may retry;
       - once a run has a final status (kSuccess, kFailure, kWarning, kCanceled,
         kMissed) a different state is FAILED_PRECONDITION.
+      - a run larger than the service's limit (1 MiB serialized by default) is
+        INVALID_ARGUMENT with reason RUN_TOO_LARGE, so that every accepted
+        update can be read back by clients with gRPC's default limits.
     Errors carry google.rpc details: BadRequest field violations named by REST
     key (jobRunId, endTimeUsecs, ...) and an ErrorInfo with a reason.
     """
@@ -59,6 +62,8 @@ class RunUpdateServiceStub:
     streams both ways so that one connection carries any number of updates,
     with exactly one acknowledgement per update, in request order. A refused
     update is acknowledged with its error and does not end the stream.
+    Revisions follow request order for the updates of one run; updates of
+    different runs may be stored in another order by a replicated store.
     """
     GetRun: _grpc.UnaryUnaryMultiCallable[_run_update_service_pb2.GetRunRequest, _run_update_service_pb2.GetRunResponse]
     """GetRun returns the latest state of one run, or NOT_FOUND."""
@@ -91,6 +96,9 @@ class RunUpdateServiceAsyncStub(RunUpdateServiceStub):
         returns the existing revision (changed = false), so agents may retry;
       - once a run has a final status (kSuccess, kFailure, kWarning, kCanceled,
         kMissed) a different state is FAILED_PRECONDITION.
+      - a run larger than the service's limit (1 MiB serialized by default) is
+        INVALID_ARGUMENT with reason RUN_TOO_LARGE, so that every accepted
+        update can be read back by clients with gRPC's default limits.
     Errors carry google.rpc details: BadRequest field violations named by REST
     key (jobRunId, endTimeUsecs, ...) and an ErrorInfo with a reason.
     """
@@ -103,6 +111,8 @@ class RunUpdateServiceAsyncStub(RunUpdateServiceStub):
     streams both ways so that one connection carries any number of updates,
     with exactly one acknowledgement per update, in request order. A refused
     update is acknowledged with its error and does not end the stream.
+    Revisions follow request order for the updates of one run; updates of
+    different runs may be stored in another order by a replicated store.
     """
     GetRun: _aio.UnaryUnaryMultiCallable[_run_update_service_pb2.GetRunRequest, _run_update_service_pb2.GetRunResponse]  # type: ignore[assignment]
     """GetRun returns the latest state of one run, or NOT_FOUND."""
@@ -134,6 +144,9 @@ class RunUpdateServiceServicer(metaclass=_abc_1.ABCMeta):
         returns the existing revision (changed = false), so agents may retry;
       - once a run has a final status (kSuccess, kFailure, kWarning, kCanceled,
         kMissed) a different state is FAILED_PRECONDITION.
+      - a run larger than the service's limit (1 MiB serialized by default) is
+        INVALID_ARGUMENT with reason RUN_TOO_LARGE, so that every accepted
+        update can be read back by clients with gRPC's default limits.
     Errors carry google.rpc details: BadRequest field violations named by REST
     key (jobRunId, endTimeUsecs, ...) and an ErrorInfo with a reason.
     """
@@ -156,6 +169,8 @@ class RunUpdateServiceServicer(metaclass=_abc_1.ABCMeta):
         streams both ways so that one connection carries any number of updates,
         with exactly one acknowledgement per update, in request order. A refused
         update is acknowledged with its error and does not end the stream.
+        Revisions follow request order for the updates of one run; updates of
+        different runs may be stored in another order by a replicated store.
         """
 
     @_abc_1.abstractmethod
