@@ -804,15 +804,15 @@ class _ClientBase:
         self,
         address: str,
         *,
-        token: str | None,
-        tls: bool,
-        tls_ca: Path | str | None,
-        tls_cert: Path | str | None,
-        tls_key: Path | str | None,
-        timeout: float | None,
-        options: _Options,
-        reconnect: ReconnectPolicy | None,
-        allow_insecure_token: bool,
+        token: str | None = None,
+        tls: bool = False,
+        tls_ca: Path | str | None = None,
+        tls_cert: Path | str | None = None,
+        tls_key: Path | str | None = None,
+        timeout: float | None = DEFAULT_TIMEOUT,
+        options: _Options = (),
+        reconnect: ReconnectPolicy | None = None,
+        allow_insecure_token: bool = False,
     ) -> None:
         self._plan = _plan_channel(
             address,
@@ -828,6 +828,11 @@ class _ClientBase:
         self._metadata = self._plan.metadata
         self._reconnect = reconnect or ReconnectPolicy()
         self.address = address
+        self._connect(self._plan)
+
+    def _connect(self, plan: _ChannelPlan) -> None:
+        """Open the channel and its stub (each client opens its own kind)."""
+        raise NotImplementedError  # pragma: no cover
 
     def _cursor(
         self,
@@ -873,33 +878,7 @@ class RunUpdateClient(_ClientBase):
     between threads.
     """
 
-    def __init__(
-        self,
-        address: str,
-        *,
-        token: str | None = None,
-        tls: bool = False,
-        tls_ca: Path | str | None = None,
-        tls_cert: Path | str | None = None,
-        tls_key: Path | str | None = None,
-        timeout: float | None = DEFAULT_TIMEOUT,
-        options: _Options = (),
-        reconnect: ReconnectPolicy | None = None,
-        allow_insecure_token: bool = False,
-    ) -> None:
-        super().__init__(
-            address,
-            token=token,
-            tls=tls,
-            tls_ca=tls_ca,
-            tls_cert=tls_cert,
-            tls_key=tls_key,
-            timeout=timeout,
-            options=options,
-            reconnect=reconnect,
-            allow_insecure_token=allow_insecure_token,
-        )
-        plan = self._plan
+    def _connect(self, plan: _ChannelPlan) -> None:
         if plan.credentials is None:
             self._channel = grpc.insecure_channel(plan.target, options=plan.options)
         else:
@@ -1044,33 +1023,7 @@ class AsyncRunUpdateClient(_ClientBase):
     await :meth:`close`.
     """
 
-    def __init__(
-        self,
-        address: str,
-        *,
-        token: str | None = None,
-        tls: bool = False,
-        tls_ca: Path | str | None = None,
-        tls_cert: Path | str | None = None,
-        tls_key: Path | str | None = None,
-        timeout: float | None = DEFAULT_TIMEOUT,
-        options: _Options = (),
-        reconnect: ReconnectPolicy | None = None,
-        allow_insecure_token: bool = False,
-    ) -> None:
-        super().__init__(
-            address,
-            token=token,
-            tls=tls,
-            tls_ca=tls_ca,
-            tls_cert=tls_cert,
-            tls_key=tls_key,
-            timeout=timeout,
-            options=options,
-            reconnect=reconnect,
-            allow_insecure_token=allow_insecure_token,
-        )
-        plan = self._plan
+    def _connect(self, plan: _ChannelPlan) -> None:
         if plan.credentials is None:
             self._channel = grpc.aio.insecure_channel(plan.target, options=plan.options)
         else:
