@@ -9,8 +9,8 @@ from collections.abc import Sequence
 from shellinfo_grpc._gen.shellinfo.v1 import protection_shell_info_pb2 as _pb
 from shellinfo_grpc._gen.shellinfo.v1 import run_update_service_pb2 as _svc
 from shellinfo_grpc.errors import HistoryExpired, RunRejected
-from shellinfo_grpc.rules import check_update, compile_filter
-from shellinfo_grpc.store import PublishOutcome, Retention, Store
+from shellinfo_grpc.rules import compile_filter
+from shellinfo_grpc.store import PublishOutcome, Retention, Store, decide
 
 __all__ = ["MemoryStore"]
 
@@ -50,14 +50,9 @@ class MemoryStore(Store):
         for source, run in items:
             key = (source, run.job_run_id)
             current = self._runs.get(key)
-            try:
-                changed = check_update(current.run if current is not None else None, run)
-            except RunRejected as exc:
-                outcomes.append(exc)
-                continue
-            if not changed:
-                assert current is not None
-                outcomes.append(PublishOutcome(current, changed=False))
+            outcome = decide(current, run)
+            if outcome is not None:
+                outcomes.append(outcome)
                 continue
             update = _svc.RunUpdate(source=source, run=run, revision=self._head + 1, accepted_time_usecs=_now_usecs())
             self._head = update.revision

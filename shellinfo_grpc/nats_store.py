@@ -53,8 +53,8 @@ from nats.js import api
 from shellinfo_grpc._gen.shellinfo.v1 import protection_shell_info_pb2 as _pb
 from shellinfo_grpc._gen.shellinfo.v1 import run_update_service_pb2 as _svc
 from shellinfo_grpc.errors import ConfigurationError, HistoryExpired, RunRejected, StoreUnavailable
-from shellinfo_grpc.rules import check_update, compile_filter
-from shellinfo_grpc.store import PublishOutcome, Retention, Store
+from shellinfo_grpc.rules import compile_filter
+from shellinfo_grpc.store import PublishOutcome, Retention, Store, decide
 
 __all__ = ["NatsStore"]
 
@@ -344,13 +344,9 @@ class NatsStore(Store):
             if attempt:
                 await asyncio.sleep(random.uniform(0, min(0.2, 0.005 * 2**attempt)))  # noqa: S311 - jitter
             last_seq, current = await self._last(subject)
-            try:
-                changed = check_update(current.run if current is not None else None, run)
-            except RunRejected as exc:
-                return exc
-            if not changed:
-                assert current is not None
-                return PublishOutcome(current, changed=False)
+            outcome = decide(current, run)
+            if outcome is not None:
+                return outcome
             update = _svc.RunUpdate(source=source, accepted_time_usecs=_now_usecs())
             update.run.MergeFromString(payload_run)
             headers = {_EXPECTED_LAST_SUBJECT_SEQ: str(last_seq)}

@@ -46,8 +46,8 @@ from google.protobuf.message import DecodeError
 from shellinfo_grpc._gen.shellinfo.v1 import protection_shell_info_pb2 as _pb
 from shellinfo_grpc._gen.shellinfo.v1 import run_update_service_pb2 as _svc
 from shellinfo_grpc.errors import ConfigurationError, HistoryExpired, RunRejected, StoreUnavailable
-from shellinfo_grpc.rules import check_update, compile_filter
-from shellinfo_grpc.store import PublishOutcome, Retention, Store
+from shellinfo_grpc.rules import compile_filter
+from shellinfo_grpc.store import PublishOutcome, Retention, Store, decide
 
 __all__ = ["SqliteStore"]
 
@@ -515,14 +515,9 @@ class SqliteStore(Store):
                 current = _decode(source, row[0], row[1], row[2]) if row is not None else None
             else:
                 current = None
-            try:
-                changed = check_update(current.run if current is not None else None, run)
-            except RunRejected as exc:
-                outcomes.append(exc)
-                continue
-            if not changed:
-                assert current is not None
-                outcomes.append(PublishOutcome(current, changed=False))
+            outcome = decide(current, run)
+            if outcome is not None:
+                outcomes.append(outcome)
                 continue
             head += 1
             update = _svc.RunUpdate(source=source, run=run, revision=head, accepted_time_usecs=now)

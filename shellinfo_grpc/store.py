@@ -32,6 +32,7 @@ from urllib.parse import parse_qs, quote, unquote, urlsplit
 from shellinfo_grpc._gen.shellinfo.v1 import protection_shell_info_pb2 as _pb
 from shellinfo_grpc._gen.shellinfo.v1 import run_update_service_pb2 as _svc
 from shellinfo_grpc.errors import ConfigurationError, RunRejected
+from shellinfo_grpc.rules import check_update
 
 __all__ = [
     "DEFAULT_STORE_PATH",
@@ -39,6 +40,7 @@ __all__ = [
     "PublishOutcome",
     "Retention",
     "Store",
+    "decide",
     "default_store_url",
     "open_store",
 ]
@@ -90,6 +92,24 @@ class PublishOutcome:
 
     update: _svc.RunUpdate
     changed: bool
+
+
+def decide(current: _svc.RunUpdate | None, run: _pb.ProtectionShellInfo) -> PublishOutcome | RunRejected | None:
+    """What a store does with ``run`` given the run's ``current`` update.
+
+    The outcome to answer without writing (identical state: the current
+    update, unchanged; a rule refuses it: the :class:`RunRejected`), or
+    ``None`` when ``run`` is a change to record. Every store calls this inside
+    its atomic section.
+    """
+    try:
+        changed = check_update(current.run if current is not None else None, run)
+    except RunRejected as exc:
+        return exc
+    if changed:
+        return None
+    assert current is not None
+    return PublishOutcome(current, changed=False)
 
 
 class Store(abc.ABC):
