@@ -697,6 +697,9 @@ async def test_watch_resumes_with_revision_plus_one_without_gap_or_duplicate() -
         second.cancel()
         published = await h.publish("c9", jobRunId=1)
         response = await next_response(third)
+        if not response.updates:  # the end of an empty catch-up may come first; it sends nothing older
+            assert response.revision <= 15
+            response = await next_response(third)
         assert [u.revision for u in response.updates] == [published.revision] == [16]
         third.cancel()
 
