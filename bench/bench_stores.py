@@ -1,6 +1,6 @@
 """Store benchmarks: the service on NATS JetStream beside the service on SQLite, in the same run.
 
-Run ``python bench/bench_stores.py`` (full run, about 4 minutes) or
+Run ``python bench/bench_stores.py`` (full run, about 3 minutes) or
 ``python bench/bench_stores.py --quick`` (CI smoke: small sizes, no three-node
 cluster, under a minute). There are no targets: the bench reports, for each
 figure, JetStream's value beside SQLite's and their ratio, and exits with
@@ -1050,6 +1050,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--sync-always", action="store_true", help="also run one nats-server that fsyncs every message")
     parser.add_argument("--json", metavar="PATH", help="also write every sample to PATH as JSON")
     args = parser.parse_args(argv)
+    # SIGTERM ends the bench like Ctrl-C does, through the finally blocks that stop every process.
+    signal.signal(signal.SIGTERM, lambda _signum, _frame: sys.exit(143))
     try:
         return asyncio.run(run(args))
     finally:
