@@ -31,7 +31,7 @@ from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Final, NoReturn
+from typing import Any, Final, NoReturn, TypeVar
 
 import grpc
 from google.protobuf import any_pb2
@@ -255,11 +255,19 @@ _SNAPSHOT_COMPLETE: Final = b"\x18\x01"  # field 3 = true
 _SHORT_LENGTHS: Final = tuple(_varint(n) for n in range(1 << 14))
 
 
+# Anything sent as one update of a response: its serialized form comes second.
+_Item = TypeVar("_Item", bound=tuple[Any, bytes])
+
+
+def _has_filter(flt: _svc.RunFilter | None) -> bool:
+    return flt is not None and bool(flt.sources or flt.job_run_ids or flt.statuses or flt.run_types)
+
+
 def _encode(updates: Iterable[_svc.RunUpdate]) -> list[_Encoded]:
     return [(update, update.SerializeToString()) for update in updates]
 
 
-def _response(batch: Sequence[_Encoded], revision: int, *, snapshot_complete: bool = False) -> bytes:
+def _response(batch: Sequence[tuple[Any, bytes]], revision: int, *, snapshot_complete: bool = False) -> bytes:
     """The wire form of ``WatchRunsResponse(updates=..., revision=..., snapshot_complete=...)``."""
     parts: list[bytes] = []
     short = _SHORT_LENGTHS
@@ -566,7 +574,8 @@ class RunUpdateServicer(_svc_grpc.RunUpdateServiceServicer):
                     yield _svc.WatchRunsResponse(snapshot_complete=True, revision=sent)
             elif request.start_revision:
                 sent = request.start_revision - 1
-                async for response, revision in self._catch_up(request.start_revision, watcher, matches, context):
+                history = self._catch_up(request.start_revision, watcher, matches, not _has_filter(flt), context)
+                async for response, revision in history:
                     sent = revision
                     yield response
             else:
@@ -578,10 +587,10 @@ class RunUpdateServicer(_svc_grpc.RunUpdateServiceServicer):
         finally:
             self._hub.unregister(watcher)
 
-    def _batches(self, updates: Iterable[_Encoded], limit: int = 0) -> Iterable[list[_Encoded]]:
+    def _batches(self, updates: Iterable[_Item], limit: int = 0) -> Iterable[list[_Item]]:
         """Split updates into responses of bounded count (``limit``, by default
         ``max_batch_updates``) and size (``max_batch_bytes``)."""
-        batch: list[_Encoded] = []
+        batch: list[_Item] = []
         size = 0
         limit_n, limit_bytes = limit or self._config.max_batch_updates, self._config.max_batch_bytes
         for item in updates:
@@ -599,22 +608,31 @@ class RunUpdateServicer(_svc_grpc.RunUpdateServiceServicer):
         start: int,
         watcher: _Watcher,
         matches: Callable[[_svc.RunUpdate], bool],
+        unfiltered: bool,
         context: grpc.aio.ServicerContext[Any, Any],
     ) -> AsyncIterator[tuple[bytes, int]]:
         """Send the stored history from ``start`` up to where the live queue begins."""
         end = watcher.seen  # the live queue holds everything after this
         position = start
         last = start - 1
+        read = 4 * self._config.max_batch_updates
         while position <= end:
             try:
-                chunk = await self._store.history(position, end, 4 * self._config.max_batch_updates)
+                if unfiltered:  # the stored bytes go out as they are
+                    chunk = await self._store.history_wire(position, end, read)
+                    if not chunk:
+                        break
+                    position = chunk[-1][0] + 1
+                else:
+                    updates = await self._store.history(position, end, read)
+                    if not updates:
+                        break
+                    position = updates[-1].revision + 1
+                    chunk = [(u.revision, data) for u, data in _encode(u for u in updates if matches(u))]
             except (HistoryExpired, StoreUnavailable) as exc:
                 await _abort(context, _service_status(exc))
-            if not chunk:
-                break
-            position = chunk[-1].revision + 1
-            for batch in self._batches(_encode(u for u in chunk if matches(u))):
-                last = batch[-1][0].revision
+            for batch in self._batches(chunk):
+                last = batch[-1][0]
                 yield _response(batch, last), last
             if watcher.overflow or watcher.closing:
                 return  # _live ends the call with the right status

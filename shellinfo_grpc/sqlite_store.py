@@ -58,7 +58,7 @@ _T = TypeVar("_T")
 #: "SHLI": marks a file as a shellinfo store (``PRAGMA application_id``).
 _APPLICATION_ID: Final = 0x5348_4C49
 #: The schema version this code writes (``PRAGMA user_version``).
-SCHEMA_VERSION: Final = 1
+SCHEMA_VERSION: Final = 2
 
 #: Statements that bring the schema from version ``n - 1`` to ``n``.
 _MIGRATIONS: Final[dict[int, tuple[str, ...]]] = {
@@ -83,6 +83,9 @@ _MIGRATIONS: Final[dict[int, tuple[str, ...]]] = {
             PRIMARY KEY (source, job_run_id)
         ) WITHOUT ROWID""",
     ),
+    # Each update's serialized RunUpdate, so that a watch catches up by
+    # passing stored bytes through (rows from version 1 have NULL here).
+    2: ("ALTER TABLE updates ADD COLUMN wire BLOB",),
 }
 
 _SYNCHRONOUS: Final = frozenset({"NORMAL", "FULL", "EXTRA"})
@@ -531,8 +534,11 @@ class SqliteStore(Store):
     def _write(conn: sqlite3.Connection, history: list[_Change], latest: dict[_Key, _Change], head: int) -> None:
         """Inside a write transaction: record the new updates and latest states, and the head."""
         conn.executemany(
-            "INSERT INTO updates (revision, source, job_run_id, accepted_usecs, run) VALUES (?, ?, ?, ?, ?)",
-            [(u.revision, u.source, u.run.job_run_id, u.accepted_time_usecs, blob) for u, blob in history],
+            "INSERT INTO updates (revision, source, job_run_id, accepted_usecs, run, wire) VALUES (?, ?, ?, ?, ?, ?)",
+            [
+                (u.revision, u.source, u.run.job_run_id, u.accepted_time_usecs, blob, u.SerializeToString())
+                for u, blob in history
+            ],
         )
         conn.executemany(
             "INSERT OR REPLACE INTO runs (source, job_run_id, revision, accepted_usecs, status, run_type, run)"
@@ -668,9 +674,23 @@ class SqliteStore(Store):
 
     async def history(self, start_revision: int, end_revision: int, limit: int) -> list[_svc.RunUpdate]:
         """Updates in ``[start_revision, end_revision]``, ascending, at most ``limit``."""
+        return await self._history(start_revision, end_revision, limit, lambda row: _decode(*row[:4]))
+
+    async def history_wire(self, start_revision: int, end_revision: int, limit: int) -> list[tuple[int, bytes]]:
+        """As :meth:`history`, as the stored serialized updates: nothing is decoded."""
+
+        def wire(row: tuple[Any, ...]) -> tuple[int, bytes]:
+            data = row[4] if row[4] is not None else _decode(*row[:4]).SerializeToString()  # version-1 row
+            return row[1], data
+
+        return await self._history(start_revision, end_revision, limit, wire)
+
+    async def _history(
+        self, start_revision: int, end_revision: int, limit: int, convert: Callable[[tuple[Any, ...]], _T]
+    ) -> list[_T]:
         max_age = self._retention.max_age_seconds
 
-        def read(conn: sqlite3.Connection) -> tuple[int, int | None, list[_svc.RunUpdate]]:
+        def read(conn: sqlite3.Connection) -> tuple[int, int | None, list[_T]]:
             (oldest,) = conn.execute("SELECT value FROM meta WHERE key = 'oldest'").fetchone()
             first_accepted: int | None = None
             if max_age:
@@ -679,11 +699,11 @@ class SqliteStore(Store):
             if start_revision < oldest or limit <= 0 or end_revision < start_revision:
                 return oldest, first_accepted, []
             rows = conn.execute(
-                "SELECT source, revision, accepted_usecs, run FROM updates"
+                "SELECT source, revision, accepted_usecs, run, wire FROM updates"
                 " WHERE revision >= ? AND revision <= ? ORDER BY revision LIMIT ?",
                 (_clamp64(start_revision), _clamp64(end_revision), limit),
             ).fetchall()
-            return oldest, first_accepted, [_decode(*row) for row in rows]
+            return oldest, first_accepted, [convert(row) for row in rows]
 
         oldest, first_accepted, updates = await self._read(read)
         expired = first_accepted is not None and first_accepted < _now_usecs() - int(max_age * 1_000_000)

@@ -177,6 +177,14 @@ class Store(abc.ABC):
         ``start_revision`` is older than the oldest retained revision.
         """
 
+    async def history_wire(self, start_revision: int, end_revision: int, limit: int) -> list[tuple[int, bytes]]:
+        """As :meth:`history`, as ``(revision, serialized RunUpdate)`` pairs.
+
+        An unfiltered watch catches up by sending these bytes as they are; a
+        backend that keeps them (SQLite) overrides this to skip decoding.
+        """
+        return [(u.revision, u.SerializeToString()) for u in await self.history(start_revision, end_revision, limit)]
+
     @abc.abstractmethod
     async def snapshot(self, flt: _svc.RunFilter | None) -> tuple[list[_svc.RunUpdate], int]:
         """The latest update of every matching run, in revision order, and the

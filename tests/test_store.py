@@ -32,7 +32,7 @@ from shellinfo_grpc.errors import ConfigurationError, HistoryExpired, RunRejecte
 from shellinfo_grpc.memory_store import MemoryStore
 from shellinfo_grpc.nats_store import NatsStore
 from shellinfo_grpc.rules import compile_filter
-from shellinfo_grpc.sqlite_store import SqliteStore
+from shellinfo_grpc.sqlite_store import SCHEMA_VERSION, SqliteStore
 from shellinfo_grpc.store import PublishOutcome, Retention, Store
 
 T = TypeVar("T")
@@ -427,6 +427,13 @@ def test_history_ranges_and_limits(make_store: MakeStore) -> None:
         assert [u.revision for u in await store.history(9, 2**63 - 1, 100)] == [9, 10]
         assert await store.history(11, 20, 100) == []
         assert await store.history(5, 4, 100) == []
+        # The serialized form a watch passes through is exactly the updates' own.
+        wire = await store.history_wire(3, 100, 4)
+        assert [(revision, svc.RunUpdate.FromString(data)) for revision, data in wire] == [
+            (u.revision, u) for u in await store.history(3, 100, 4)
+        ]
+        with pytest.raises(HistoryExpired):
+            await store.history_wire(0, 100, 4)
 
     with_store(make_store, body)
 
@@ -785,7 +792,7 @@ def test_sqlite_file_layout(tmp_path: Path) -> None:
     sqlite_run(path, lambda store: publish_ok(store, "a", shell(1, S.RUN_STATUS_RUNNING)))
     with sqlite3.connect(path) as conn:
         assert conn.execute("PRAGMA journal_mode").fetchone() == ("wal",)
-        assert conn.execute("PRAGMA user_version").fetchone() == (1,)
+        assert conn.execute("PRAGMA user_version").fetchone() == (SCHEMA_VERSION,)
         assert dict(conn.execute("SELECT key, value FROM meta")) == {"head": 1, "oldest": 1}
         (row,) = conn.execute("SELECT source, job_run_id, revision, status, run_type, run FROM runs")
     conn.close()
