@@ -674,19 +674,29 @@ class SqliteStore(Store):
 
     async def history(self, start_revision: int, end_revision: int, limit: int) -> list[_svc.RunUpdate]:
         """Updates in ``[start_revision, end_revision]``, ascending, at most ``limit``."""
-        return await self._history(start_revision, end_revision, limit, lambda row: _decode(*row[:4]))
+        return await self._history(start_revision, end_revision, limit, lambda row: _decode(*row))
 
     async def history_wire(self, start_revision: int, end_revision: int, limit: int) -> list[tuple[int, bytes]]:
         """As :meth:`history`, as the stored serialized updates: nothing is decoded."""
 
-        def wire(row: tuple[Any, ...]) -> tuple[int, bytes]:
-            data = row[4] if row[4] is not None else _decode(*row[:4]).SerializeToString()  # version-1 row
-            return row[1], data
-
-        return await self._history(start_revision, end_revision, limit, wire)
+        pairs: list[tuple[int, bytes | None]] = await self._history(
+            start_revision, end_revision, limit, tuple, columns="revision, wire"
+        )
+        if all(data is not None for _, data in pairs):
+            return pairs  # type: ignore[return-value]
+        # Rows written by schema version 1 have no stored form: encode them.
+        updates = {u.revision: u for u in await self.history(start_revision, end_revision, limit)}
+        return [
+            (revision, data if data is not None else updates[revision].SerializeToString()) for revision, data in pairs
+        ]
 
     async def _history(
-        self, start_revision: int, end_revision: int, limit: int, convert: Callable[[tuple[Any, ...]], _T]
+        self,
+        start_revision: int,
+        end_revision: int,
+        limit: int,
+        convert: Callable[[tuple[Any, ...]], _T],
+        columns: str = "source, revision, accepted_usecs, run",
     ) -> list[_T]:
         max_age = self._retention.max_age_seconds
 
@@ -699,8 +709,7 @@ class SqliteStore(Store):
             if start_revision < oldest or limit <= 0 or end_revision < start_revision:
                 return oldest, first_accepted, []
             rows = conn.execute(
-                "SELECT source, revision, accepted_usecs, run, wire FROM updates"
-                " WHERE revision >= ? AND revision <= ? ORDER BY revision LIMIT ?",
+                f"SELECT {columns} FROM updates WHERE revision >= ? AND revision <= ? ORDER BY revision LIMIT ?",  # noqa: S608 - our own column list
                 (_clamp64(start_revision), _clamp64(end_revision), limit),
             ).fetchall()
             return oldest, first_accepted, [convert(row) for row in rows]

@@ -798,3 +798,24 @@ def test_sqlite_file_layout(tmp_path: Path) -> None:
     conn.close()
     assert row[:5] == ("a", 1, 1, S.RUN_STATUS_RUNNING, None)
     assert row[5] == shell(1, S.RUN_STATUS_RUNNING).SerializeToString(deterministic=True)
+
+
+def test_sqlite_history_wire_encodes_rows_stored_before_schema_2(tmp_path: Path) -> None:
+    """Rows from schema version 1 have no stored wire form: history_wire encodes them itself."""
+    path = tmp_path / "runs.sqlite3"
+
+    async def publish(store: SqliteStore) -> None:
+        for index in range(4):
+            await publish_ok(store, "a", shell(index))
+
+    sqlite_run(path, publish)
+    with contextlib.closing(sqlite3.connect(path)) as conn, conn:
+        conn.execute("UPDATE updates SET wire = NULL WHERE revision IN (2, 3)")
+
+    async def read(store: SqliteStore) -> None:
+        wire = await store.history_wire(1, 100, 100)
+        updates = await store.history(1, 100, 100)
+        assert [r for r, _ in wire] == [1, 2, 3, 4]
+        assert [svc.RunUpdate.FromString(data) for _, data in wire] == updates
+
+    sqlite_run(path, read)
