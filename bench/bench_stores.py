@@ -87,8 +87,11 @@ from typing import Any, Final
 import grpc
 from google.protobuf.internal import api_implementation
 
-from shellinfo_grpc._gen.shellinfo.v1 import protection_shell_info_pb2 as _pb
 from shellinfo_grpc._gen.shellinfo.v1 import run_update_service_pb2 as _svc
+
+# The same records as the service bench, so the two sets of figures compare.
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_service import fill_run, fill_source, live_run
 
 SVC: Final = "/shellinfo.v1.RunUpdateService/"
 PUBLISH: Final = SVC + "PublishRun"
@@ -101,8 +104,6 @@ PREFIX: Final = "bench.runs"
 READY_TIMEOUT: Final = 30.0  # seconds a process may take to become ready
 STOP_TIMEOUT: Final = 10.0  # seconds a SIGTERM may take before SIGKILL
 
-_S = _pb.RunStatus
-_T = _pb.RunType
 _IDS = itertools.count(10_000_000)  # job run ids of publish and latency updates, unique in a run
 
 # --------------------------------------------------------------------------
@@ -382,46 +383,7 @@ class Service:
 # Records and client helpers
 # --------------------------------------------------------------------------
 
-_BASE_USECS: Final = 1_795_788_000_123_456  # 2026-11-27 14:00 UTC
-_ERROR: Final = (
-    "Failed to backup VM 'db-prod-07': snapshot creation timed out after 1800 seconds (VMware error: task in progress)."
-)
 _CLIENT_OPTIONS: Final = [("grpc.max_receive_message_length", 64 << 20)]
-
-
-def fill_run(i: int) -> _pb.ProtectionShellInfo:
-    """The i-th update of the catch-up history (as in bench_service.py): run i // 2 starts, then ends."""
-    run_id = 40_000 + i // 2
-    start = _BASE_USECS + (i // 2) * 60_000_000
-    run = _pb.ProtectionShellInfo(
-        job_run_id=run_id, start_time_usecs=start, run_type=_T.RUN_TYPE_REGULAR, start_time_hhmm="14:00"
-    )
-    if i % 2 == 0:
-        run.status = _S.RUN_STATUS_RUNNING
-    else:
-        run.end_time_usecs = start + 3_612_530_865
-        run.end_time_hhmm = "15:00"
-        if (i // 2) % 10 == 9:
-            run.status = _S.RUN_STATUS_FAILURE
-            run.error = _ERROR
-        else:
-            run.status = _S.RUN_STATUS_SUCCESS
-    return run
-
-
-def fill_source(i: int) -> str:
-    return f"cluster-{(i // 2) % 4:02d}"
-
-
-def live_run(job_run_id: int) -> _pb.ProtectionShellInfo:
-    """A run just started, stamped with this process's clock in ``start_time_usecs``."""
-    return _pb.ProtectionShellInfo(
-        job_run_id=job_run_id,
-        start_time_usecs=time.time_ns() // 1000,
-        run_type=_T.RUN_TYPE_REGULAR,
-        status=_S.RUN_STATUS_RUNNING,
-        start_time_hhmm="14:00",
-    )
 
 
 def channel(port: int) -> grpc.aio.Channel:
