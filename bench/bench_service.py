@@ -148,7 +148,7 @@ def _announce(port: int) -> None:
 async def serve_service(store_url: str) -> None:
     """Role ``service``: the real server (create_server, default ServerConfig) on a port of its own."""
     from shellinfo_grpc.server import create_server
-    from shellinfo_grpc.store import open_store
+    from shellinfo_grpc.stores._registry import open_store
 
     running = await create_server("127.0.0.1:0", open_store(store_url))
     _announce(running.port)
@@ -994,7 +994,7 @@ QUICK: Final = Sizes(10_000, 3, 3.0, 1000.0, 200, 0.0, 20, 1, 300, 1000.0, 200, 
 
 
 def sqlite_available() -> bool:
-    return importlib.util.find_spec("shellinfo_grpc.sqlite_store") is not None
+    return importlib.util.find_spec("shellinfo_grpc.stores.sqlite") is not None
 
 
 @dataclass(slots=True)
@@ -1204,7 +1204,7 @@ class Bench:
                 f"server CPU {series.cpu_median:.0f} µs/update"
             )
         if not sqlite_available():
-            print("  SQLite: shellinfo_grpc/sqlite_store.py is not in this checkout; not measured")
+            print("  SQLite: shellinfo_grpc/stores/sqlite.py is not in this checkout; not measured")
         for label, _child, _paths in targets:
             if label == "bare":
                 continue
@@ -1259,7 +1259,7 @@ async def run(args: argparse.Namespace) -> int:
         print(f"  {key + ':':16}{value}")
     print(f"  {'store:':16}{args.store}")
     if args.store == "sqlite" and not sqlite_available():
-        print("the SQLite store (shellinfo_grpc/sqlite_store.py) is not in this checkout: nothing to measure")
+        print("the SQLite store (shellinfo_grpc/stores/sqlite.py) is not in this checkout: nothing to measure")
         return 0 if args.quick else 2
     profile = Path(args.profile) if args.profile else None
     if profile is not None:

@@ -50,12 +50,21 @@ from typing import Any, Final, Self, TypeAlias, cast
 import grpc
 import grpc.aio
 from google.protobuf.message import DecodeError
-from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
 from shellinfo_grpc._gen.shellinfo.v1 import protection_shell_info_pb2 as _pb
 from shellinfo_grpc._gen.shellinfo.v1 import run_update_service_pb2 as _svc
 from shellinfo_grpc._gen.shellinfo.v1 import run_update_service_pb2_grpc as _svc_grpc
+from shellinfo_grpc._status import (
+    KEY_LAST_REVISION,
+    KEY_OLDEST_REVISION,
+    KEY_REQUESTED_REVISION,
+    REASON_HISTORY_EXPIRED,
+    REASON_WATCHER_TOO_SLOW,
+    REFUSED_CODES,
+    code_name,
+    details,
+)
 from shellinfo_grpc.errors import ConfigurationError, HistoryExpired, RestDecodeError, RunRejected, ServiceError
 from shellinfo_grpc.rest import from_rest, rest_names
 
@@ -71,6 +80,7 @@ __all__ = [
     "RunUpdateClient",
     "RunWatch",
     "WatchEvent",
+    "is_loopback",
 ]
 
 #: A run as the client methods accept it: a message or a REST dictionary.
@@ -101,14 +111,8 @@ _DEFAULT_OPTIONS: Final[tuple[tuple[str, Any], ...]] = (
     ("grpc.max_reconnect_backoff_ms", 5_000),
 )
 
-_CODE_NAMES: Final = {code.value[0]: code.name for code in grpc.StatusCode}
 _STATUS_BY_REST: Final = {name: number for number, name in rest_names(_pb.RunStatus.DESCRIPTOR).items()}
 _RUN_TYPE_BY_REST: Final = {name: number for number, name in rest_names(_pb.RunType.DESCRIPTOR).items()}
-
-#: The reason of the RESOURCE_EXHAUSTED that ends a watcher that fell behind.
-_WATCHER_TOO_SLOW: Final = "WATCHER_TOO_SLOW"
-#: Status codes that mean "the update was refused" on publish.
-_REFUSED: Final = frozenset({"INVALID_ARGUMENT", "FAILED_PRECONDITION"})
 
 
 # --- public value types ----------------------------------------------------------
@@ -258,25 +262,17 @@ def _service_error(exc: grpc.RpcError, *, publish: bool = False, start_revision:
         status = None  # no readable details: the code and message say it all
     if status is not None:
         message = status.message or message
-        for detail in status.details:
-            if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
-                info = error_details_pb2.ErrorInfo()
-                detail.Unpack(info)
-                reason = info.reason
-                metadata = dict(info.metadata)
-            elif detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
-                bad = error_details_pb2.BadRequest()
-                detail.Unpack(bad)
-                violations.extend((v.field, v.description) for v in bad.field_violations)
-    if code == "OUT_OF_RANGE" and reason == "HISTORY_EXPIRED":
+        found = details(status)
+        reason, metadata, violations = found.reason, found.metadata or {}, list(found.violations)
+    if code == "OUT_OF_RANGE" and reason == REASON_HISTORY_EXPIRED:
         try:
-            oldest = int(metadata["oldest_revision"])
-            requested = int(metadata.get("requested_revision", start_revision))
+            oldest = int(metadata[KEY_OLDEST_REVISION])
+            requested = int(metadata.get(KEY_REQUESTED_REVISION, start_revision))
         except (KeyError, ValueError):
             pass  # malformed metadata: fall back to a plain ServiceError
         else:
             return HistoryExpired(requested, oldest)
-    if publish and code in _REFUSED:
+    if publish and code in REFUSED_CODES:
         return RunRejected(code, reason, message, violations, metadata)
     return ServiceError(code, reason, message, violations, metadata)
 
@@ -287,7 +283,7 @@ def _ack_result(ack: _svc.PublishRunsResponse, expected: int) -> PublishResult |
     if ack.HasField("error"):
         error = ack.error
         return RunRejected(
-            _CODE_NAMES.get(error.code, str(error.code)),
+            code_name(error.code),
             error.reason,
             error.message,
             [(v.field, v.description) for v in error.field_violations],
@@ -363,7 +359,7 @@ def _read_pem(path: Path | str, what: str) -> bytes:
         raise ConfigurationError(f"TLS: cannot read the {what} {path}: {exc.strerror}") from None
 
 
-def _is_loopback(address: str) -> bool:
+def is_loopback(address: str) -> bool:
     """Whether a gRPC target names only this machine (loopback, localhost, Unix socket).
 
     A target may list several addresses (``ipv4:127.0.0.1:1,127.0.0.1:2``): every
@@ -422,7 +418,7 @@ def _plan_channel(
     if not (tls or tls_ca is not None or tls_cert is not None):
         metadata: _Metadata | None = None
         if token is not None:
-            if not (allow_insecure_token or _is_loopback(address)):
+            if not (allow_insecure_token or is_loopback(address)):
                 raise ConfigurationError(
                     f"a bearer token would cross the network to {address} in plaintext; "
                     "use TLS (tls_ca=...), a loopback address, or allow_insecure_token=True"
@@ -548,7 +544,7 @@ class _WatchCursor:
         ``RESOURCE_EXHAUSTED`` errors, such as a message over the size limit,
         which would only come back.
         """
-        too_slow = error.code == "RESOURCE_EXHAUSTED" and error.reason == _WATCHER_TOO_SLOW
+        too_slow = error.code == "RESOURCE_EXHAUSTED" and error.reason == REASON_WATCHER_TOO_SLOW
         if self.phase == _RESUMED and isinstance(error, HistoryExpired):
             # A snapshot that broke off could not be completed from the history
             # (trimmed): take a new snapshot. Its updates at or below the
@@ -573,7 +569,7 @@ class _WatchCursor:
         if self.position is None and self.phase == _STREAM:
             # A watch from now that the server ended (shutdown, too slow)
             # before its first response: the server says where it was.
-            last = error.metadata.get("last_revision", "")
+            last = error.metadata.get(KEY_LAST_REVISION, "")
             if last.isdigit():
                 self.position = int(last)
         self.reconnects += 1

@@ -9,6 +9,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from shellinfo_grpc._status import (
+    KEY_OLDEST_REVISION,
+    KEY_REQUESTED_REVISION,
+    REASON_HISTORY_EXPIRED,
+    REASON_STORE_UNAVAILABLE,
+)
+
 __all__ = [
     "ConfigurationError",
     "FramingError",
@@ -110,9 +117,9 @@ class HistoryExpired(ServiceError):
         self.oldest_revision = oldest_revision
         super().__init__(
             "OUT_OF_RANGE",
-            "HISTORY_EXPIRED",
+            REASON_HISTORY_EXPIRED,
             f"revision {requested} is no longer retained; the oldest available is {oldest_revision}",
-            metadata={"oldest_revision": str(oldest_revision), "requested_revision": str(requested)},
+            metadata={KEY_OLDEST_REVISION: str(oldest_revision), KEY_REQUESTED_REVISION: str(requested)},
         )
 
     def __reduce__(self) -> tuple[type[ServiceError], tuple[object, ...]]:
@@ -123,7 +130,7 @@ class StoreUnavailable(ServiceError):
     """The store behind the service cannot be reached now; retry later."""
 
     def __init__(self, message: str) -> None:
-        super().__init__("UNAVAILABLE", "STORE_UNAVAILABLE", message)
+        super().__init__("UNAVAILABLE", REASON_STORE_UNAVAILABLE, message)
 
     def __reduce__(self) -> tuple[type[ServiceError], tuple[object, ...]]:
         return (type(self), (self.message,))

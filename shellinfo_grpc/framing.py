@@ -36,9 +36,11 @@ __all__ = [
     "Readable",
     "Source",
     "encode_delimited",
+    "encode_varint",
     "iter_delimited",
     "iter_frames",
     "read_delimited",
+    "write_all",
     "write_delimited",
 ]
 
@@ -100,7 +102,7 @@ class Frame:
             raise FramingError(self.index, self.offset, _unparsable(len(self.payload), exc)) from None
 
 
-def _varint(n: int) -> bytes:
+def encode_varint(n: int) -> bytes:
     """Encode a non-negative integer as a base-128 varint, low group first."""
     if n < 0x80:
         return _ONE_BYTE[n]
@@ -122,7 +124,7 @@ def encode_delimited(msg: ProtectionShellInfo) -> bytes:
     """
     body = msg.SerializeToString()
     n = len(body)
-    return (_ONE_BYTE[n] if n < 0x80 else _varint(n)) + body
+    return (_ONE_BYTE[n] if n < 0x80 else encode_varint(n)) + body
 
 
 def write_delimited(stream: BinaryIO, messages: Iterable[ProtectionShellInfo]) -> int:
@@ -143,7 +145,7 @@ def write_delimited(stream: BinaryIO, messages: Iterable[ProtectionShellInfo]) -
         for msg in messages:
             body = msg.SerializeToString()
             n = len(body)
-            parts.append(one_byte[n] if n < 0x80 else _varint(n))
+            parts.append(one_byte[n] if n < 0x80 else encode_varint(n))
             parts.append(body)
             count += 1
             pending += n
@@ -151,16 +153,16 @@ def write_delimited(stream: BinaryIO, messages: Iterable[ProtectionShellInfo]) -
                 data = b"".join(parts)
                 parts.clear()
                 pending = 0
-                _write_all(stream, data)
+                write_all(stream, data)
     finally:
         if parts:
             data = b"".join(parts)
             parts.clear()
-            _write_all(stream, data)
+            write_all(stream, data)
     return count
 
 
-def _write_all(stream: BinaryIO, data: bytes) -> None:
+def write_all(stream: BinaryIO, data: bytes) -> None:
     """Write all of ``data``: an unbuffered (raw) stream may take only part of it per call."""
     written = stream.write(data)
     if written is not None and written < len(data):

@@ -14,6 +14,7 @@ from typing import Final
 
 from shellinfo_grpc._gen.shellinfo.v1 import protection_shell_info_pb2 as _pb
 from shellinfo_grpc._gen.shellinfo.v1 import run_update_service_pb2 as _svc
+from shellinfo_grpc._status import REASON_INVALID_RUN, REASON_RUN_FINAL
 from shellinfo_grpc.errors import RunRejected
 from shellinfo_grpc.rest import rest_names
 
@@ -33,10 +34,6 @@ FINAL_STATUSES: Final = frozenset(
 )
 
 _STATUS_NAMES: Final = rest_names(_pb.RunStatus.DESCRIPTOR)
-
-#: Reasons carried in google.rpc.ErrorInfo.
-REASON_INVALID_RUN: Final = "INVALID_RUN"
-REASON_RUN_FINAL: Final = "RUN_FINAL"
 
 
 def is_final(run: _pb.ProtectionShellInfo) -> bool:

@@ -27,27 +27,46 @@ import hmac
 import json
 import logging
 import signal
-from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Final, NoReturn, TypeVar
+from typing import Any, Final, NoReturn
 
 import grpc
-from google.protobuf import any_pb2
-from google.rpc import error_details_pb2, status_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio  # type: ignore[attr-defined]
 from grpc_reflection.v1alpha import reflection
 from grpc_status import rpc_status
 
+from shellinfo_grpc._fanout import (
+    Encoded,
+    Hub,
+    Watcher,
+    batches,
+    encode,
+    has_filter,
+    serialize_watch_response,
+    watch_response,
+)
 from shellinfo_grpc._gen.shellinfo.v1 import protection_shell_info_pb2 as _pb
 from shellinfo_grpc._gen.shellinfo.v1 import run_update_service_pb2 as _svc
 from shellinfo_grpc._gen.shellinfo.v1 import run_update_service_pb2_grpc as _svc_grpc
+from shellinfo_grpc._status import (
+    KEY_JOB_RUN_ID,
+    KEY_LAST_REVISION,
+    KEY_SOURCE,
+    REASON_INVALID_REQUEST,
+    REASON_RUN_NOT_FOUND,
+    REASON_RUN_TOO_LARGE,
+    REASON_SERVER_SHUTTING_DOWN,
+    REASON_WATCHER_TOO_SLOW,
+    error_status,
+    publish_error,
+    status_proto,
+)
 from shellinfo_grpc.errors import ConfigurationError, HistoryExpired, RunRejected, ServiceError, StoreUnavailable
-from shellinfo_grpc.framing import _varint
 from shellinfo_grpc.rules import check_run, compile_filter
-from shellinfo_grpc.store import Store
+from shellinfo_grpc.stores import Store
 
 __all__ = [
     "SERVICE_NAME",
@@ -63,7 +82,6 @@ __all__ = [
 log = logging.getLogger("shellinfo_grpc.server")
 
 SERVICE_NAME: Final = _svc.DESCRIPTOR.services_by_name["RunUpdateService"].full_name
-ERROR_DOMAIN: Final = "shellinfo.v1"
 
 #: Methods that need no bearer token: health checks, so that load balancers
 #: and orchestrator probes work without credentials.
@@ -155,36 +173,19 @@ def load_tokens(path: Path) -> frozenset[str]:
 # --- errors -------------------------------------------------------------------
 
 
-def _status(
-    code: grpc.StatusCode,
+def _grpc_status(
+    code: str,
     message: str,
     *,
     reason: str = "",
     violations: Iterable[tuple[str, str]] = (),
     metadata: dict[str, str] | None = None,
 ) -> grpc.Status:
-    details: list[any_pb2.Any] = []
-    if reason:
-        info = any_pb2.Any()
-        info.Pack(error_details_pb2.ErrorInfo(reason=reason, domain=ERROR_DOMAIN, metadata=metadata or {}))
-        details.append(info)
-    bad = [error_details_pb2.BadRequest.FieldViolation(field=f, description=d) for f, d in violations]
-    if bad:
-        request = any_pb2.Any()
-        request.Pack(error_details_pb2.BadRequest(field_violations=bad))
-        details.append(request)
-    proto = status_pb2.Status(code=code.value[0], message=message, details=details)
-    return rpc_status.to_status(proto)
+    return rpc_status.to_status(status_proto(code, message, reason=reason, violations=violations, metadata=metadata))
 
 
 def _service_status(exc: ServiceError) -> grpc.Status:
-    return _status(
-        grpc.StatusCode[exc.code],
-        exc.message,
-        reason=exc.reason,
-        violations=exc.violations,
-        metadata=exc.metadata,
-    )
+    return rpc_status.to_status(error_status(exc))
 
 
 async def _abort(context: grpc.aio.ServicerContext[Any, Any], status: grpc.Status) -> NoReturn:
@@ -193,20 +194,11 @@ async def _abort(context: grpc.aio.ServicerContext[Any, Any], status: grpc.Statu
 
 
 def _invalid(field_name: str, description: str) -> grpc.Status:
-    return _status(
-        grpc.StatusCode.INVALID_ARGUMENT,
+    return _grpc_status(
+        "INVALID_ARGUMENT",
         f"{field_name}: {description}",
-        reason="INVALID_REQUEST",
+        reason=REASON_INVALID_REQUEST,
         violations=[(field_name, description)],
-    )
-
-
-def _publish_error(exc: RunRejected) -> _svc.PublishError:
-    return _svc.PublishError(
-        code=grpc.StatusCode[exc.code].value[0],
-        message=exc.message,
-        reason=exc.reason,
-        field_violations=[_svc.FieldViolation(field=f, description=d) for f, d in exc.violations],
     )
 
 
@@ -235,135 +227,6 @@ def _decode_page_token(token: str, flt: _svc.RunFilter) -> tuple[str, int]:
     return source, job_run_id
 
 
-# --- watch responses, encoded by hand -----------------------------------------------
-#
-# A WatchRunsResponse is `repeated RunUpdate updates = 1; int64 revision = 2;
-# bool snapshot_complete = 3`. Building it as a message makes upb copy every
-# update into the repeated field, and sizing batches needs ByteSize() per
-# update: together most of the cost of a catch-up. Instead each update is
-# serialized once (once per commit for live updates, whatever the number of
-# watchers) and responses are concatenated from those bytes, which is the
-# same wire format. WatchRuns is registered with a serializer that passes
-# bytes through (see _add_service).
-
-# One update and its serialized form.
-_Encoded = tuple[_svc.RunUpdate, bytes]
-
-_UPDATES_TAG: Final = b"\x0a"  # field 1, length-delimited
-_REVISION_TAG: Final = b"\x10"  # field 2, varint
-_SNAPSHOT_COMPLETE: Final = b"\x18\x01"  # field 3 = true
-_SHORT_LENGTHS: Final = tuple(_varint(n) for n in range(1 << 14))
-
-
-# Anything sent as one update of a response: its serialized form comes second.
-_Item = TypeVar("_Item", bound=tuple[Any, bytes])
-
-
-def _has_filter(flt: _svc.RunFilter | None) -> bool:
-    return flt is not None and bool(flt.sources or flt.job_run_ids or flt.statuses or flt.run_types)
-
-
-def _encode(updates: Iterable[_svc.RunUpdate]) -> list[_Encoded]:
-    return [(update, update.SerializeToString()) for update in updates]
-
-
-def _response(batch: Sequence[tuple[Any, bytes]], revision: int, *, snapshot_complete: bool = False) -> bytes:
-    """The wire form of ``WatchRunsResponse(updates=..., revision=..., snapshot_complete=...)``."""
-    parts: list[bytes] = []
-    short = _SHORT_LENGTHS
-    for _, data in batch:
-        size = len(data)
-        parts += (_UPDATES_TAG, short[size] if size < len(short) else _varint(size), data)
-    if revision:
-        parts += (_REVISION_TAG, _varint(revision))
-    if snapshot_complete:
-        parts.append(_SNAPSHOT_COMPLETE)
-    return b"".join(parts)
-
-
-def _serialize_watch_response(response: bytes | _svc.WatchRunsResponse) -> bytes:
-    return response if type(response) is bytes else response.SerializeToString()  # type: ignore[union-attr]
-
-
-# --- watching -----------------------------------------------------------------
-
-
-class _Watcher:
-    """The live side of one WatchRuns call: a bounded queue fed by the hub."""
-
-    __slots__ = ("closing", "event", "matches", "max_queue", "overflow", "pending", "seen")
-
-    def __init__(self, matches: Callable[[_svc.RunUpdate], bool], max_queue: int, revision: int) -> None:
-        self.matches = matches
-        self.max_queue = max_queue
-        self.pending: deque[_Encoded] = deque()
-        self.event = asyncio.Event()
-        self.overflow = False
-        self.closing = False
-        self.seen = revision  # newest revision the hub has offered (matching or not)
-
-    def offer(self, updates: Sequence[_Encoded]) -> None:
-        """Queue the matching updates of one commit; never waits.
-
-        The bound applies to what earlier commits left unsent: a watcher that
-        still has ``max_queue`` updates waiting when the next commit arrives
-        cannot keep up, and its queue is dropped (it resumes from its last
-        revision). A single large commit never overflows a watcher that is
-        keeping up.
-        """
-        self.seen = updates[-1][0].revision
-        if self.overflow:
-            return
-        if len(self.pending) >= self.max_queue:
-            self.overflow = True
-            self.pending.clear()
-            self.event.set()
-            return
-        before = len(self.pending)
-        matches = self.matches
-        self.pending.extend(item for item in updates if matches(item[0]))
-        if len(self.pending) != before:
-            self.event.set()
-
-    def close(self) -> None:
-        self.closing = True
-        self.event.set()
-
-
-class _Hub:
-    """Fans committed updates out to every watcher; never waits on one."""
-
-    def __init__(self, store: Store) -> None:
-        self.revision = store.head_revision()
-        self.watchers: set[_Watcher] = set()
-        self.closed = False
-        self._store = store
-        store.add_listener(self._on_commit)
-
-    def _on_commit(self, updates: Sequence[_svc.RunUpdate]) -> None:
-        self.revision = updates[-1].revision
-        if self.watchers:
-            encoded = _encode(updates)  # once per commit, whatever the number of watchers
-            for watcher in self.watchers:
-                watcher.offer(encoded)
-
-    def register(self, matches: Callable[[_svc.RunUpdate], bool], max_queue: int) -> _Watcher:
-        watcher = _Watcher(matches, max_queue, self.revision)
-        if self.closed:
-            watcher.close()
-        self.watchers.add(watcher)
-        return watcher
-
-    def unregister(self, watcher: _Watcher) -> None:
-        self.watchers.discard(watcher)
-
-    def close(self) -> None:
-        self.closed = True
-        self._store.remove_listener(self._on_commit)
-        for watcher in self.watchers:
-            watcher.close()
-
-
 # --- the servicer ---------------------------------------------------------------
 
 
@@ -373,7 +236,7 @@ class RunUpdateServicer(_svc_grpc.RunUpdateServiceServicer):
     def __init__(self, store: Store, config: ServerConfig) -> None:
         self._store = store
         self._config = config
-        self._hub = _Hub(store)
+        self._hub = Hub(store)
 
     def close_watchers(self) -> None:
         """End every watch with UNAVAILABLE (shutdown), and refuse new ones."""
@@ -392,7 +255,7 @@ class RunUpdateServicer(_svc_grpc.RunUpdateServiceServicer):
         if size > self._config.max_run_bytes:
             raise RunRejected(
                 "INVALID_ARGUMENT",
-                "RUN_TOO_LARGE",
+                REASON_RUN_TOO_LARGE,
                 f"the run is {size} bytes serialized; the most this service accepts is {self._config.max_run_bytes}",
                 [("run", f"{size} bytes is over the limit of {self._config.max_run_bytes}")],
             )
@@ -471,14 +334,14 @@ class RunUpdateServicer(_svc_grpc.RunUpdateServiceServicer):
                         assert run is not None
                         self._check_size(run)
                     except RunRejected as exc:
-                        acks[i] = _svc.PublishRunsResponse(index=index + i, error=_publish_error(exc))
+                        acks[i] = _svc.PublishRunsResponse(index=index + i, error=publish_error(exc))
                         continue
                     items.append((req.source, run))
                     positions.append(i)
                 outcomes = await self._publish(items, context) if items else []
                 for i, outcome in zip(positions, outcomes, strict=True):
                     if isinstance(outcome, RunRejected):
-                        acks[i] = _svc.PublishRunsResponse(index=index + i, error=_publish_error(outcome))
+                        acks[i] = _svc.PublishRunsResponse(index=index + i, error=publish_error(outcome))
                     else:
                         acks[i] = _svc.PublishRunsResponse(
                             index=index + i, revision=outcome.update.revision, changed=outcome.changed
@@ -507,11 +370,11 @@ class RunUpdateServicer(_svc_grpc.RunUpdateServiceServicer):
         if update is None:
             await _abort(
                 context,
-                _status(
-                    grpc.StatusCode.NOT_FOUND,
+                _grpc_status(
+                    "NOT_FOUND",
                     f"no run with jobRunId {request.job_run_id} from source {request.source!r}",
-                    reason="RUN_NOT_FOUND",
-                    metadata={"source": request.source, "job_run_id": str(request.job_run_id)},
+                    reason=REASON_RUN_NOT_FOUND,
+                    metadata={KEY_SOURCE: request.source, KEY_JOB_RUN_ID: str(request.job_run_id)},
                 ),
             )
         return _svc.GetRunResponse(update=update)
@@ -536,7 +399,7 @@ class RunUpdateServicer(_svc_grpc.RunUpdateServiceServicer):
             await _abort(context, _service_status(exc))
         # A page ends at page_size runs or at max_batch_bytes, whichever comes
         # first, so that it fits what a client with default limits receives.
-        page = [update for update, _ in next(iter(self._batches(_encode(updates[:size]), size)), [])]
+        page = [update for update, _ in next(iter(self._batches(encode(updates[:size]), size)), [])]
         more = len(updates) > len(page)
         token = _encode_page_token(page[-1], request.filter) if more else ""
         return _svc.ListRunsResponse(updates=page, next_page_token=token)
@@ -563,9 +426,9 @@ class RunUpdateServicer(_svc_grpc.RunUpdateServiceServicer):
                 except StoreUnavailable as exc:
                     await _abort(context, _service_status(exc))
                 complete = True
-                for batch in self._batches(_encode(updates)):
+                for batch in self._batches(encode(updates)):
                     sent = batch[-1][0].revision
-                    yield _response(batch, sent)
+                    yield watch_response(batch, sent)
                     if watcher.closing or watcher.overflow:
                         complete = False  # _live ends the call with the right status
                         break
@@ -574,7 +437,7 @@ class RunUpdateServicer(_svc_grpc.RunUpdateServiceServicer):
                     yield _svc.WatchRunsResponse(snapshot_complete=True, revision=sent)
             elif request.start_revision:
                 sent = request.start_revision - 1
-                history = self._catch_up(request.start_revision, watcher, matches, not _has_filter(flt), context)
+                history = self._catch_up(request.start_revision, watcher, matches, not has_filter(flt), context)
                 async for response, revision in history:
                     sent = revision
                     yield response
@@ -587,26 +450,15 @@ class RunUpdateServicer(_svc_grpc.RunUpdateServiceServicer):
         finally:
             self._hub.unregister(watcher)
 
-    def _batches(self, updates: Iterable[_Item], limit: int = 0) -> Iterable[list[_Item]]:
+    def _batches(self, items: Iterable[Encoded] | Iterable[tuple[int, bytes]], limit: int = 0) -> Iterable[list[Any]]:
         """Split updates into responses of bounded count (``limit``, by default
         ``max_batch_updates``) and size (``max_batch_bytes``)."""
-        batch: list[_Item] = []
-        size = 0
-        limit_n, limit_bytes = limit or self._config.max_batch_updates, self._config.max_batch_bytes
-        for item in updates:
-            n = len(item[1])
-            if batch and (len(batch) >= limit_n or size + n > limit_bytes):
-                yield batch
-                batch, size = [], 0
-            batch.append(item)
-            size += n
-        if batch:
-            yield batch
+        return batches(items, limit or self._config.max_batch_updates, self._config.max_batch_bytes)
 
     async def _catch_up(
         self,
         start: int,
-        watcher: _Watcher,
+        watcher: Watcher,
         matches: Callable[[_svc.RunUpdate], bool],
         unfiltered: bool,
         context: grpc.aio.ServicerContext[Any, Any],
@@ -628,23 +480,23 @@ class RunUpdateServicer(_svc_grpc.RunUpdateServiceServicer):
                     if not updates:
                         break
                     position = updates[-1].revision + 1
-                    chunk = [(u.revision, data) for u, data in _encode(u for u in updates if matches(u))]
+                    chunk = [(u.revision, data) for u, data in encode(u for u in updates if matches(u))]
             except (HistoryExpired, StoreUnavailable) as exc:
                 await _abort(context, _service_status(exc))
             for batch in self._batches(chunk):
                 last = batch[-1][0]
-                yield _response(batch, last), last
+                yield watch_response(batch, last), last
             if watcher.overflow or watcher.closing:
                 return  # _live ends the call with the right status
         # Everything matching up to `end` has been sent. Say so in a response
         # of its own (it carries no updates): a filtered watcher's resume point
         # moves past the updates it skipped, and a client completing a broken
         # snapshot from the history knows it has caught up.
-        yield _response((), max(end, last)), max(end, last)
+        yield watch_response((), max(end, last)), max(end, last)
 
     async def _live(
         self,
-        watcher: _Watcher,
+        watcher: Watcher,
         sent: int,
         progress: float,
         context: grpc.aio.ServicerContext[Any, Any],
@@ -655,27 +507,27 @@ class RunUpdateServicer(_svc_grpc.RunUpdateServiceServicer):
             if watcher.closing:
                 await _abort(
                     context,
-                    _status(
-                        grpc.StatusCode.UNAVAILABLE,
+                    _grpc_status(
+                        "UNAVAILABLE",
                         "the server is shutting down; resume the watch elsewhere",
-                        reason="SERVER_SHUTTING_DOWN",
-                        metadata={"last_revision": str(sent)},
+                        reason=REASON_SERVER_SHUTTING_DOWN,
+                        metadata={KEY_LAST_REVISION: str(sent)},
                     ),
                 )
             if watcher.overflow:
                 await _abort(
                     context,
-                    _status(
-                        grpc.StatusCode.RESOURCE_EXHAUSTED,
+                    _grpc_status(
+                        "RESOURCE_EXHAUSTED",
                         f"watcher fell more than {watcher.max_queue} updates behind; resume from revision {sent + 1}",
-                        reason="WATCHER_TOO_SLOW",
-                        metadata={"last_revision": str(sent)},
+                        reason=REASON_WATCHER_TOO_SLOW,
+                        metadata={KEY_LAST_REVISION: str(sent)},
                     ),
                 )
             while pending and pending[0][0].revision <= sent:
                 pending.popleft()  # already sent by the snapshot or the catch-up
             if pending:
-                batch: list[_Encoded] = []
+                batch: list[Encoded] = []
                 size = 0
                 limit_n, limit_bytes = self._config.max_batch_updates, self._config.max_batch_bytes
                 while pending and len(batch) < limit_n and (not batch or size + len(pending[0][1]) <= limit_bytes):
@@ -684,7 +536,7 @@ class RunUpdateServicer(_svc_grpc.RunUpdateServiceServicer):
                     size += len(item[1])
                 last = batch[-1][0].revision
                 sent = last if pending else max(last, watcher.seen)
-                yield _response(batch, sent)
+                yield watch_response(batch, sent)
                 continue
             watcher.event.clear()
             try:
@@ -780,7 +632,7 @@ def _add_service(servicer: RunUpdateServicer, server: grpc.aio.Server) -> None:
         "WatchRuns": grpc.unary_stream_rpc_method_handler(
             servicer.WatchRuns,
             request_deserializer=_svc.WatchRunsRequest.FromString,
-            response_serializer=_serialize_watch_response,
+            response_serializer=serialize_watch_response,
         ),
     }
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))

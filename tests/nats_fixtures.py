@@ -273,7 +273,7 @@ class NatsCluster:
         return [node.url for node in self.nodes]
 
     def store_url(self, **options: object) -> str:
-        """``nats://h:p1,h:p2,h:p3?opt=value...`` for :func:`shellinfo_grpc.store.open_store`."""
+        """``nats://h:p1,h:p2,h:p3?opt=value...`` for :func:`shellinfo_grpc.stores._registry.open_store`."""
         query = "&".join(f"{key}={value}" for key, value in options.items())
         return "nats://" + ",".join(node.address for node in self.nodes) + (f"?{query}" if query else "")
 
@@ -348,7 +348,7 @@ def cluster_of_three(directory: Path) -> Iterator[NatsCluster]:
 _INLINE_SERVE = """\
 import asyncio, logging, sys
 from shellinfo_grpc.server import ServerConfig, serve
-from shellinfo_grpc.store import open_store
+from shellinfo_grpc.stores._registry import open_store
 logging.basicConfig(level=logging.INFO)
 asyncio.run(serve(sys.argv[1], open_store(sys.argv[2]), ServerConfig()))
 """

@@ -30,9 +30,9 @@ from shellinfo_grpc.client import (
     WatchEvent,
 )
 from shellinfo_grpc.errors import ConfigurationError, HistoryExpired, RunRejected, ServiceError
-from shellinfo_grpc.memory_store import MemoryStore
 from shellinfo_grpc.server import RunningServer, ServerConfig, TlsConfig, create_server
-from shellinfo_grpc.store import Retention, Store
+from shellinfo_grpc.stores import Retention, Store
+from shellinfo_grpc.stores.memory import MemoryStore
 
 WAIT = 8.0  # the longest any single wait in these tests may take, in seconds
 

@@ -50,8 +50,9 @@ from shellinfo_grpc._gen.shellinfo.v1 import protection_shell_info_pb2 as pb
 from shellinfo_grpc._gen.shellinfo.v1 import run_update_service_pb2 as svc
 from shellinfo_grpc.client import ReconnectPolicy, RunUpdateClient, RunWatch, WatchEvent
 from shellinfo_grpc.errors import ConfigurationError, HistoryExpired, RunRejected, ServiceError, StoreUnavailable
-from shellinfo_grpc.nats_store import NatsStore
-from shellinfo_grpc.store import PublishOutcome, Retention, Store, open_store
+from shellinfo_grpc.stores import PublishOutcome, Retention, Store
+from shellinfo_grpc.stores._registry import open_store
+from shellinfo_grpc.stores.nats import NatsStore
 
 WAIT = 20.0  # the longest any single wait may take, in seconds
 

@@ -34,9 +34,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from shellinfo_grpc import ProtectionShellInfo, RunStatus, RunType, from_rest
 from shellinfo_grpc._gen.shellinfo.v1 import run_update_service_pb2 as svc
 from shellinfo_grpc._gen.shellinfo.v1 import run_update_service_pb2_grpc as svc_grpc
-from shellinfo_grpc.memory_store import MemoryStore
 from shellinfo_grpc.server import SERVICE_NAME, RunningServer, ServerConfig, create_server
-from shellinfo_grpc.store import Retention, Store
+from shellinfo_grpc.stores import Retention, Store
+from shellinfo_grpc.stores.memory import MemoryStore
 
 # Every test is bounded: its event loop is cancelled after this many seconds,
 # and pytest-timeout is the backstop should a loop not even get there.

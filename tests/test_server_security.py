@@ -26,8 +26,8 @@ from shellinfo_grpc import from_rest
 from shellinfo_grpc._gen.shellinfo.v1 import run_update_service_pb2 as svc
 from shellinfo_grpc._gen.shellinfo.v1 import run_update_service_pb2_grpc as svc_grpc
 from shellinfo_grpc.errors import ConfigurationError
-from shellinfo_grpc.memory_store import MemoryStore
 from shellinfo_grpc.server import SERVICE_NAME, RunningServer, ServerConfig, TlsConfig, create_server, load_tokens
+from shellinfo_grpc.stores.memory import MemoryStore
 
 DEADLINE = 10.0
 pytestmark = pytest.mark.timeout(30)

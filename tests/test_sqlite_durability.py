@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 
 from shellinfo_grpc._gen.shellinfo.v1 import run_update_service_pb2 as svc
-from shellinfo_grpc.sqlite_store import SqliteStore
+from shellinfo_grpc.stores.sqlite import SqliteStore
 
 pytestmark = pytest.mark.skipif(not hasattr(signal, "SIGKILL"), reason="needs SIGKILL")
 
@@ -39,7 +39,7 @@ import sys
 from pathlib import Path
 
 from shellinfo_grpc._gen.shellinfo.v1 import protection_shell_info_pb2 as pb
-from shellinfo_grpc.sqlite_store import SqliteStore
+from shellinfo_grpc.stores.sqlite import SqliteStore
 
 
 async def main(path: str, round_: str, synchronous: str, publishers: int) -> None:

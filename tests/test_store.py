@@ -29,11 +29,11 @@ from nats_fixtures import NatsNode, single_server
 from shellinfo_grpc._gen.shellinfo.v1 import protection_shell_info_pb2 as pb
 from shellinfo_grpc._gen.shellinfo.v1 import run_update_service_pb2 as svc
 from shellinfo_grpc.errors import ConfigurationError, HistoryExpired, RunRejected, StoreUnavailable
-from shellinfo_grpc.memory_store import MemoryStore
-from shellinfo_grpc.nats_store import NatsStore
 from shellinfo_grpc.rules import compile_filter
-from shellinfo_grpc.sqlite_store import SCHEMA_VERSION, SqliteStore
-from shellinfo_grpc.store import PublishOutcome, Retention, Store
+from shellinfo_grpc.stores import PublishOutcome, Retention, Store
+from shellinfo_grpc.stores.memory import MemoryStore
+from shellinfo_grpc.stores.nats import NatsStore
+from shellinfo_grpc.stores.sqlite import SCHEMA_VERSION, SqliteStore
 
 T = TypeVar("T")
 S = pb.RunStatus

@@ -54,7 +54,7 @@ from shellinfo_grpc._gen.shellinfo.v1 import protection_shell_info_pb2 as _pb
 from shellinfo_grpc._gen.shellinfo.v1 import run_update_service_pb2 as _svc
 from shellinfo_grpc.errors import ConfigurationError, HistoryExpired, RunRejected, StoreUnavailable
 from shellinfo_grpc.rules import compile_filter
-from shellinfo_grpc.store import PublishOutcome, Retention, Store, decide
+from shellinfo_grpc.stores import PublishOutcome, Retention, Store, decide
 
 __all__ = ["NatsStore"]
 

@@ -22,12 +22,8 @@ from __future__ import annotations
 
 import abc
 import contextlib
-import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Final
-from urllib.parse import parse_qs, quote, unquote, urlsplit
 
 from shellinfo_grpc._gen.shellinfo.v1 import protection_shell_info_pb2 as _pb
 from shellinfo_grpc._gen.shellinfo.v1 import run_update_service_pb2 as _svc
@@ -35,36 +31,15 @@ from shellinfo_grpc.errors import ConfigurationError, RunRejected
 from shellinfo_grpc.rules import check_update
 
 __all__ = [
-    "DEFAULT_STORE_PATH",
     "Listener",
     "PublishOutcome",
     "Retention",
     "Store",
     "decide",
-    "default_store_url",
-    "open_store",
 ]
 
 #: Called with the updates of one commit, in revision order.
 Listener = Callable[[Sequence[_svc.RunUpdate]], None]
-
-
-def _default_store_path() -> Path:
-    state = os.environ.get("XDG_STATE_HOME", "")
-    if not os.path.isabs(state):  # the XDG spec: ignore a relative path
-        state = str(Path.home() / ".local" / "state")
-    return Path(state) / "shellinfo" / "runs.sqlite3"
-
-
-#: Where ``shellinfo serve`` keeps its SQLite file unless ``--store`` says
-#: otherwise: ``$XDG_STATE_HOME/shellinfo/runs.sqlite3``, by default
-#: ``~/.local/state/shellinfo/runs.sqlite3``.
-DEFAULT_STORE_PATH: Final = _default_store_path()
-
-
-def default_store_url() -> str:
-    """The store URL ``shellinfo serve`` uses by default (see DEFAULT_STORE_PATH)."""
-    return f"sqlite://{quote(str(_default_store_path()))}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -208,38 +183,3 @@ class Store(abc.ABC):
         """Stop calling ``listener`` (a server that stops removes its own)."""
         with contextlib.suppress(ValueError):
             self._listeners.remove(listener)
-
-
-def open_store(url: str, *, retention: Retention | None = None) -> Store:
-    """Make the store a URL names: ``memory://``, ``sqlite:///PATH[?synchronous=NORMAL]`` or ``nats://HOST:PORT``.
-
-    The store is not started; call :meth:`Store.start`. Query parameters
-    configure backend options (for NATS: ``stream``, ``subject_prefix``,
-    ``replicas``, ...).
-    """
-    parts = urlsplit(url)
-    scheme = parts.scheme.lower()
-    keep = retention or Retention()
-    if scheme == "memory":
-        from shellinfo_grpc.memory_store import MemoryStore  # noqa: PLC0415
-
-        return MemoryStore(retention=keep)
-    if scheme == "sqlite":
-        path = unquote(parts.netloc + parts.path)
-        if not path or path == "/":
-            raise ConfigurationError(f"store URL {url!r}: give a path, as in sqlite:///var/lib/shellinfo/runs.sqlite3")
-        from shellinfo_grpc.sqlite_store import SqliteStore  # noqa: PLC0415
-
-        options = {key: values[-1] for key, values in parse_qs(parts.query).items()}
-        unknown = set(options) - {"synchronous"}
-        if unknown:
-            raise ConfigurationError(f"store URL {url!r}: unknown option(s) {', '.join(sorted(unknown))}")
-        return SqliteStore(Path(path).expanduser(), retention=keep, synchronous=options.get("synchronous", "FULL"))
-    if scheme in {"nats", "tls"}:
-        try:
-            from shellinfo_grpc.nats_store import NatsStore  # noqa: PLC0415
-        except ImportError as exc:  # pragma: no cover - depends on the install
-            raise ConfigurationError(f"store URL {url!r}: the NATS backend is not available ({exc})") from None
-        options = {key: values[-1] for key, values in parse_qs(parts.query).items()}
-        return NatsStore.from_url(url, options=options, retention=keep)
-    raise ConfigurationError(f"store URL {url!r}: unknown scheme; use memory://, sqlite:///PATH or nats://HOST:PORT")

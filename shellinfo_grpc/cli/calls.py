@@ -1,0 +1,300 @@
+"""The client commands ``publish``, ``get`` and ``list``, and the connection options they share with ``watch``.
+
+They talk to the service through :class:`shellinfo_grpc.client.RunUpdateClient`
+and share ``--address`` (default ``$SHELLINFO_ADDRESS`` or ``127.0.0.1:50051``),
+``--token`` (default ``$SHELLINFO_TOKEN``), ``--tls-ca``, ``--tls-cert``,
+``--tls-key`` and ``--timeout``. A call that the service refuses or that fails
+(a :class:`~shellinfo_grpc.errors.ServiceError`) exits with 1.
+
+This module must not import grpc at import time: :func:`connect` imports the
+client when it runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any, Final
+
+from shellinfo_grpc._gen.shellinfo.v1.protection_shell_info_pb2 import ProtectionShellInfo, RunStatus, RunType
+from shellinfo_grpc.cli._io import (
+    DEFAULT_ADDRESS,
+    EXIT_BAD_INPUT,
+    EXIT_CALL_FAILED,
+    EXIT_OK,
+    PROG,
+    Streams,
+    Subparsers,
+    count,
+    job_run_id,
+    jsonl,
+    one_line,
+    quiet_grpc,
+    seconds,
+)
+from shellinfo_grpc.cli._table import cells, table, update_dict
+from shellinfo_grpc.cli.records import collect, decode_record, read_publish_input
+from shellinfo_grpc.errors import (
+    ConfigurationError,
+    RunRejected,
+    ServiceError,
+)
+from shellinfo_grpc.framing import write_all
+from shellinfo_grpc.rest import rest_names
+
+if TYPE_CHECKING:
+    from shellinfo_grpc.client import RunUpdateClient
+
+__all__ = ["add_client_options", "add_filters", "add_get", "add_list", "add_publish", "connect", "filter_options"]
+
+
+_STATUS_SPELLINGS: Final = tuple(rest_names(RunStatus.DESCRIPTOR).values())
+
+
+_RUN_TYPE_SPELLINGS: Final = tuple(rest_names(RunType.DESCRIPTOR).values())
+
+
+# --- client options -----------------------------------------------------------------
+
+
+def _check_spellings(flag: str, values: Sequence[str], known: Sequence[str]) -> None:
+    for value in values:
+        if value not in known:
+            raise ConfigurationError(f"{flag}: unknown value {value!r}; expected one of {', '.join(known)}")
+
+
+def add_client_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("connection")
+    group.add_argument(
+        "--address",
+        default=os.environ.get("SHELLINFO_ADDRESS") or DEFAULT_ADDRESS,
+        metavar="HOST:PORT",
+        help=f"the service, a gRPC target (default $SHELLINFO_ADDRESS, or {DEFAULT_ADDRESS})",
+    )
+    group.add_argument(
+        "--token",
+        default=os.environ.get("SHELLINFO_TOKEN") or None,
+        help="bearer token sent with every call (default $SHELLINFO_TOKEN); over plaintext only to a loopback address",
+    )
+    group.add_argument("--tls-ca", metavar="FILE", help="use TLS, trusting the server certificates this CA signs (PEM)")
+    group.add_argument("--tls-cert", metavar="FILE", help="client certificate for mutual TLS (PEM); with --tls-key")
+    group.add_argument("--tls-key", metavar="FILE", help="the private key of --tls-cert (PEM)")
+    group.add_argument(
+        "--timeout",
+        type=seconds,
+        default=30.0,
+        metavar="SECONDS",
+        help="how long one call (publish, get, a page of list) may take (default %(default)s; 0: no limit)",
+    )
+
+
+def add_filters(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("filters", "Each may be repeated (any of the values); different filters combine.")
+    group.add_argument("--source", dest="sources", action="append", default=[], metavar="S", help="runs from source S")
+    group.add_argument(
+        "--job-run-id", dest="job_run_ids", action="append", default=[], type=job_run_id, metavar="N", help="run N"
+    )
+    group.add_argument(
+        "--status", dest="statuses", action="append", default=[], metavar="kX", help="status, as in kSuccess"
+    )
+    group.add_argument(
+        "--run-type", dest="run_types", action="append", default=[], metavar="kX", help="run type, as in kFull"
+    )
+
+
+def filter_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The filter keyword arguments of ``list`` and ``watch``, spellings checked."""
+    _check_spellings("--status", args.statuses, _STATUS_SPELLINGS)
+    _check_spellings("--run-type", args.run_types, _RUN_TYPE_SPELLINGS)
+    return {
+        "sources": args.sources,
+        "job_run_ids": args.job_run_ids,
+        "statuses": args.statuses,
+        "run_types": args.run_types,
+    }
+
+
+def connect(args: argparse.Namespace) -> RunUpdateClient:
+    """A client for the connection options; options that cannot work raise ConfigurationError."""
+    if (args.tls_cert is None) != (args.tls_key is None):
+        raise ConfigurationError("--tls-cert and --tls-key go together: give both, or neither")
+    if args.token is not None and not args.token.strip():
+        raise ConfigurationError("--token: the token is empty")
+    quiet_grpc()
+    from shellinfo_grpc.client import RunUpdateClient, is_loopback  # noqa: PLC0415 - imports grpc
+
+    tls = args.tls_ca is not None or args.tls_cert is not None
+    if args.token is not None and not tls and not is_loopback(args.address):
+        raise ConfigurationError(
+            f"refusing to send the token to {args.address} in plaintext: use TLS (--tls-ca) or a loopback address"
+        )
+    return RunUpdateClient(
+        args.address,
+        token=args.token,
+        tls_ca=args.tls_ca,
+        tls_cert=args.tls_cert,
+        tls_key=args.tls_key,
+        timeout=args.timeout or None,
+    )
+
+
+# --- publish ----------------------------------------------------------------------
+
+
+def _describe_run(run: ProtectionShellInfo, source: str) -> str:
+    job = str(run.job_run_id) if run.HasField("job_run_id") else "(none)"
+    return f"jobRunId {job} (source {json.dumps(source, ensure_ascii=False)})"
+
+
+def _refusal(index: int, exc: ServiceError) -> str:
+    field = f" {exc.field}" if exc.field else ""
+    return one_line(f"record {index}: {exc.code}{field}: {exc.message}")
+
+
+def _cmd_publish(args: argparse.Namespace, io: Streams) -> int:
+    if args.records:
+        records = collect([decode_record(text, i, args.strict) for i, text in enumerate(args.records)])
+    else:
+        records = read_publish_input(io.stdin.read(), args.strict)
+    if records.unreadable is not None:
+        io.report(f"{PROG} publish: {records.unreadable}; nothing published")
+        return EXIT_BAD_INPUT
+    if records.problems:
+        for line in records.problems:
+            io.report(line)
+        bad = len(records.problems)
+        io.report(f"{PROG} publish: nothing published ({bad} of {bad + len(records.runs)} records invalid)")
+        return EXIT_BAD_INPUT
+    if not records.runs:
+        io.report(f"{PROG} publish: no records: give REST JSON objects as arguments or on standard input")
+        return EXIT_BAD_INPUT
+
+    runs = records.runs
+    refused = 0
+    with connect(args) as client:
+
+        def report(index: int, outcome: Any) -> None:
+            nonlocal refused
+            run = runs[index]
+            if isinstance(outcome, ServiceError):
+                refused += 1
+                io.report(_refusal(index, outcome))
+                if args.format == "jsonl":
+                    error = {"code": outcome.code, "reason": outcome.reason, "message": outcome.message}
+                    if outcome.field:
+                        error["field"] = outcome.field
+                    write_all(io.stdout, jsonl({"index": index, **_job(run), "error": error}))
+            elif args.format == "jsonl":
+                line = {"index": index, **_job(run), "revision": outcome.revision, "changed": outcome.changed}
+                write_all(io.stdout, jsonl(line))
+            else:
+                change = "changed" if outcome.changed else "unchanged"
+                text = f"{_describe_run(run, args.source)}: revision {outcome.revision}, {change}\n"
+                write_all(io.stdout, text.encode())
+
+        if len(runs) == 1:
+            try:
+                outcome: Any = client.publish(runs[0], source=args.source)
+            except RunRejected as exc:
+                outcome = exc
+            report(0, outcome)
+        else:
+            done = 0
+            try:
+                for outcome in client.publish_many(runs, source=args.source):
+                    report(done, outcome)
+                    done += 1
+            except ServiceError as exc:
+                io.stdout.flush()
+                left = f"record {done}" if done == len(runs) - 1 else f"records {done} to {len(runs) - 1}"
+                io.report(one_line(f"{PROG}: {exc} ({left} not acknowledged)"))
+                return EXIT_CALL_FAILED
+        io.stdout.flush()
+    return EXIT_CALL_FAILED if refused else EXIT_OK
+
+
+def _job(run: ProtectionShellInfo) -> dict[str, int | None]:
+    return {"jobRunId": run.job_run_id if run.HasField("job_run_id") else None}
+
+
+def add_publish(subparsers: Subparsers[argparse.ArgumentParser]) -> None:
+    parser = subparsers.add_parser(
+        "publish",
+        help="publish run updates to the service",
+        description="Publish REST ProtectionShellInfo objects: each argument is one JSON object; without"
+        " arguments, standard input holds a JSON array, one object, or one object per line (JSONL)."
+        " Every record is checked first: if any is bad, each bad one is reported and nothing is published"
+        " (exit status 2). Then one line per record says its revision; a refused record is reported on"
+        " standard error and makes the exit status 1.",
+    )
+    parser.add_argument("records", nargs="*", metavar="JSON", help="a REST JSON object")
+    parser.add_argument("--source", default="", help="the source (cluster or agent) of the runs (default '')")
+    parser.add_argument(
+        "--strict", action="store_true", help="reject REST keys and enum values this schema version does not know"
+    )
+    parser.add_argument(
+        "--format", choices=("text", "jsonl"), default="text", help="how to report each record (default text)"
+    )
+    add_client_options(parser)
+    parser.set_defaults(handler=_cmd_publish)
+
+
+# --- get and list -----------------------------------------------------------------
+
+
+def _cmd_get(args: argparse.Namespace, io: Streams) -> int:
+    with connect(args) as client:
+        update = client.get(args.job_run_id, source=args.source)
+    text = json.dumps(update_dict(update), ensure_ascii=False, indent=2) + "\n"
+    write_all(io.stdout, text.encode())
+    io.stdout.flush()
+    return EXIT_OK
+
+
+def add_get(subparsers: Subparsers[argparse.ArgumentParser]) -> None:
+    parser = subparsers.add_parser(
+        "get",
+        help="print the latest state of one run",
+        description="Print the latest update of one run as JSON: revision, source, acceptedTimeUsecs and the run"
+        " in REST form. A run that does not exist is exit status 1.",
+    )
+    parser.add_argument("job_run_id", type=job_run_id, metavar="JOB_RUN_ID", help="the run's jobRunId")
+    parser.add_argument("--source", default="", help="the run's source (default '')")
+    add_client_options(parser)
+    parser.set_defaults(handler=_cmd_get)
+
+
+def _cmd_list(args: argparse.Namespace, io: Streams) -> int:
+    filters = filter_options(args)
+    with connect(args) as client:
+        updates = client.list(**filters, page_size=args.page_size)
+        if args.format == "jsonl":
+            for update in updates:
+                write_all(io.stdout, jsonl(update_dict(update)))
+        else:
+            lines = table([cells(update) for update in updates])
+            write_all(io.stdout, "".join(line + "\n" for line in lines).encode())
+    io.stdout.flush()
+    return EXIT_OK
+
+
+def add_list(subparsers: Subparsers[argparse.ArgumentParser]) -> None:
+    parser = subparsers.add_parser(
+        "list",
+        help="print the latest state of every matching run",
+        description="Print the latest update of every matching run, ordered by source and jobRunId.",
+    )
+    parser.add_argument(
+        "--format",
+        choices=("table", "jsonl"),
+        default="table",
+        help="a table, or one JSON object per run as watch --format jsonl writes (default table)",
+    )
+    parser.add_argument(
+        "--page-size", type=count, default=100, metavar="N", help="runs fetched per call (default %(default)s)"
+    )
+    add_filters(parser)
+    add_client_options(parser)
+    parser.set_defaults(handler=_cmd_list)
