@@ -11,8 +11,8 @@ update into the repeated field, and sizing batches needs ByteSize() per
 update: together most of the cost of a catch-up. Instead each update is
 serialized once (once per commit for live updates, whatever the number of
 watchers) and responses are concatenated from those bytes, which is the
-same wire format. WatchRuns is registered with a serializer that passes
-bytes through (see server.py).
+same wire format. The service is registered with a serializer that passes
+bytes through (:func:`serialize_response`).
 """
 
 from __future__ import annotations
@@ -21,6 +21,8 @@ import asyncio
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Final, TypeVar
+
+from google.protobuf.message import Message
 
 from shellinfo_grpc._gen.shellinfo.v1 import run_update_service_pb2 as _svc
 from shellinfo_grpc.framing import encode_varint
@@ -33,7 +35,7 @@ __all__ = [
     "batches",
     "encode",
     "has_filter",
-    "serialize_watch_response",
+    "serialize_response",
     "watch_response",
 ]
 
@@ -74,8 +76,8 @@ def watch_response(batch: Sequence[tuple[Any, bytes]], revision: int, *, snapsho
     return b"".join(parts)
 
 
-def serialize_watch_response(response: bytes | _svc.WatchRunsResponse) -> bytes:
-    """The response serializer of WatchRuns: pre-encoded bytes pass through, messages are serialized."""
+def serialize_response(response: bytes | Message) -> bytes:
+    """The response serializer of the service: pre-encoded bytes pass through, messages are serialized."""
     return response if type(response) is bytes else response.SerializeToString()  # type: ignore[union-attr]
 
 

@@ -8,25 +8,22 @@ fault). A refused item of a ``PublishRuns`` stream carries the same in a
 server that writes them and the client that reads them use the same words.
 
 This module turns a :class:`~shellinfo_grpc.errors.ServiceError` into those
-wire forms (:func:`status_proto`, :func:`publish_error`) and reads them back
-(:func:`details`, :func:`code_name`); choosing the error class is the
-client's. It imports neither grpc nor the rest of the package, so that
-:mod:`shellinfo_grpc.errors` can use its constants.
+wire forms (:func:`error_status`, :func:`status_proto`, :func:`publish_error`)
+and reads them back (:func:`details`, :func:`code_name`); choosing the error
+class is the client's. It imports neither grpc nor the rest of the package, so
+that :mod:`shellinfo_grpc.errors` can use its constants.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Final
+from typing import Final, Protocol
 
 from google.protobuf import any_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 
 from shellinfo_grpc._gen.shellinfo.v1 import run_update_service_pb2 as _svc
-
-if TYPE_CHECKING:
-    from shellinfo_grpc.errors import ServiceError
 
 __all__ = [
     "DOMAIN",
@@ -46,6 +43,7 @@ __all__ = [
     "REASON_WATCHER_TOO_SLOW",
     "REFUSED_CODES",
     "Details",
+    "ErrorParts",
     "code_name",
     "code_number",
     "details",
@@ -94,6 +92,16 @@ KEY_JOB_RUN_ID: Final = "job_run_id"
 REFUSED_CODES: Final = frozenset({"INVALID_ARGUMENT", "FAILED_PRECONDITION"})
 
 
+class ErrorParts(Protocol):
+    """What a refusal is made of; :class:`~shellinfo_grpc.errors.ServiceError` has it all."""
+
+    code: str
+    reason: str
+    message: str
+    violations: tuple[tuple[str, str], ...]
+    metadata: dict[str, str]
+
+
 def code_number(name: str) -> int:
     """The number of a status code named as gRPC names it (``"INVALID_ARGUMENT"`` -> 3)."""
     return int(code_pb2.Code.Value(name))
@@ -129,7 +137,7 @@ def status_proto(
     return status_pb2.Status(code=code_number(code), message=message, details=parts)
 
 
-def error_status(exc: ServiceError) -> status_pb2.Status:
+def error_status(exc: ErrorParts) -> status_pb2.Status:
     """The google.rpc ``Status`` that carries ``exc`` to a client."""
     return status_proto(exc.code, exc.message, reason=exc.reason, violations=exc.violations, metadata=exc.metadata)
 
@@ -161,7 +169,7 @@ def details(status: status_pb2.Status) -> Details:
     return Details(reason, metadata, tuple(violations))
 
 
-def publish_error(exc: ServiceError) -> _svc.PublishError:
+def publish_error(exc: ErrorParts) -> _svc.PublishError:
     """The ``PublishError`` of a refused item of a ``PublishRuns`` stream."""
     return _svc.PublishError(
         code=code_number(exc.code),

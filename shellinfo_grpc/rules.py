@@ -1,8 +1,8 @@
 """The rules of the run-update service, independent of storage and transport.
 
-Every store applies :func:`check_update` inside its atomic section (a SQLite
-transaction, an optimistic-concurrency retry on JetStream), so the rules hold
-whichever backend runs them. Refusals are :class:`RunRejected` errors that name
+Every store applies :func:`check_run` to each update and :func:`check_change`
+inside its atomic section (a transaction, an optimistic-concurrency retry), so
+the rules hold whichever backend runs them. Refusals are :class:`RunRejected` errors that name
 the REST key at fault; the server turns them into gRPC statuses with
 google.rpc details, the client turns those back into the same error.
 """
@@ -20,6 +20,7 @@ from shellinfo_grpc.rest import rest_names
 
 __all__ = [
     "FINAL_STATUSES",
+    "check_change",
     "check_run",
     "check_update",
     "compile_filter",
@@ -96,6 +97,11 @@ def check_update(current: _pb.ProtectionShellInfo | None, new: _pb.ProtectionShe
     applies :func:`check_run`.
     """
     check_run(new)
+    return check_change(current, new)
+
+
+def check_change(current: _pb.ProtectionShellInfo | None, new: _pb.ProtectionShellInfo) -> bool:
+    """:func:`check_update` for a run that has passed :func:`check_run` already."""
     if current is None:
         return True
     if current == new:

@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any, Final, NoReturn
 
 import grpc
+from google.protobuf import message_factory
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio  # type: ignore[attr-defined]
 from grpc_reflection.v1alpha import reflection
@@ -45,7 +46,7 @@ from shellinfo_grpc._fanout import (
     batches,
     encode,
     has_filter,
-    serialize_watch_response,
+    serialize_response,
     watch_response,
 )
 from shellinfo_grpc._gen.shellinfo.v1 import protection_shell_info_pb2 as _pb
@@ -65,7 +66,7 @@ from shellinfo_grpc._status import (
     status_proto,
 )
 from shellinfo_grpc.errors import ConfigurationError, HistoryExpired, RunRejected, ServiceError, StoreUnavailable
-from shellinfo_grpc.rules import check_run, compile_filter
+from shellinfo_grpc.rules import compile_filter
 from shellinfo_grpc.stores import Store
 
 __all__ = [
@@ -76,12 +77,14 @@ __all__ = [
     "TlsConfig",
     "create_server",
     "load_tokens",
+    "method_handlers",
     "serve",
 ]
 
 log = logging.getLogger("shellinfo_grpc.server")
 
-SERVICE_NAME: Final = _svc.DESCRIPTOR.services_by_name["RunUpdateService"].full_name
+_SERVICE: Final = _svc.DESCRIPTOR.services_by_name["RunUpdateService"]
+SERVICE_NAME: Final = _SERVICE.full_name
 
 #: Methods that need no bearer token: health checks, so that load balancers
 #: and orchestrator probes work without credentials.
@@ -264,10 +267,8 @@ class RunUpdateServicer(_svc_grpc.RunUpdateServiceServicer):
         self, request: _svc.PublishRunRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> _svc.PublishRunResponse:
         """Record one update (see the proto for the rules)."""
-        run = request.run if request.HasField("run") else None
+        run = request.run  # unset: an empty run, which the store refuses (no jobRunId)
         try:
-            check_run(run)
-            assert run is not None
             self._check_size(run)
         except RunRejected as exc:
             await _abort(context, _service_status(exc))
@@ -328,10 +329,8 @@ class RunUpdateServicer(_svc_grpc.RunUpdateServiceServicer):
                 items: list[tuple[str, _pb.ProtectionShellInfo]] = []
                 positions: list[int] = []
                 for i, req in enumerate(requests):
-                    run = req.run if req.HasField("run") else None
+                    run = req.run
                     try:
-                        check_run(run)
-                        assert run is not None
                         self._check_size(run)
                     except RunRejected as exc:
                         acks[i] = _svc.PublishRunsResponse(index=index + i, error=publish_error(exc))
@@ -404,7 +403,7 @@ class RunUpdateServicer(_svc_grpc.RunUpdateServiceServicer):
         token = _encode_page_token(page[-1], request.filter) if more else ""
         return _svc.ListRunsResponse(updates=page, next_page_token=token)
 
-    async def WatchRuns(  # type: ignore[override]  # may yield pre-encoded bytes, see _add_service
+    async def WatchRuns(  # type: ignore[override]  # may yield pre-encoded bytes, see method_handlers
         self, request: _svc.WatchRunsRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> AsyncIterator[bytes | _svc.WatchRunsResponse]:
         """Stream matching updates: snapshot or history first, then live."""
@@ -605,36 +604,38 @@ def _deny(handler: grpc.RpcMethodHandler[Any, Any]) -> grpc.RpcMethodHandler[Any
 # --- assembling and running -------------------------------------------------------
 
 
+#: How each kind of rpc is registered: (client streaming, server streaming) -> handler factory.
+_HANDLER_KINDS: Final[dict[tuple[bool, bool], Callable[..., grpc.RpcMethodHandler[Any, Any]]]] = {
+    (False, False): grpc.unary_unary_rpc_method_handler,
+    (False, True): grpc.unary_stream_rpc_method_handler,
+    (True, False): grpc.stream_unary_rpc_method_handler,
+    (True, True): grpc.stream_stream_rpc_method_handler,
+}
+
+
+def method_handlers(servicer: RunUpdateServicer) -> dict[str, grpc.RpcMethodHandler[Any, Any]]:
+    """The handler of every rpc of the service, read from the service descriptor.
+
+    Each rpc of the proto is registered with its streaming kind and message
+    types, so one added to the proto cannot be left out (it answers
+    UNIMPLEMENTED until the servicer implements it). A handler may send
+    pre-encoded bytes instead of a response message (WatchRuns does, see
+    :mod:`shellinfo_grpc._fanout`).
+    """
+    handlers = {}
+    for method in _SERVICE.methods:
+        kind = _HANDLER_KINDS[(method.client_streaming, method.server_streaming)]
+        handlers[method.name] = kind(
+            getattr(servicer, method.name),
+            request_deserializer=message_factory.GetMessageClass(method.input_type).FromString,
+            response_serializer=serialize_response,
+        )
+    return handlers
+
+
 def _add_service(servicer: RunUpdateServicer, server: grpc.aio.Server) -> None:
-    """Register the service as the generated ``add_RunUpdateServiceServicer_to_server``
-    does, except that WatchRuns responses may be pre-encoded bytes."""
-    handlers = {
-        "PublishRun": grpc.unary_unary_rpc_method_handler(
-            servicer.PublishRun,
-            request_deserializer=_svc.PublishRunRequest.FromString,
-            response_serializer=_svc.PublishRunResponse.SerializeToString,
-        ),
-        "PublishRuns": grpc.stream_stream_rpc_method_handler(
-            servicer.PublishRuns,
-            request_deserializer=_svc.PublishRunsRequest.FromString,
-            response_serializer=_svc.PublishRunsResponse.SerializeToString,
-        ),
-        "GetRun": grpc.unary_unary_rpc_method_handler(
-            servicer.GetRun,
-            request_deserializer=_svc.GetRunRequest.FromString,
-            response_serializer=_svc.GetRunResponse.SerializeToString,
-        ),
-        "ListRuns": grpc.unary_unary_rpc_method_handler(
-            servicer.ListRuns,
-            request_deserializer=_svc.ListRunsRequest.FromString,
-            response_serializer=_svc.ListRunsResponse.SerializeToString,
-        ),
-        "WatchRuns": grpc.unary_stream_rpc_method_handler(
-            servicer.WatchRuns,
-            request_deserializer=_svc.WatchRunsRequest.FromString,
-            response_serializer=serialize_watch_response,
-        ),
-    }
+    """Register the service as the generated ``add_RunUpdateServiceServicer_to_server`` does."""
+    handlers = method_handlers(servicer)
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
     server.add_registered_method_handlers(SERVICE_NAME, handlers)  # type: ignore[attr-defined]
 

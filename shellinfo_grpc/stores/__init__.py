@@ -1,19 +1,13 @@
-"""The storage interface of the run-update service, and how a URL picks a backend.
+"""The storage interface of the run-update service, and what every backend shares.
 
 A store keeps two things: the **history**, every accepted update in revision
 order (trimmed by the retention policy), and the **latest state** of every
-run. It assigns revisions, applies :func:`shellinfo_grpc.rules.check_update`
-atomically with the write, and tells its listeners about each committed update
-in revision order. The server needs nothing else, so a backend plugs in by
-implementing :class:`Store`:
-
-* :class:`~shellinfo_grpc.memory_store.MemoryStore` (``memory://``): for tests
-  and throwaway use; nothing survives the process.
-* :class:`~shellinfo_grpc.sqlite_store.SqliteStore` (``sqlite:///PATH``): the
-  embedded default; an update is acknowledged only once it is durable.
-* :class:`~shellinfo_grpc.nats_store.NatsStore` (``nats://HOST:PORT``): one
-  JetStream stream shared by several replicas of the service (the ``nats``
-  extra). Its retention also forgets runs whose last update it trims.
+run. It assigns revisions, applies the rules of :mod:`shellinfo_grpc.rules`
+atomically with the write (through :func:`decide`), and tells its listeners
+about each committed update in revision order (through
+:meth:`Store.notify_listeners`). The server needs nothing else, so a backend
+plugs in by implementing :class:`Store`; :mod:`shellinfo_grpc.stores._registry`
+maps a URL scheme to it.
 
 Stores are used from one asyncio event loop.
 """
@@ -22,13 +16,15 @@ from __future__ import annotations
 
 import abc
 import contextlib
+import logging
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from shellinfo_grpc._gen.shellinfo.v1 import protection_shell_info_pb2 as _pb
 from shellinfo_grpc._gen.shellinfo.v1 import run_update_service_pb2 as _svc
 from shellinfo_grpc.errors import ConfigurationError, RunRejected
-from shellinfo_grpc.rules import check_update
+from shellinfo_grpc.rules import check_change, check_run
 
 __all__ = [
     "Listener",
@@ -36,10 +32,18 @@ __all__ = [
     "Retention",
     "Store",
     "decide",
+    "now_usecs",
 ]
+
+_log = logging.getLogger("shellinfo_grpc.stores")
 
 #: Called with the updates of one commit, in revision order.
 Listener = Callable[[Sequence[_svc.RunUpdate]], None]
+
+
+def now_usecs() -> int:
+    """The time now in Unix microseconds: the ``accepted_time_usecs`` of an update."""
+    return time.time_ns() // 1000
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,10 +79,11 @@ def decide(current: _svc.RunUpdate | None, run: _pb.ProtectionShellInfo) -> Publ
     The outcome to answer without writing (identical state: the current
     update, unchanged; a rule refuses it: the :class:`RunRejected`), or
     ``None`` when ``run`` is a change to record. Every store calls this inside
-    its atomic section.
+    its atomic section, for runs that passed :func:`~shellinfo_grpc.rules.check_run`
+    in :meth:`Store.publish_batch`.
     """
     try:
-        changed = check_update(current.run if current is not None else None, run)
+        changed = check_change(current.run if current is not None else None, run)
     except RunRejected as exc:
         return exc
     if changed:
@@ -90,8 +95,10 @@ def decide(current: _svc.RunUpdate | None, run: _pb.ProtectionShellInfo) -> Publ
 class Store(abc.ABC):
     """A backend of the run-update service. See the module docstring.
 
-    Subclasses call ``super().__init__()`` and, after each commit, call every
-    listener in ``self._listeners`` with the committed updates, in order.
+    A backend implements the abstract methods; :meth:`record_batch` calls
+    :func:`decide` for each update inside its atomic section, and after each
+    commit the backend calls :meth:`notify_listeners` with the committed
+    updates, in revision order. Subclasses call ``super().__init__()``.
     """
 
     def __init__(self) -> None:
@@ -105,14 +112,13 @@ class Store(abc.ABC):
     async def close(self) -> None:
         """Finish pending writes and release the backend."""
 
-    @abc.abstractmethod
     async def publish_batch(
         self, items: Sequence[tuple[str, _pb.ProtectionShellInfo]]
     ) -> list[PublishOutcome | RunRejected]:
         """Apply updates ``(source, run)``, atomically each, updates of one run in order.
 
         Revisions follow request order within a run; across runs, a backend
-        may assign them in another order (NatsStore publishes runs
+        may assign them in another order (one that publishes runs
         concurrently), and outcomes always come back in request order.
 
         For each item, the outcome: the new or unchanged current update, or the
@@ -121,6 +127,35 @@ class Store(abc.ABC):
         recorded update is durable. Raises
         :class:`~shellinfo_grpc.errors.StoreUnavailable` when the backend
         cannot be reached; then nothing of the batch is acknowledged.
+
+        Runs that can never be accepted (:func:`~shellinfo_grpc.rules.check_run`)
+        are refused here, without asking the backend; the others go to
+        :meth:`record_batch`.
+        """
+        refused: dict[int, RunRejected] = {}
+        for index, (source, run) in enumerate(items):
+            if not isinstance(source, str) or not isinstance(run, _pb.ProtectionShellInfo):
+                raise TypeError(f"publish_batch takes (str, ProtectionShellInfo) pairs, not ({source!r}, {run!r})")
+            try:
+                check_run(run)
+            except RunRejected as exc:
+                refused[index] = exc
+        if not refused:
+            return await self.record_batch(items)
+        valid = [item for index, item in enumerate(items) if index not in refused]
+        recorded = iter(await self.record_batch(valid) if valid else ())
+        return [refused[index] if index in refused else next(recorded) for index in range(len(items))]
+
+    @abc.abstractmethod
+    async def record_batch(
+        self, items: Sequence[tuple[str, _pb.ProtectionShellInfo]]
+    ) -> list[PublishOutcome | RunRejected]:
+        """:meth:`publish_batch` for runs that passed :func:`~shellinfo_grpc.rules.check_run`.
+
+        For each item, in request order: :func:`decide` it against the run's
+        current update inside the backend's atomic section, and record it
+        when that says so. Returns once every recorded update is durable, and
+        after :meth:`notify_listeners` was called for them.
         """
 
     async def publish(self, source: str, run: _pb.ProtectionShellInfo) -> PublishOutcome:
@@ -156,7 +191,7 @@ class Store(abc.ABC):
         """As :meth:`history`, as ``(revision, serialized RunUpdate)`` pairs.
 
         An unfiltered watch catches up by sending these bytes as they are; a
-        backend that keeps them (SQLite) overrides this to skip decoding.
+        backend that keeps them overrides this to skip decoding.
         """
         return [(u.revision, u.SerializeToString()) for u in await self.history(start_revision, end_revision, limit)]
 
@@ -183,3 +218,22 @@ class Store(abc.ABC):
         """Stop calling ``listener`` (a server that stops removes its own)."""
         with contextlib.suppress(ValueError):
             self._listeners.remove(listener)
+
+    def notify_listeners(self, updates: Sequence[_svc.RunUpdate]) -> None:
+        """Tell every listener about the updates of one commit (a backend calls this).
+
+        A listener that raises is logged and does not stop the others, nor
+        the store.
+        """
+        if not updates:
+            return
+        for listener in tuple(self._listeners):
+            try:
+                listener(updates)
+            except Exception:
+                _log.exception(
+                    "%s: a listener failed on revisions %d..%d", self, updates[0].revision, updates[-1].revision
+                )
+
+    def __str__(self) -> str:
+        return f"store {type(self).__name__}"

@@ -3,20 +3,15 @@
 from __future__ import annotations
 
 import bisect
-import time
 from collections.abc import Sequence
 
 from shellinfo_grpc._gen.shellinfo.v1 import protection_shell_info_pb2 as _pb
 from shellinfo_grpc._gen.shellinfo.v1 import run_update_service_pb2 as _svc
 from shellinfo_grpc.errors import HistoryExpired, RunRejected
 from shellinfo_grpc.rules import compile_filter
-from shellinfo_grpc.stores import PublishOutcome, Retention, Store, decide
+from shellinfo_grpc.stores import PublishOutcome, Retention, Store, decide, now_usecs
 
 __all__ = ["MemoryStore"]
-
-
-def _now_usecs() -> int:
-    return time.time_ns() // 1000
 
 
 class MemoryStore(Store):
@@ -41,7 +36,7 @@ class MemoryStore(Store):
     async def close(self) -> None:
         """Nothing to release."""
 
-    async def publish_batch(
+    async def record_batch(
         self, items: Sequence[tuple[str, _pb.ProtectionShellInfo]]
     ) -> list[PublishOutcome | RunRejected]:
         """Apply updates in order; each is atomic by running without an await."""
@@ -54,7 +49,7 @@ class MemoryStore(Store):
             if outcome is not None:
                 outcomes.append(outcome)
                 continue
-            update = _svc.RunUpdate(source=source, run=run, revision=self._head + 1, accepted_time_usecs=_now_usecs())
+            update = _svc.RunUpdate(source=source, run=run, revision=self._head + 1, accepted_time_usecs=now_usecs())
             self._head = update.revision
             if current is None:
                 bisect.insort(self._keys, key)
@@ -63,9 +58,7 @@ class MemoryStore(Store):
             committed.append(update)
             outcomes.append(PublishOutcome(update, changed=True))
         self._trim()
-        if committed:
-            for listener in tuple(self._listeners):
-                listener(committed)
+        self.notify_listeners(committed)
         return outcomes
 
     def _trim(self) -> None:
@@ -74,7 +67,7 @@ class MemoryStore(Store):
         if limit and len(history) - base > limit:
             base = len(history) - limit
         if self._retention.max_age_seconds:
-            cutoff = _now_usecs() - int(self._retention.max_age_seconds * 1_000_000)
+            cutoff = now_usecs() - int(self._retention.max_age_seconds * 1_000_000)
             while base < len(history) and history[base].accepted_time_usecs < cutoff:
                 base += 1
         if base != self._base:

@@ -39,7 +39,6 @@ import contextlib
 import logging
 import random
 import ssl
-import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Final
@@ -54,7 +53,7 @@ from shellinfo_grpc._gen.shellinfo.v1 import protection_shell_info_pb2 as _pb
 from shellinfo_grpc._gen.shellinfo.v1 import run_update_service_pb2 as _svc
 from shellinfo_grpc.errors import ConfigurationError, HistoryExpired, RunRejected, StoreUnavailable
 from shellinfo_grpc.rules import compile_filter
-from shellinfo_grpc.stores import PublishOutcome, Retention, Store, decide
+from shellinfo_grpc.stores import PublishOutcome, Retention, Store, decide, now_usecs
 
 __all__ = ["NatsStore"]
 
@@ -67,10 +66,6 @@ _OPTIONS: Final = frozenset(
 )
 # Errors that mean "NATS cannot be reached or did not answer in time".
 _UNREACHABLE: Final = (nats.errors.Error, asyncio.TimeoutError, OSError)
-
-
-def _now_usecs() -> int:
-    return time.time_ns() // 1000
 
 
 def _source_token(source: str) -> str:
@@ -270,11 +265,7 @@ class NatsStore(Store):
         update = self._decode(msg.data, seq)
         if update is None:
             return
-        for listener in tuple(self._listeners):
-            try:
-                listener((update,))
-            except Exception:
-                _log.exception("a listener failed on revision %d", update.revision)
+        self.notify_listeners((update,))
 
     def _decode(self, data: bytes, seq: int) -> _svc.RunUpdate | None:
         try:
@@ -347,7 +338,7 @@ class NatsStore(Store):
             outcome = decide(current, run)
             if outcome is not None:
                 return outcome
-            update = _svc.RunUpdate(source=source, accepted_time_usecs=_now_usecs())
+            update = _svc.RunUpdate(source=source, accepted_time_usecs=now_usecs())
             update.run.MergeFromString(payload_run)
             headers = {_EXPECTED_LAST_SUBJECT_SEQ: str(last_seq)}
             try:
@@ -363,7 +354,7 @@ class NatsStore(Store):
             f"{self._max_attempts} attempts; try again"
         )
 
-    async def publish_batch(
+    async def record_batch(
         self, items: Sequence[tuple[str, _pb.ProtectionShellInfo]]
     ) -> list[PublishOutcome | RunRejected]:
         """Apply updates: different runs concurrently, updates of one run in order.

@@ -34,7 +34,6 @@ import asyncio
 import functools
 import logging
 import sqlite3
-import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -47,7 +46,7 @@ from shellinfo_grpc._gen.shellinfo.v1 import protection_shell_info_pb2 as _pb
 from shellinfo_grpc._gen.shellinfo.v1 import run_update_service_pb2 as _svc
 from shellinfo_grpc.errors import ConfigurationError, HistoryExpired, RunRejected, StoreUnavailable
 from shellinfo_grpc.rules import compile_filter
-from shellinfo_grpc.stores import PublishOutcome, Retention, Store, decide
+from shellinfo_grpc.stores import PublishOutcome, Retention, Store, decide, now_usecs
 
 __all__ = ["SqliteStore"]
 
@@ -101,10 +100,6 @@ _Item = tuple[str, _pb.ProtectionShellInfo]
 _Key = tuple[str, int]
 _Change = tuple[_svc.RunUpdate, bytes]  # an accepted update and its run's stored bytes
 _BatchResult = list[PublishOutcome | RunRejected] | Exception
-
-
-def _now_usecs() -> int:
-    return time.time_ns() // 1000
 
 
 def _clamp64(value: int) -> int:
@@ -200,10 +195,8 @@ class SqliteStore(Store):
         # Owned by the reader thread.
         self._rconn: sqlite3.Connection | None = None
 
-    @property
-    def path(self) -> Path:
-        """The SQLite file."""
-        return self._path
+    def __str__(self) -> str:
+        return f"store {self._path}"
 
     # -- lifecycle -----------------------------------------------------------
 
@@ -342,14 +335,11 @@ class SqliteStore(Store):
 
     # -- writing ---------------------------------------------------------------
 
-    async def publish_batch(
+    async def record_batch(
         self, items: Sequence[tuple[str, _pb.ProtectionShellInfo]]
     ) -> list[PublishOutcome | RunRejected]:
         """Queue the batch for the next group commit; return once it is committed and durable."""
         batch = list(items)
-        for source, run in batch:
-            if not isinstance(source, str) or not isinstance(run, _pb.ProtectionShellInfo):
-                raise TypeError(f"publish_batch takes (str, ProtectionShellInfo) pairs, not ({source!r}, {run!r})")
         if self._closing or self._writer is None:
             raise StoreUnavailable(f"store {self._path} is {'closed' if self._closing else 'not started'}")
         if not batch:
@@ -411,17 +401,7 @@ class SqliteStore(Store):
             return
         done = job.result()
         self._head = done.head
-        if done.committed:
-            for listener in tuple(self._listeners):
-                try:
-                    listener(done.committed)
-                except Exception:
-                    _log.exception(
-                        "store %s: a listener failed on revisions %d..%d",
-                        self._path,
-                        done.committed[0].revision,
-                        done.committed[-1].revision,
-                    )
+        self.notify_listeners(done.committed)
         for pending, result in zip(group, done.results, strict=True):
             if isinstance(result, Exception):
                 _fail(pending.future, result)
@@ -444,7 +424,7 @@ class SqliteStore(Store):
         conn = self._wconn
         if conn is None:
             raise StoreUnavailable(f"store {self._path} is closed")
-        now = _now_usecs()
+        now = now_usecs()
         head = self._w_head
         oldest = self._w_oldest
         done = _GroupResult(results=[])
@@ -582,7 +562,7 @@ class SqliteStore(Store):
             raise StoreUnavailable(f"store {self._path} is closed")
         try:
             conn.execute("BEGIN IMMEDIATE")
-            self._w_oldest = self._trim(conn, self._w_head, self._w_oldest, _now_usecs())
+            self._w_oldest = self._trim(conn, self._w_head, self._w_oldest, now_usecs())
             conn.execute("COMMIT")
         except sqlite3.Error as exc:
             if conn.in_transaction:
@@ -715,7 +695,7 @@ class SqliteStore(Store):
             return oldest, first_accepted, [convert(row) for row in rows]
 
         oldest, first_accepted, updates = await self._read(read)
-        expired = first_accepted is not None and first_accepted < _now_usecs() - int(max_age * 1_000_000)
+        expired = first_accepted is not None and first_accepted < now_usecs() - int(max_age * 1_000_000)
         if expired and not self._closing:
             # Updates expired while nothing was written: trim now, then read again.
             await self._on(self._writer, self._trim_now)
