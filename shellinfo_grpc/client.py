@@ -41,15 +41,25 @@ import ipaddress
 import random
 import threading
 import time
-from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator, Iterable, Iterator, Mapping, Sequence
+from collections.abc import (
+    AsyncGenerator,
+    AsyncIterable,
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Iterable,
+    Iterator,
+    Mapping,
+    Sequence,
+)
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Final, Self, TypeAlias, cast
+from typing import Any, Final, Generic, Self, TypeAlias, TypeVar, cast
 
 import grpc
 import grpc.aio
-from google.protobuf.message import DecodeError
+from google.protobuf.message import DecodeError, Message
 from grpc_status import rpc_status
 
 from shellinfo_grpc._gen.shellinfo.v1 import protection_shell_info_pb2 as _pb
@@ -91,6 +101,10 @@ PublishItem: TypeAlias = RunInput | tuple[str, RunInput]
 EnumInput: TypeAlias = int | str
 
 _Metadata: TypeAlias = tuple[tuple[str, str], ...]
+# What a client's watch() and list() return: its kind of watch, and of iterator.
+_Watch = TypeVar("_Watch")
+_Pages = TypeVar("_Pages")
+_R = TypeVar("_R")  # the response of a unary call
 _Options: TypeAlias = Sequence[tuple[str, Any]]
 
 #: Seconds a unary call (publish, get, one page of list) may take by default.
@@ -186,6 +200,14 @@ def _to_run(run: RunInput) -> _pb.ProtectionShellInfo:
     if isinstance(run, _pb.ProtectionShellInfo):
         return run
     return from_rest(run)
+
+
+def _publish_request(run: RunInput, source: str) -> _svc.PublishRunRequest:
+    return _svc.PublishRunRequest(source=source, run=_to_run(run))
+
+
+def _published(response: _svc.PublishRunResponse) -> PublishResult:
+    return PublishResult(response.revision, response.changed)
 
 
 def _publish_item(item: PublishItem, default_source: str) -> tuple[str, _pb.ProtectionShellInfo]:
@@ -291,18 +313,13 @@ def _ack_result(ack: _svc.PublishRunsResponse, expected: int) -> PublishResult |
     return PublishResult(ack.revision, ack.changed)
 
 
-def _check_ack_count(acknowledged: int, sent: int) -> None:
-    if acknowledged != sent:
-        raise ServiceError("INTERNAL", "", f"the server acknowledged {acknowledged} of {sent} updates")
-
-
 def _cancel(call: Any) -> None:
     """Cancel a call (a no-op once it ended); ``cancel`` is untyped in grpc-stubs."""
     call.cancel()
 
 
 class _RequestFeed:
-    """The requests of a PublishRuns stream, made lazily from the caller's items.
+    """The requests of a PublishRuns stream, made lazily from the caller's items, and their acknowledgements.
 
     gRPC consumes the requests on its own (a thread, or a task); an error in
     the caller's items (a bad REST dict, say) must not vanish there. So the
@@ -314,6 +331,7 @@ class _RequestFeed:
         self._items = items
         self._source = source
         self.sent = 0
+        self.acknowledged = 0
         self.failure: Exception | None = None
 
     def _request(self, item: PublishItem) -> _svc.PublishRunsRequest:
@@ -343,10 +361,27 @@ class _RequestFeed:
         except Exception as exc:  # kept for the caller; see the class docstring
             self.failure = exc
 
-    def raise_failure(self) -> None:
-        """Raise the error that ended the items early, if one did."""
+    def result(self, ack: _svc.PublishRunsResponse) -> PublishResult | ServiceError:
+        """What the acknowledgement of the next item says."""
+        result = _ack_result(ack, self.acknowledged)
+        self.acknowledged += 1
+        return result
+
+    @contextlib.contextmanager
+    def acknowledging(self, call: Any) -> Iterator[None]:
+        """Around reading the acknowledgements of ``call``: gRPC errors become
+        ServiceErrors, the call ends with the block, and at its end every item
+        sent must have been acknowledged (and an error in the items is raised)."""
+        try:
+            yield
+        except grpc.RpcError as exc:
+            raise _service_error(exc, publish=True) from exc
+        finally:
+            _cancel(call)
         if self.failure is not None:
             raise self.failure
+        if self.acknowledged != self.sent:
+            raise ServiceError("INTERNAL", "", f"the server acknowledged {self.acknowledged} of {self.sent} updates")
 
 
 # --- connection settings ---------------------------------------------------------------
@@ -793,8 +828,13 @@ class AsyncRunWatch(_WatchBase):
 # --- the clients -------------------------------------------------------------------------
 
 
-class _ClientBase:
-    """Settings shared by both clients; see :class:`RunUpdateClient`."""
+class _ClientBase(Generic[_Watch, _Pages]):
+    """What both clients share: settings, the channel plan, and the methods that make no call.
+
+    ``list`` and ``watch`` are written once here; each client opens its own
+    kind of channel (:meth:`_connect`), pages (:meth:`_pages`) and watch
+    (:meth:`_open_watch`).
+    """
 
     def __init__(
         self,
@@ -827,31 +867,72 @@ class _ClientBase:
         self._connect(self._plan)
 
     def _connect(self, plan: _ChannelPlan) -> None:
-        """Open the channel and its stub (each client opens its own kind)."""
+        """Open the channel and its stub."""
         raise NotImplementedError  # pragma: no cover
 
-    def _cursor(
+    def _pages(self, flt: _svc.RunFilter, page_size: int) -> _Pages:
+        """The updates of every page of ListRuns, fetched as they are needed."""
+        raise NotImplementedError  # pragma: no cover
+
+    def _open_watch(self, cursor: _WatchCursor) -> _Watch:
+        """Start a watch from ``cursor``."""
+        raise NotImplementedError  # pragma: no cover
+
+    def list(
         self,
         *,
-        sources: Iterable[str] | str,
-        job_run_ids: Iterable[int] | int,
-        statuses: Iterable[EnumInput] | EnumInput,
-        run_types: Iterable[EnumInput] | EnumInput,
-        start_revision: int,
-        include_snapshot: bool,
-        progress_interval_ms: int,
-        reconnect: ReconnectPolicy | None,
-    ) -> _WatchCursor:
-        return _WatchCursor(
-            _run_filter(sources, job_run_ids, statuses, run_types),
-            start_revision,
-            include_snapshot,
-            progress_interval_ms,
-            reconnect or self._reconnect,
-        )
+        sources: Iterable[str] | str = (),
+        job_run_ids: Iterable[int] | int = (),
+        statuses: Iterable[EnumInput] | EnumInput = (),
+        run_types: Iterable[EnumInput] | EnumInput = (),
+        page_size: int = 100,
+    ) -> _Pages:
+        """The latest update of every matching run, ordered by (source, jobRunId).
+
+        Within one filter the values are alternatives; filters combine with
+        AND; an empty one matches everything. Pages of ``page_size`` are
+        fetched as the iteration needs them (the asyncio client returns an
+        async iterator).
+        """
+        return self._pages(_run_filter(sources, job_run_ids, statuses, run_types), page_size)
+
+    def watch(
+        self,
+        *,
+        sources: Iterable[str] | str = (),
+        job_run_ids: Iterable[int] | int = (),
+        statuses: Iterable[EnumInput] | EnumInput = (),
+        run_types: Iterable[EnumInput] | EnumInput = (),
+        start_revision: int = 0,
+        include_snapshot: bool = False,
+        progress_interval_ms: int = 0,
+        reconnect: ReconnectPolicy | None = None,
+    ) -> _Watch:
+        """Watch matching updates; resume by itself after disconnects.
+
+        ``start_revision`` is the first revision to deliver, inclusive (0:
+        from now). ``include_snapshot`` delivers the latest state of every
+        matching run first, then a ``snapshot_complete`` event. Every update
+        is delivered once, in revision order, across reconnects; a start
+        older than the retained history raises
+        :class:`~shellinfo_grpc.errors.HistoryExpired` (also on a reconnect),
+        never skips. ``progress_interval_ms`` is how often the server reports
+        progress while idle (0: every 5 s); it moves the resume point past
+        updates the filter skips. A server that cannot be reached when the
+        watch starts is retried like a lost connection, as ``reconnect`` (or
+        the client's policy) says. Caveat: a watch from now whose connection
+        is lost before the server's first response (an update or progress)
+        starts from now again.
+
+        The blocking client returns a :class:`RunWatch` to iterate, the
+        asyncio client an :class:`AsyncRunWatch` to ``async for``.
+        """
+        flt = _run_filter(sources, job_run_ids, statuses, run_types)
+        policy = reconnect or self._reconnect
+        return self._open_watch(_WatchCursor(flt, start_revision, include_snapshot, progress_interval_ms, policy))
 
 
-class RunUpdateClient(_ClientBase):
+class RunUpdateClient(_ClientBase[RunWatch, Iterator[_svc.RunUpdate]]):
     """A blocking client of ``shellinfo.v1.RunUpdateService``.
 
     ``address`` is a gRPC target (``HOST:PORT``, ``unix:PATH``, ...).
@@ -881,14 +962,16 @@ class RunUpdateClient(_ClientBase):
             self._channel = grpc.secure_channel(plan.target, plan.credentials, options=plan.options)
         self._stub = _svc_grpc.RunUpdateServiceStub(self._channel)
 
+    def _unary(self, method: Callable[..., _R], request: Message, *, publish: bool = False) -> _R:
+        """Make a unary call; a gRPC error becomes a ServiceError."""
+        try:
+            return method(request, timeout=self._timeout, metadata=self._metadata)
+        except grpc.RpcError as exc:
+            raise _service_error(exc, publish=publish) from exc
+
     def publish(self, run: RunInput, *, source: str = "") -> PublishResult:
         """Publish one update of a run; raise :class:`RunRejected` when it is refused."""
-        request = _svc.PublishRunRequest(source=source, run=_to_run(run))
-        try:
-            response = self._stub.PublishRun(request, timeout=self._timeout, metadata=self._metadata)
-        except grpc.RpcError as exc:
-            raise _service_error(exc, publish=True) from exc
-        return PublishResult(response.revision, response.changed)
+        return _published(self._unary(self._stub.PublishRun, _publish_request(run, source), publish=True))
 
     def publish_many(self, runs: Iterable[PublishItem], *, source: str = "") -> Iterator[PublishResult | ServiceError]:
         """Publish many updates over one stream; yield one result per item, in order.
@@ -905,96 +988,25 @@ class RunUpdateClient(_ClientBase):
         """
         feed = _RequestFeed(runs, source)
         call = self._stub.PublishRuns(feed.requests(), metadata=self._metadata)
-        acknowledged = 0
-        try:
+        with feed.acknowledging(call):
             for ack in call:
-                yield _ack_result(ack, acknowledged)
-                acknowledged += 1
-        except grpc.RpcError as exc:
-            raise _service_error(exc, publish=True) from exc
-        finally:
-            _cancel(call)
-        feed.raise_failure()
-        _check_ack_count(acknowledged, feed.sent)
+                yield feed.result(ack)
 
     def get(self, job_run_id: int, *, source: str = "") -> _svc.RunUpdate:
         """The latest update of one run; a run that does not exist is a ServiceError ``NOT_FOUND``."""
-        request = _svc.GetRunRequest(source=source, job_run_id=job_run_id)
-        try:
-            response = self._stub.GetRun(request, timeout=self._timeout, metadata=self._metadata)
-        except grpc.RpcError as exc:
-            raise _service_error(exc) from exc
-        return response.update
-
-    def list(
-        self,
-        *,
-        sources: Iterable[str] | str = (),
-        job_run_ids: Iterable[int] | int = (),
-        statuses: Iterable[EnumInput] | EnumInput = (),
-        run_types: Iterable[EnumInput] | EnumInput = (),
-        page_size: int = 100,
-    ) -> Iterator[_svc.RunUpdate]:
-        """The latest update of every matching run, ordered by (source, jobRunId).
-
-        Within one filter the values are alternatives; filters combine with
-        AND; an empty one matches everything. Pages of ``page_size`` are
-        fetched as the iteration needs them.
-        """
-        flt = _run_filter(sources, job_run_ids, statuses, run_types)
-        return self._pages(flt, page_size)
+        return self._unary(self._stub.GetRun, _svc.GetRunRequest(source=source, job_run_id=job_run_id)).update
 
     def _pages(self, flt: _svc.RunFilter, page_size: int) -> Iterator[_svc.RunUpdate]:
         token = ""
         while True:
             request = _svc.ListRunsRequest(filter=flt, page_size=page_size, page_token=token)
-            try:
-                response = self._stub.ListRuns(request, timeout=self._timeout, metadata=self._metadata)
-            except grpc.RpcError as exc:
-                raise _service_error(exc) from exc
+            response = self._unary(self._stub.ListRuns, request)
             yield from response.updates
             token = response.next_page_token
             if not token:
                 return
 
-    def watch(
-        self,
-        *,
-        sources: Iterable[str] | str = (),
-        job_run_ids: Iterable[int] | int = (),
-        statuses: Iterable[EnumInput] | EnumInput = (),
-        run_types: Iterable[EnumInput] | EnumInput = (),
-        start_revision: int = 0,
-        include_snapshot: bool = False,
-        progress_interval_ms: int = 0,
-        reconnect: ReconnectPolicy | None = None,
-    ) -> RunWatch:
-        """Watch matching updates; resume by itself after disconnects.
-
-        ``start_revision`` is the first revision to deliver, inclusive (0:
-        from now). ``include_snapshot`` delivers the latest state of every
-        matching run first, then a ``snapshot_complete`` event. Every update
-        is delivered once, in revision order, across reconnects; a start
-        older than the retained history raises
-        :class:`~shellinfo_grpc.errors.HistoryExpired` (also on a reconnect),
-        never skips. ``progress_interval_ms`` is how often the server reports
-        progress while idle (0: every 5 s); it moves the resume point past
-        updates the filter skips. A server that cannot be reached when the
-        watch starts is retried like a lost connection, as ``reconnect`` (or
-        the client's policy) says. Caveat: a watch from now whose connection
-        is lost before the server's first response (an update or progress)
-        starts from now again.
-        """
-        cursor = self._cursor(
-            sources=sources,
-            job_run_ids=job_run_ids,
-            statuses=statuses,
-            run_types=run_types,
-            start_revision=start_revision,
-            include_snapshot=include_snapshot,
-            progress_interval_ms=progress_interval_ms,
-            reconnect=reconnect,
-        )
+    def _open_watch(self, cursor: _WatchCursor) -> RunWatch:
         return RunWatch(self._stub, cursor, self._metadata)
 
     def close(self) -> None:
@@ -1010,7 +1022,7 @@ class RunUpdateClient(_ClientBase):
         self.close()
 
 
-class AsyncRunUpdateClient(_ClientBase):
+class AsyncRunUpdateClient(_ClientBase[AsyncRunWatch, AsyncIterator[_svc.RunUpdate]]):
     """The asyncio twin of :class:`RunUpdateClient`: same arguments, same methods.
 
     ``publish`` and ``get`` are coroutines; ``publish_many`` and ``list`` are
@@ -1026,14 +1038,16 @@ class AsyncRunUpdateClient(_ClientBase):
             self._channel = grpc.aio.secure_channel(plan.target, plan.credentials, options=plan.options)
         self._stub = _svc_grpc.RunUpdateServiceStub(self._channel)
 
+    async def _unary(self, method: Callable[..., Awaitable[_R]], request: Message, *, publish: bool = False) -> _R:
+        """Make a unary call; a gRPC error becomes a ServiceError."""
+        try:
+            return await method(request, timeout=self._timeout, metadata=self._metadata)
+        except grpc.RpcError as exc:
+            raise _service_error(exc, publish=publish) from exc
+
     async def publish(self, run: RunInput, *, source: str = "") -> PublishResult:
         """Publish one update of a run; raise :class:`RunRejected` when it is refused."""
-        request = _svc.PublishRunRequest(source=source, run=_to_run(run))
-        try:
-            response = await self._stub.PublishRun(request, timeout=self._timeout, metadata=self._metadata)
-        except grpc.RpcError as exc:
-            raise _service_error(exc, publish=True) from exc
-        return PublishResult(response.revision, response.changed)
+        return _published(await self._unary(self._stub.PublishRun, _publish_request(run, source), publish=True))
 
     async def publish_many(
         self, runs: Iterable[PublishItem] | AsyncIterable[PublishItem], *, source: str = ""
@@ -1041,77 +1055,27 @@ class AsyncRunUpdateClient(_ClientBase):
         """As :meth:`RunUpdateClient.publish_many`; ``runs`` may also be an async iterable."""
         feed = _RequestFeed(runs, source)
         call = self._stub.PublishRuns(feed.async_requests(), metadata=self._metadata)
-        acknowledged = 0
-        try:
+        with feed.acknowledging(call):
             async for ack in call:
-                yield _ack_result(ack, acknowledged)
-                acknowledged += 1
-        except grpc.RpcError as exc:
-            raise _service_error(exc, publish=True) from exc
-        finally:
-            _cancel(call)
-        feed.raise_failure()
-        _check_ack_count(acknowledged, feed.sent)
+                yield feed.result(ack)
 
     async def get(self, job_run_id: int, *, source: str = "") -> _svc.RunUpdate:
         """As :meth:`RunUpdateClient.get`."""
         request = _svc.GetRunRequest(source=source, job_run_id=job_run_id)
-        try:
-            response = await self._stub.GetRun(request, timeout=self._timeout, metadata=self._metadata)
-        except grpc.RpcError as exc:
-            raise _service_error(exc) from exc
-        return response.update
-
-    def list(
-        self,
-        *,
-        sources: Iterable[str] | str = (),
-        job_run_ids: Iterable[int] | int = (),
-        statuses: Iterable[EnumInput] | EnumInput = (),
-        run_types: Iterable[EnumInput] | EnumInput = (),
-        page_size: int = 100,
-    ) -> AsyncIterator[_svc.RunUpdate]:
-        """As :meth:`RunUpdateClient.list`, as an async iterator."""
-        flt = _run_filter(sources, job_run_ids, statuses, run_types)
-        return self._pages(flt, page_size)
+        return (await self._unary(self._stub.GetRun, request)).update
 
     async def _pages(self, flt: _svc.RunFilter, page_size: int) -> AsyncIterator[_svc.RunUpdate]:
         token = ""
         while True:
             request = _svc.ListRunsRequest(filter=flt, page_size=page_size, page_token=token)
-            try:
-                response = await self._stub.ListRuns(request, timeout=self._timeout, metadata=self._metadata)
-            except grpc.RpcError as exc:
-                raise _service_error(exc) from exc
+            response = await self._unary(self._stub.ListRuns, request)
             for update in response.updates:
                 yield update
             token = response.next_page_token
             if not token:
                 return
 
-    def watch(
-        self,
-        *,
-        sources: Iterable[str] | str = (),
-        job_run_ids: Iterable[int] | int = (),
-        statuses: Iterable[EnumInput] | EnumInput = (),
-        run_types: Iterable[EnumInput] | EnumInput = (),
-        start_revision: int = 0,
-        include_snapshot: bool = False,
-        progress_interval_ms: int = 0,
-        reconnect: ReconnectPolicy | None = None,
-    ) -> AsyncRunWatch:
-        """As :meth:`RunUpdateClient.watch`; ``async for`` the returned watch."""
-        cursor = self._cursor(
-            sources=sources,
-            job_run_ids=job_run_ids,
-            statuses=statuses,
-            run_types=run_types,
-            start_revision=start_revision,
-            include_snapshot=include_snapshot,
-            progress_interval_ms=progress_interval_ms,
-            reconnect=reconnect,
-        )
+    def _open_watch(self, cursor: _WatchCursor) -> AsyncRunWatch:
         return AsyncRunWatch(self._stub, cursor, self._metadata)
 
     async def close(self) -> None:

@@ -34,6 +34,7 @@ from typing import Any, Final, NoReturn
 
 import grpc
 from google.protobuf import message_factory
+from google.rpc import status_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio  # type: ignore[attr-defined]
 from grpc_reflection.v1alpha import reflection
@@ -65,7 +66,7 @@ from shellinfo_grpc._status import (
     publish_error,
     status_proto,
 )
-from shellinfo_grpc.errors import ConfigurationError, HistoryExpired, RunRejected, ServiceError, StoreUnavailable
+from shellinfo_grpc.errors import ConfigurationError, HistoryExpired, RunRejected, StoreUnavailable
 from shellinfo_grpc.rules import compile_filter
 from shellinfo_grpc.stores import Store
 
@@ -176,28 +177,15 @@ def load_tokens(path: Path) -> frozenset[str]:
 # --- errors -------------------------------------------------------------------
 
 
-def _grpc_status(
-    code: str,
-    message: str,
-    *,
-    reason: str = "",
-    violations: Iterable[tuple[str, str]] = (),
-    metadata: dict[str, str] | None = None,
-) -> grpc.Status:
-    return rpc_status.to_status(status_proto(code, message, reason=reason, violations=violations, metadata=metadata))
-
-
-def _service_status(exc: ServiceError) -> grpc.Status:
-    return rpc_status.to_status(error_status(exc))
-
-
-async def _abort(context: grpc.aio.ServicerContext[Any, Any], status: grpc.Status) -> NoReturn:
+async def _abort(context: grpc.aio.ServicerContext[Any, Any], proto: status_pb2.Status) -> NoReturn:
+    """End the call with ``proto``: its code, message and google.rpc details."""
+    status = rpc_status.to_status(proto)
     await context.abort(status.code, status.details, status.trailing_metadata)
     raise AssertionError("unreachable")  # pragma: no cover - abort raises
 
 
-def _invalid(field_name: str, description: str) -> grpc.Status:
-    return _grpc_status(
+def _invalid(field_name: str, description: str) -> status_pb2.Status:
+    return status_proto(
         "INVALID_ARGUMENT",
         f"{field_name}: {description}",
         reason=REASON_INVALID_REQUEST,
@@ -251,7 +239,7 @@ class RunUpdateServicer(_svc_grpc.RunUpdateServiceServicer):
         try:
             return await self._store.publish_batch(items)
         except StoreUnavailable as exc:
-            await _abort(context, _service_status(exc))
+            await _abort(context, error_status(exc))
 
     def _check_size(self, run: _pb.ProtectionShellInfo) -> None:
         size = run.ByteSize()
@@ -271,10 +259,10 @@ class RunUpdateServicer(_svc_grpc.RunUpdateServiceServicer):
         try:
             self._check_size(run)
         except RunRejected as exc:
-            await _abort(context, _service_status(exc))
+            await _abort(context, error_status(exc))
         (outcome,) = await self._publish([(request.source, run)], context)
         if isinstance(outcome, RunRejected):
-            await _abort(context, _service_status(outcome))
+            await _abort(context, error_status(outcome))
         return _svc.PublishRunResponse(revision=outcome.update.revision, changed=outcome.changed)
 
     async def PublishRuns(
@@ -365,11 +353,11 @@ class RunUpdateServicer(_svc_grpc.RunUpdateServiceServicer):
         try:
             update = await self._store.get(request.source, request.job_run_id)
         except StoreUnavailable as exc:
-            await _abort(context, _service_status(exc))
+            await _abort(context, error_status(exc))
         if update is None:
             await _abort(
                 context,
-                _grpc_status(
+                status_proto(
                     "NOT_FOUND",
                     f"no run with jobRunId {request.job_run_id} from source {request.source!r}",
                     reason=REASON_RUN_NOT_FOUND,
@@ -395,7 +383,7 @@ class RunUpdateServicer(_svc_grpc.RunUpdateServiceServicer):
         try:
             updates = await self._store.list_runs(flt, after, size + 1)
         except StoreUnavailable as exc:
-            await _abort(context, _service_status(exc))
+            await _abort(context, error_status(exc))
         # A page ends at page_size runs or at max_batch_bytes, whichever comes
         # first, so that it fits what a client with default limits receives.
         page = [update for update, _ in next(iter(self._batches(encode(updates[:size]), size)), [])]
@@ -423,7 +411,7 @@ class RunUpdateServicer(_svc_grpc.RunUpdateServiceServicer):
                 try:
                     updates, head = await self._store.snapshot(flt)
                 except StoreUnavailable as exc:
-                    await _abort(context, _service_status(exc))
+                    await _abort(context, error_status(exc))
                 complete = True
                 for batch in self._batches(encode(updates)):
                     sent = batch[-1][0].revision
@@ -481,7 +469,7 @@ class RunUpdateServicer(_svc_grpc.RunUpdateServiceServicer):
                     position = updates[-1].revision + 1
                     chunk = [(u.revision, data) for u, data in encode(u for u in updates if matches(u))]
             except (HistoryExpired, StoreUnavailable) as exc:
-                await _abort(context, _service_status(exc))
+                await _abort(context, error_status(exc))
             for batch in self._batches(chunk):
                 last = batch[-1][0]
                 yield watch_response(batch, last), last
@@ -506,7 +494,7 @@ class RunUpdateServicer(_svc_grpc.RunUpdateServiceServicer):
             if watcher.closing:
                 await _abort(
                     context,
-                    _grpc_status(
+                    status_proto(
                         "UNAVAILABLE",
                         "the server is shutting down; resume the watch elsewhere",
                         reason=REASON_SERVER_SHUTTING_DOWN,
@@ -516,7 +504,7 @@ class RunUpdateServicer(_svc_grpc.RunUpdateServiceServicer):
             if watcher.overflow:
                 await _abort(
                     context,
-                    _grpc_status(
+                    status_proto(
                         "RESOURCE_EXHAUSTED",
                         f"watcher fell more than {watcher.max_queue} updates behind; resume from revision {sent + 1}",
                         reason=REASON_WATCHER_TOO_SLOW,

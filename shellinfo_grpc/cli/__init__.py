@@ -17,11 +17,12 @@ found, a wrong token, no server); 130 on Ctrl-C; 141 (as for a process killed
 by SIGPIPE), silently, when standard output is closed early. Every error is
 one readable line on standard error, never a traceback.
 
-Adding a command: in its module, write ``add_<name>(subparsers)``, which
-declares its arguments and sets ``handler`` to a ``(args, io: Streams) -> int``
-function, and list ``add_<name>`` in ``COMMANDS`` here. No module of this
-package imports grpc at import time; a command that needs it imports it
-inside its handler.
+Adding a command: in its module, write a handler ``_cmd_<name>(args, io) ->
+int`` whose docstring is the command's description, and ``add_<name>(subparsers)``,
+which declares it with :func:`~shellinfo_grpc.cli._io.command` and adds its
+arguments; then list ``add_<name>`` in ``COMMANDS`` here. No module of this
+package imports grpc at import time; a command that needs it imports it inside
+its handler.
 """
 
 from __future__ import annotations
@@ -35,10 +36,7 @@ from typing import BinaryIO, Final, TextIO
 from shellinfo_grpc import __version__
 from shellinfo_grpc.cli._io import (
     EXIT_BAD_INPUT,
-    EXIT_BROKEN_PIPE,
     EXIT_CALL_FAILED,
-    EXIT_INTERRUPTED,
-    EXIT_IO_ERROR,
     EXIT_OK,
     PROG,
     Streams,
@@ -65,6 +63,13 @@ __all__ = [
     "build_parser",
     "main",
 ]
+
+#: Reading or writing failed (a read error, a full disk).
+EXIT_IO_ERROR: Final = 1
+#: Interrupted by Ctrl-C (128 + SIGINT).
+EXIT_INTERRUPTED: Final = 130
+#: Standard output was closed before everything was written (128 + SIGPIPE).
+EXIT_BROKEN_PIPE: Final = 141
 
 #: The adders of the commands, in the order ``shellinfo --help`` lists them.
 COMMANDS: Final[tuple[Callable[[Subparsers[argparse.ArgumentParser]], None], ...]] = (

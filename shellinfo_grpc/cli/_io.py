@@ -10,24 +10,25 @@ process killed by SIGPIPE) when standard output is closed early.
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import os
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, BinaryIO, Final, TextIO
+from typing import Any, BinaryIO, Final, TextIO, TypeVar
 
 __all__ = [
     "COMPACT",
     "DEFAULT_ADDRESS",
     "EXIT_BAD_INPUT",
-    "EXIT_BROKEN_PIPE",
     "EXIT_CALL_FAILED",
-    "EXIT_INTERRUPTED",
-    "EXIT_IO_ERROR",
     "EXIT_OK",
     "PROG",
+    "Handler",
     "Streams",
     "Subparsers",
+    "command",
     "count",
     "job_run_id",
     "jsonl",
@@ -38,27 +39,12 @@ __all__ = [
 ]
 
 
+#: Exit statuses of a command (main() adds those of interruptions and I/O errors).
 EXIT_OK: Final = 0
-
-
-#: Reading or writing failed (a read error, a full disk).
-EXIT_IO_ERROR: Final = 1
-
-
 #: The service refused or failed a call (a ServiceError).
 EXIT_CALL_FAILED: Final = 1
-
-
 #: Bad input or bad usage (argparse uses 2 for the latter too).
 EXIT_BAD_INPUT: Final = 2
-
-
-#: Interrupted by Ctrl-C (128 + SIGINT).
-EXIT_INTERRUPTED: Final = 130
-
-
-#: Standard output was closed before everything was written (128 + SIGPIPE).
-EXIT_BROKEN_PIPE: Final = 141
 
 
 #: Where the service listens, and where clients look for it, by default.
@@ -68,6 +54,8 @@ DEFAULT_ADDRESS: Final = "127.0.0.1:50051"
 PROG: Final = "shellinfo"
 COMPACT: Final = (",", ":")
 
+
+_N = TypeVar("_N", int, float)
 
 Subparsers = argparse._SubParsersAction  # argparse has no public name for it
 
@@ -90,7 +78,31 @@ class Streams:
         print(line, file=self.stderr)
 
 
+#: What runs a command: ``handler(args, io)`` returns the exit status.
+Handler = Callable[[argparse.Namespace, "Streams"], int]
+
+
+def command(
+    subparsers: Subparsers[argparse.ArgumentParser], name: str, handler: Handler, summary: str
+) -> argparse.ArgumentParser:
+    """Declare the subcommand ``name``; return its parser, for its arguments.
+
+    ``summary`` is its line in ``shellinfo --help``; the docstring of
+    ``handler`` is its description in ``shellinfo NAME --help``.
+    """
+    parser = subparsers.add_parser(name, help=summary, description=inspect.cleandoc(handler.__doc__ or ""))
+    parser.set_defaults(handler=handler)
+    return parser
+
+
 # --- argument types ---------------------------------------------------------------
+
+
+def _parsed(text: str, parse: Callable[[str], _N], expected: str) -> _N:
+    try:
+        return parse(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
 
 
 def count(text: str) -> int:
@@ -103,10 +115,7 @@ def count(text: str) -> int:
 
 def whole(text: str) -> int:
     """An argparse type: an integer >= 0."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    value = _parsed(text, int, "an integer")
     if value < 0:
         raise argparse.ArgumentTypeError(f"expected an integer of at least 0, got {text!r}")
     return value
@@ -114,10 +123,7 @@ def whole(text: str) -> int:
 
 def seconds(text: str) -> float:
     """An argparse type: a finite number of seconds >= 0."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
+    value = _parsed(text, float, "a number of seconds")
     if not 0 <= value < float("inf"):
         raise argparse.ArgumentTypeError(f"expected a finite number of seconds of at least 0, got {text!r}")
     return value
@@ -125,10 +131,7 @@ def seconds(text: str) -> float:
 
 def job_run_id(text: str) -> int:
     """An argparse type: a jobRunId, any int64."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer jobRunId, got {text!r}") from None
+    value = _parsed(text, int, "an integer jobRunId")
     if not -(2**63) <= value < 2**63:
         raise argparse.ArgumentTypeError(f"jobRunId {text} is outside int64")
     return value

@@ -27,6 +27,7 @@ from shellinfo_grpc.cli._io import (
     PROG,
     Streams,
     Subparsers,
+    command,
     count,
     job_run_id,
     jsonl,
@@ -35,7 +36,7 @@ from shellinfo_grpc.cli._io import (
     seconds,
 )
 from shellinfo_grpc.cli._table import cells, table, update_dict
-from shellinfo_grpc.cli.records import collect, decode_record, read_publish_input
+from shellinfo_grpc.cli.records import read_arguments, read_publish_input
 from shellinfo_grpc.errors import (
     ConfigurationError,
     RunRejected,
@@ -47,7 +48,16 @@ from shellinfo_grpc.rest import rest_names
 if TYPE_CHECKING:
     from shellinfo_grpc.client import RunUpdateClient
 
-__all__ = ["add_client_options", "add_filters", "add_get", "add_list", "add_publish", "connect", "filter_options"]
+__all__ = [
+    "add_client_options",
+    "add_filters",
+    "add_get",
+    "add_list",
+    "add_publish",
+    "add_table_format",
+    "connect",
+    "filter_options",
+]
 
 
 _STATUS_SPELLINGS: Final = tuple(rest_names(RunStatus.DESCRIPTOR).values())
@@ -88,6 +98,11 @@ def add_client_options(parser: argparse.ArgumentParser) -> None:
         metavar="SECONDS",
         help="how long one call (publish, get, a page of list) may take (default %(default)s; 0: no limit)",
     )
+
+
+def add_table_format(parser: argparse.ArgumentParser, description: str) -> None:
+    """The ``--format`` of list and watch: ``table`` (the default) or ``jsonl``."""
+    parser.add_argument("--format", choices=("table", "jsonl"), default="table", help=description)
 
 
 def add_filters(parser: argparse.ArgumentParser) -> None:
@@ -154,8 +169,14 @@ def _refusal(index: int, exc: ServiceError) -> str:
 
 
 def _cmd_publish(args: argparse.Namespace, io: Streams) -> int:
+    """Publish REST ProtectionShellInfo objects: each argument is one JSON object; without arguments,
+    standard input holds a JSON array, one object, or one object per line (JSONL). Every record is
+    checked first: if any is bad, each bad one is reported and nothing is published (exit status 2).
+    Then one line per record says its revision; a refused record is reported on standard error and
+    makes the exit status 1.
+    """
     if args.records:
-        records = collect([decode_record(text, i, args.strict) for i, text in enumerate(args.records)])
+        records = read_arguments(args.records, args.strict)
     else:
         records = read_publish_input(io.stdin.read(), args.strict)
     if records.unreadable is not None:
@@ -220,15 +241,7 @@ def _job(run: ProtectionShellInfo) -> dict[str, int | None]:
 
 
 def add_publish(subparsers: Subparsers[argparse.ArgumentParser]) -> None:
-    parser = subparsers.add_parser(
-        "publish",
-        help="publish run updates to the service",
-        description="Publish REST ProtectionShellInfo objects: each argument is one JSON object; without"
-        " arguments, standard input holds a JSON array, one object, or one object per line (JSONL)."
-        " Every record is checked first: if any is bad, each bad one is reported and nothing is published"
-        " (exit status 2). Then one line per record says its revision; a refused record is reported on"
-        " standard error and makes the exit status 1.",
-    )
+    parser = command(subparsers, "publish", _cmd_publish, "publish run updates to the service")
     parser.add_argument("records", nargs="*", metavar="JSON", help="a REST JSON object")
     parser.add_argument("--source", default="", help="the source (cluster or agent) of the runs (default '')")
     parser.add_argument(
@@ -238,13 +251,15 @@ def add_publish(subparsers: Subparsers[argparse.ArgumentParser]) -> None:
         "--format", choices=("text", "jsonl"), default="text", help="how to report each record (default text)"
     )
     add_client_options(parser)
-    parser.set_defaults(handler=_cmd_publish)
 
 
 # --- get and list -----------------------------------------------------------------
 
 
 def _cmd_get(args: argparse.Namespace, io: Streams) -> int:
+    """Print the latest update of one run as JSON: revision, source, acceptedTimeUsecs and the run in
+    REST form. A run that does not exist is exit status 1.
+    """
     with connect(args) as client:
         update = client.get(args.job_run_id, source=args.source)
     text = json.dumps(update_dict(update), ensure_ascii=False, indent=2) + "\n"
@@ -254,19 +269,14 @@ def _cmd_get(args: argparse.Namespace, io: Streams) -> int:
 
 
 def add_get(subparsers: Subparsers[argparse.ArgumentParser]) -> None:
-    parser = subparsers.add_parser(
-        "get",
-        help="print the latest state of one run",
-        description="Print the latest update of one run as JSON: revision, source, acceptedTimeUsecs and the run"
-        " in REST form. A run that does not exist is exit status 1.",
-    )
+    parser = command(subparsers, "get", _cmd_get, "print the latest state of one run")
     parser.add_argument("job_run_id", type=job_run_id, metavar="JOB_RUN_ID", help="the run's jobRunId")
     parser.add_argument("--source", default="", help="the run's source (default '')")
     add_client_options(parser)
-    parser.set_defaults(handler=_cmd_get)
 
 
 def _cmd_list(args: argparse.Namespace, io: Streams) -> int:
+    """Print the latest update of every matching run, ordered by source and jobRunId."""
     filters = filter_options(args)
     with connect(args) as client:
         updates = client.list(**filters, page_size=args.page_size)
@@ -281,20 +291,10 @@ def _cmd_list(args: argparse.Namespace, io: Streams) -> int:
 
 
 def add_list(subparsers: Subparsers[argparse.ArgumentParser]) -> None:
-    parser = subparsers.add_parser(
-        "list",
-        help="print the latest state of every matching run",
-        description="Print the latest update of every matching run, ordered by source and jobRunId.",
-    )
-    parser.add_argument(
-        "--format",
-        choices=("table", "jsonl"),
-        default="table",
-        help="a table, or one JSON object per run as watch --format jsonl writes (default table)",
-    )
+    parser = command(subparsers, "list", _cmd_list, "print the latest state of every matching run")
+    add_table_format(parser, "a table, or one JSON object per run as watch --format jsonl writes (default table)")
     parser.add_argument(
         "--page-size", type=count, default=100, metavar="N", help="runs fetched per call (default %(default)s)"
     )
     add_filters(parser)
     add_client_options(parser)
-    parser.set_defaults(handler=_cmd_list)

@@ -13,13 +13,17 @@ from __future__ import annotations
 
 import argparse
 
-from shellinfo_grpc.cli._io import EXIT_BAD_INPUT, EXIT_OK, PROG, Streams
+from shellinfo_grpc.cli._io import EXIT_BAD_INPUT, EXIT_OK, PROG, Streams, command
 from shellinfo_grpc.cli.records import FORMATS, READERS, Bad, Input, Writer, nothing
 
 __all__ = ["add_convert", "add_validate"]
 
 
 def _cmd_convert(args: argparse.Namespace, io: Streams) -> int:
+    """Read records from standard input and write them to standard output in another format. Records
+    are written as they are read; at the first bad record, the ones before it are written, the error
+    is reported on standard error and the exit status is 2.
+    """
     writer = Writer(io.stdout, args.to_format)
     bad: Bad | None = None
     try:
@@ -39,6 +43,9 @@ def _cmd_convert(args: argparse.Namespace, io: Streams) -> int:
 
 
 def _cmd_validate(args: argparse.Namespace, io: Streams) -> int:
+    """Read records from standard input and report each bad one on standard error, then a summary. Exit
+    status 0 if every record is valid, 2 otherwise.
+    """
     total = bad = 0
     stopped = None
     for item in READERS[args.from_format](Input(io.stdin, nothing), args.strict):
@@ -72,26 +79,13 @@ def _add_strict(parser: argparse.ArgumentParser) -> None:
 
 
 def add_convert(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    parser = subparsers.add_parser(
-        "convert",
-        help="convert records between json, jsonl and binary",
-        description="Read records from standard input and write them to standard output in another format."
-        " Records are written as they are read; at the first bad record, the ones before it are written,"
-        " the error is reported on standard error and the exit status is 2.",
-    )
+    parser = command(subparsers, "convert", _cmd_convert, "convert records between json, jsonl and binary")
     _add_format(parser, "--from", "from_format", "standard input")
     _add_format(parser, "--to", "to_format", "standard output")
     _add_strict(parser)
-    parser.set_defaults(handler=_cmd_convert)
 
 
 def add_validate(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    parser = subparsers.add_parser(
-        "validate",
-        help="check every record and report the bad ones",
-        description="Read records from standard input and report each bad one on standard error, then a summary."
-        " Exit status 0 if every record is valid, 2 otherwise.",
-    )
+    parser = command(subparsers, "validate", _cmd_validate, "check every record and report the bad ones")
     _add_format(parser, "--from", "from_format", "standard input")
     _add_strict(parser)
-    parser.set_defaults(handler=_cmd_validate)

@@ -7,10 +7,11 @@ them; ``jsonl`` one REST object per line; ``binary`` length-delimited protobuf
 
 from __future__ import annotations
 
+import io
 import json
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, BinaryIO, Final
+from typing import BinaryIO, Final
 
 from google.protobuf.unknown_fields import UnknownFieldSet
 
@@ -28,11 +29,12 @@ __all__ = [
     "READERS",
     "Bad",
     "Input",
+    "Item",
     "Records",
     "Writer",
     "collect",
-    "decode_record",
     "nothing",
+    "read_arguments",
     "read_publish_input",
 ]
 
@@ -43,7 +45,6 @@ FORMATS: Final = ("json", "jsonl", "binary")
 
 _CHUNK: Final = 64 * 1024
 _BOM: Final = b"\xef\xbb\xbf"
-_BOM_TEXT: Final = "\ufeff"
 _JSON_BLANK: Final = b" \t\r"  # what JSON counts as whitespace, besides the newline that ends a line
 
 
@@ -64,7 +65,8 @@ class Bad:
     record: bool = True
 
 
-_Item = ProtectionShellInfo | Bad
+#: A record read, or why it could not be.
+Item = ProtectionShellInfo | Bad
 
 
 class Input:
@@ -112,7 +114,7 @@ def _not_utf8(exc: UnicodeDecodeError, where: str) -> str:
     return f"{where} is not valid UTF-8: {exc.reason} (byte 0x{exc.object[exc.start]:02x} at offset {exc.start})"
 
 
-def _read_json(source: Input, strict: bool) -> Iterator[_Item]:
+def _read_json(source: Input, strict: bool) -> Iterator[Item]:
     """Records of one JSON array; the whole input must be read before the first."""
     data = source.read_all()
     if data.startswith(_BOM):
@@ -160,29 +162,35 @@ def _lines(read: Callable[[int], bytes]) -> Iterator[bytes]:
         yield bytes(buf)
 
 
-def _read_jsonl(source: Input, strict: bool) -> Iterator[_Item]:
+def _record(raw: bytes, index: int, strict: bool, where: str = "") -> Item:
+    """Record ``index`` from the JSON text ``raw``: the message, or what is wrong with it.
+
+    ``where`` (`` (line N)``) ends every message, to say where the record stood.
+    """
+    try:
+        obj = json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        return Bad(f"record {index}: {_not_utf8(exc, 'the line')}{where}")
+    except RecursionError:
+        return Bad(f"record {index}: not usable JSON: nested too deeply{where}")
+    except json.JSONDecodeError as exc:
+        return Bad(f"record {index}: not valid JSON: {exc.msg} at column {exc.colno}{where}")
+    except ValueError as exc:  # an integer with too many digits
+        return Bad(f"record {index}: not usable JSON: {exc}{where}")
+    try:
+        return from_rest(obj, strict=strict)
+    except RestDecodeError as exc:
+        return Bad(f"record {index}: {exc}{where}")
+
+
+def _read_jsonl(source: Input, strict: bool) -> Iterator[Item]:
     """Records of one JSON object per line; blank lines are skipped."""
     index = 0
     for number, raw in enumerate(_lines(source.read), start=1):
         line = raw[len(_BOM) :] if number == 1 and raw.startswith(_BOM) else raw
         if not line.strip(_JSON_BLANK):
             continue
-        where = f"(line {number})"
-        try:
-            obj = json.loads(line.decode("utf-8"))
-        except UnicodeDecodeError as exc:
-            yield Bad(f"record {index}: {_not_utf8(exc, 'the line')} {where}")
-        except RecursionError:
-            yield Bad(f"record {index}: not usable JSON: nested too deeply {where}")
-        except json.JSONDecodeError as exc:
-            yield Bad(f"record {index}: not valid JSON: {exc.msg} at column {exc.colno} {where}")
-        except ValueError as exc:  # an integer with too many digits
-            yield Bad(f"record {index}: not usable JSON: {exc} {where}")
-        else:
-            try:
-                yield from_rest(obj, strict=strict)
-            except RestDecodeError as exc:
-                yield Bad(f"record {index}: {exc} {where}")
+        yield _record(line, index, strict, f" (line {number})")
         index += 1
 
 
@@ -223,7 +231,7 @@ def _binary_problem(msg: ProtectionShellInfo, strict: bool) -> str | None:
     return None
 
 
-def _read_binary(source: Input, strict: bool) -> Iterator[_Item]:
+def _read_binary(source: Input, strict: bool) -> Iterator[Item]:
     """Records of a length-delimited stream, read incrementally."""
     frames = iter_frames(source)
     while True:
@@ -243,7 +251,7 @@ def _read_binary(source: Input, strict: bool) -> Iterator[_Item]:
         yield msg if problem is None else Bad(f"record {frame.index}: {problem}")
 
 
-READERS: Final[dict[str, Callable[[Input, bool], Iterator[_Item]]]] = {
+READERS: Final[dict[str, Callable[[Input, bool], Iterator[Item]]]] = {
     "json": _read_json,
     "jsonl": _read_jsonl,
     "binary": _read_binary,
@@ -262,68 +270,39 @@ class Records:
     unreadable: str | None = None  # the input as a whole cannot be read
 
 
-def decode_record(text: str, index: int, strict: bool, where: str = "") -> ProtectionShellInfo | str:
-    """One REST JSON object from ``text``: the message, or the line that says what is wrong."""
-    try:
-        value = json.loads(text)
-    except RecursionError:
-        return f"record {index}: not usable JSON: nested too deeply{where}"
-    except json.JSONDecodeError as exc:
-        return f"record {index}: not valid JSON: {exc.msg} at column {exc.colno}{where}"
-    except ValueError as exc:  # an integer with too many digits
-        return f"record {index}: not usable JSON: {exc}{where}"
-    return _convert(value, index, strict, where)
-
-
-def _convert(value: Any, index: int, strict: bool, where: str = "") -> ProtectionShellInfo | str:
-    try:
-        return from_rest(value, strict=strict)
-    except RestDecodeError as exc:
-        return f"record {index}: {exc}{where}"
-
-
-def collect(items: Sequence[ProtectionShellInfo | str]) -> Records:
+def collect(items: Iterable[Item]) -> Records:
+    """Sort records read into the runs and the problems; an unreadable input ends it."""
     records = Records([], [])
     for item in items:
-        if isinstance(item, str):
-            records.problems.append(item)
-        else:
+        if isinstance(item, ProtectionShellInfo):
             records.runs.append(item)
+        elif item.record:
+            records.problems.append(item.message)
+        else:
+            return Records([], [], item.message)
     return records
+
+
+def read_arguments(texts: Sequence[str], strict: bool) -> Records:
+    """Records given as arguments, one JSON object each."""
+    return collect(_record(text.encode("utf-8", "surrogateescape"), index, strict) for index, text in enumerate(texts))
 
 
 def read_publish_input(data: bytes, strict: bool) -> Records:
     """Records from standard input: a JSON array, one JSON object, or JSON Lines."""
-    try:
-        text = data.decode("utf-8").removeprefix(_BOM_TEXT)
-    except UnicodeDecodeError as exc:
-        return Records([], [], f"input is not valid UTF-8: {exc.reason} (byte offset {exc.start})")
-    stripped = text.strip()
-    if not stripped:
+    body = data.removeprefix(_BOM).strip(_JSON_BLANK + b"\n")
+    if not body:
         return Records([], [])
-    if stripped.startswith("["):
-        try:
-            array = json.loads(stripped)
-        except RecursionError:
-            return Records([], [], "input is not usable JSON: it is nested too deeply")
-        except ValueError as exc:
-            return Records([], [], f"input is not valid JSON: {exc}")
-        if not isinstance(array, list):  # pragma: no cover - text that starts with [ and parses is an array
-            return Records([], [], "input is not a JSON array")
-        return collect([_convert(value, i, strict) for i, value in enumerate(array)])
+    source = Input(io.BytesIO(data), nothing)
+    if body.startswith(b"["):
+        return collect(_read_json(source, strict))
     try:
-        whole = json.loads(stripped)
+        json.loads(body)
     except RecursionError:
         return Records([], [], "input is not usable JSON: it is nested too deeply")
-    except ValueError:
-        pass  # not one JSON value: JSON Lines, or bad input that the line-by-line reading pinpoints
-    else:
-        return collect([_convert(whole, 0, strict)])
-    items: list[ProtectionShellInfo | str] = []
-    for number, line in enumerate(text.split("\n"), start=1):
-        if line.strip():
-            items.append(decode_record(line, len(items), strict, f" (line {number})"))
-    return collect(items)
+    except ValueError:  # not one JSON value: JSON Lines, or bad input that the line-by-line reading pinpoints
+        return collect(_read_jsonl(source, strict))
+    return collect([_record(body, 0, strict)])
 
 
 # --- writing ------------------------------------------------------------------

@@ -28,6 +28,7 @@ from shellinfo_grpc.cli._io import (
     PROG,
     Streams,
     Subparsers,
+    command,
     count,
     one_line,
     quiet_grpc,
@@ -133,6 +134,10 @@ def _shown_url(url: str) -> str:
 
 
 def _cmd_serve(args: argparse.Namespace, io: Streams) -> int:
+    """Run the run-update gRPC service until SIGTERM or SIGINT, then shut down gracefully (exit status
+    0). On start, one line on standard error says the address actually bound and the store:
+    'shellinfo: serving on HOST:PORT (store URL)'.
+    """
     if (args.tls_cert is None) != (args.tls_key is None):
         raise ConfigurationError("--tls-cert and --tls-key go together: give both, or neither")
     if args.tls_client_ca is not None and args.tls_cert is None:
@@ -169,13 +174,7 @@ def _cmd_serve(args: argparse.Namespace, io: Streams) -> int:
 
 
 def add_serve(subparsers: Subparsers[argparse.ArgumentParser]) -> None:
-    parser = subparsers.add_parser(
-        "serve",
-        help="run the run-update service",
-        description="Run the run-update gRPC service until SIGTERM or SIGINT, then shut down gracefully"
-        " (exit status 0). On start, one line on standard error says the address actually bound and the store:"
-        " 'shellinfo: serving on HOST:PORT (store URL)'.",
-    )
+    parser = command(subparsers, "serve", _cmd_serve, "run the run-update service")
     parser.add_argument(
         "--address",
         default=DEFAULT_ADDRESS,
@@ -229,4 +228,3 @@ def add_serve(subparsers: Subparsers[argparse.ArgumentParser]) -> None:
         default="warning",
         help="what the server logs to standard error (default %(default)s)",
     )
-    parser.set_defaults(handler=_cmd_serve)

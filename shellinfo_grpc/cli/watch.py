@@ -18,9 +18,9 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Final, Protocol
 
-from shellinfo_grpc.cli._io import EXIT_OK, PROG, Streams, Subparsers, count, jsonl, one_line, whole
+from shellinfo_grpc.cli._io import EXIT_OK, PROG, Streams, Subparsers, command, count, jsonl, one_line, whole
 from shellinfo_grpc.cli._table import COLUMNS, cells, clip, row, table, update_dict
-from shellinfo_grpc.cli.calls import add_client_options, add_filters, connect, filter_options
+from shellinfo_grpc.cli.calls import add_client_options, add_filters, add_table_format, connect, filter_options
 from shellinfo_grpc.errors import (
     ConfigurationError,
 )
@@ -249,6 +249,11 @@ class _Notices:
 
 
 def _cmd_watch(args: argparse.Namespace, io: Streams) -> int:
+    """Print run updates as the service accepts them; resume by itself, without missing or repeating an
+    update, when the connection is lost or the server restarts (a notice goes to standard error). On
+    a terminal, the table is redrawn in place: the latest state of each run, most recently updated
+    first. Ctrl-C stops (exit status 130).
+    """
     filters = filter_options(args)
     if args.snapshot and args.from_revision:
         raise ConfigurationError("--snapshot starts from now: it does not go with --from-revision")
@@ -315,19 +320,10 @@ def _follow(pump: _Pump, notices: _Notices, view: _View, count: int | None, gone
 
 
 def add_watch(subparsers: Subparsers[argparse.ArgumentParser]) -> None:
-    parser = subparsers.add_parser(
-        "watch",
-        help="follow run updates live",
-        description="Print run updates as the service accepts them; resume by itself, without missing or"
-        " repeating an update, when the connection is lost or the server restarts (a notice goes to standard"
-        " error). On a terminal, the table is redrawn in place: the latest state of each run, most recently"
-        " updated first. Ctrl-C stops (exit status 130).",
-    )
-    parser.add_argument(
-        "--format",
-        choices=("table", "jsonl"),
-        default="table",
-        help="a table, or one JSON object per update: {revision, source, acceptedTimeUsecs, run} and"
+    parser = command(subparsers, "watch", _cmd_watch, "follow run updates live")
+    add_table_format(
+        parser,
+        "a table, or one JSON object per update: {revision, source, acceptedTimeUsecs, run} and"
         " {snapshotComplete, revision} after a snapshot (default table)",
     )
     parser.add_argument(
@@ -343,4 +339,3 @@ def add_watch(subparsers: Subparsers[argparse.ArgumentParser]) -> None:
     parser.add_argument("--count", type=count, metavar="N", help="exit (status 0) after N updates")
     add_filters(parser)
     add_client_options(parser)
-    parser.set_defaults(handler=_cmd_watch)

@@ -31,10 +31,11 @@ recorded.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import sqlite3
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -430,7 +431,7 @@ class SqliteStore(Store):
         done = _GroupResult(results=[])
         latest: dict[_Key, _Change] = {}  # runs changed by this transaction
         history: list[_Change] = []  # updates recorded by this transaction
-        try:
+        with self._transaction(conn, "cannot write"):
             conn.execute("BEGIN IMMEDIATE")
             (stored_head,) = conn.execute("SELECT value FROM meta WHERE key = 'head'").fetchone()
             if stored_head != head:
@@ -459,15 +460,6 @@ class SqliteStore(Store):
                 self._write(conn, history, latest, head)
                 oldest = self._trim(conn, head, oldest, now)
             conn.execute("COMMIT")
-        except BaseException as exc:
-            try:
-                if conn.in_transaction:
-                    conn.rollback()
-            except sqlite3.Error as rollback_exc:  # pragma: no cover - the connection is broken
-                _log.warning("store %s: rollback failed: %s", self._path, rollback_exc)
-            if isinstance(exc, sqlite3.Error):
-                raise self._unavailable("cannot write", exc) from exc
-            raise
         done.committed = [update for update, _ in history]
         self._w_head = done.head = head
         self._w_oldest = oldest
@@ -560,14 +552,10 @@ class SqliteStore(Store):
         conn = self._wconn
         if conn is None:
             raise StoreUnavailable(f"store {self._path} is closed")
-        try:
+        with self._transaction(conn, "cannot trim the history"):
             conn.execute("BEGIN IMMEDIATE")
             self._w_oldest = self._trim(conn, self._w_head, self._w_oldest, now_usecs())
             conn.execute("COMMIT")
-        except sqlite3.Error as exc:
-            if conn.in_transaction:
-                conn.rollback()
-            raise self._unavailable("cannot trim the history", exc) from exc
 
     # -- reading ---------------------------------------------------------------
 
@@ -588,10 +576,17 @@ class SqliteStore(Store):
         conn = self._rconn
         if conn is None:
             raise StoreUnavailable(f"store {self._path} is closed")
-        try:
+        with self._transaction(conn, "cannot read"):
             conn.execute("BEGIN")
             result = func(conn)
             conn.execute("COMMIT")
+        return result
+
+    @contextlib.contextmanager
+    def _transaction(self, conn: sqlite3.Connection, what: str) -> Iterator[None]:
+        """Roll back what the body began if it fails; an SQLite error becomes StoreUnavailable."""
+        try:
+            yield
         except BaseException as exc:
             try:
                 if conn.in_transaction:
@@ -599,9 +594,8 @@ class SqliteStore(Store):
             except sqlite3.Error as rollback_exc:  # pragma: no cover - the connection is broken
                 _log.warning("store %s: rollback failed: %s", self._path, rollback_exc)
             if isinstance(exc, sqlite3.Error):
-                raise self._unavailable("cannot read", exc) from exc
+                raise self._unavailable(what, exc) from exc
             raise
-        return result
 
     async def get(self, source: str, job_run_id: int) -> _svc.RunUpdate | None:
         """The latest update of one run, or ``None``."""
