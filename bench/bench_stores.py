@@ -58,7 +58,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import atexit
 import contextlib
 import dataclasses
 import datetime
@@ -70,14 +69,11 @@ import platform
 import re
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.error
-import urllib.request
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from importlib import metadata
@@ -89,9 +85,12 @@ from google.protobuf.internal import api_implementation
 
 from shellinfo_grpc._gen.shellinfo.v1 import run_update_service_pb2 as _svc
 
-# The same records as the service bench, so the two sets of figures compare.
+# The same records as the service bench, so the two sets of figures compare;
+# the nats-server processes of the tests.
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(1, str(Path(__file__).resolve().parent.parent / "tests"))
 from bench_service import fill_run, fill_source, live_run
+from nats_processes import READY_TIMEOUT, NatsNode, kill_all, nats_server_binary, spawn, start_nodes, tail, terminate
 
 SVC: Final = "/shellinfo.v1.RunUpdateService/"
 PUBLISH: Final = SVC + "PublishRun"
@@ -101,68 +100,13 @@ WATCH: Final = SVC + "WatchRuns"
 STREAM: Final = "BENCH_RUNS"
 PREFIX: Final = "bench.runs"
 
-READY_TIMEOUT: Final = 30.0  # seconds a process may take to become ready
-STOP_TIMEOUT: Final = 10.0  # seconds a SIGTERM may take before SIGKILL
 
 _IDS = itertools.count(10_000_000)  # job run ids of publish and latency updates, unique in a run
 
 # --------------------------------------------------------------------------
-# Processes: every one is registered here and killed at exit
+# Processes: nats-server nodes come from the tests' nats_processes module;
+# every process is registered there and killed at exit
 # --------------------------------------------------------------------------
-
-_LIVE: list[subprocess.Popen[bytes]] = []
-
-
-@atexit.register
-def _kill_leftovers() -> None:
-    for process in list(_LIVE):
-        _kill(process)
-
-
-def _kill(process: subprocess.Popen[bytes]) -> None:
-    if process.poll() is None:
-        process.kill()
-    with contextlib.suppress(subprocess.TimeoutExpired):
-        process.wait(STOP_TIMEOUT)
-    with contextlib.suppress(ValueError):
-        _LIVE.remove(process)
-
-
-def _terminate(process: subprocess.Popen[bytes]) -> None:
-    """SIGTERM, wait, then SIGKILL if it is still there."""
-    if process.poll() is None:
-        process.send_signal(signal.SIGTERM)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            process.wait(STOP_TIMEOUT)
-    _kill(process)
-
-
-def _spawn(argv: Sequence[str], log: Path) -> subprocess.Popen[bytes]:
-    with log.open("ab") as out:
-        process = subprocess.Popen(list(argv), stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT)
-    _LIVE.append(process)
-    return process
-
-
-def _tail(path: Path, lines: int = 20) -> str:
-    try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-    except OSError:
-        return "(no log)"
-
-
-def free_ports(count: int) -> list[int]:
-    """``count`` distinct loopback ports that were free a moment ago."""
-    sockets: list[socket.socket] = []
-    try:
-        for _ in range(count):
-            sock = socket.socket()
-            sock.bind(("127.0.0.1", 0))
-            sockets.append(sock)
-        return [sock.getsockname()[1] for sock in sockets]
-    finally:
-        for sock in sockets:
-            sock.close()
 
 
 def cpu_ns(pid: int) -> int:
@@ -175,135 +119,13 @@ def cpu_ns(pid: int) -> int:
     return total
 
 
-# --------------------------------------------------------------------------
-# nats-server
-# --------------------------------------------------------------------------
-
-
-def nats_server_binary() -> str | None:
-    """The nats-server executable: on PATH, or beside this Python (a venv's bin)."""
-    found = shutil.which("nats-server")
-    if found:
-        return found
-    beside = Path(sys.executable).with_name("nats-server")
-    return str(beside) if beside.is_file() and os.access(beside, os.X_OK) else None
-
-
-def _healthz(http_port: int) -> bool:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{http_port}/healthz", timeout=1.0) as response:
-            body = json.loads(response.read() or b"null")
-    except (OSError, ValueError, urllib.error.HTTPError):
-        return False
-    return isinstance(body, dict) and body.get("status") == "ok"
-
-
-async def _jetstream_answers(url: str) -> bool:
-    import nats
-
-    try:
-        nc = await nats.connect([url], connect_timeout=1, allow_reconnect=False, max_reconnect_attempts=0)
-    except Exception:
-        return False
-    try:
-        await nc.jsm(timeout=2.0).account_info()
-    except Exception:
-        return False
-    else:
-        return True
-    finally:
-        with contextlib.suppress(Exception):
-            await nc.close()
-
-
-@dataclass(eq=False)
-class NatsNode:
-    """One ``nats-server -js`` on 127.0.0.1; in a cluster when ``cluster_port`` is set."""
-
-    binary: str
-    name: str
-    directory: Path
-    port: int
-    http_port: int
-    cluster_port: int = 0
-    route_ports: tuple[int, ...] = ()
-    sync_always: bool = False
-    process: subprocess.Popen[bytes] | None = field(default=None, repr=False)
-
-    @property
-    def address(self) -> str:
-        return f"127.0.0.1:{self.port}"
-
-    @property
-    def log(self) -> Path:
-        return self.directory / "nats-server.log"
-
-    def argv(self) -> list[str]:
-        argv = [self.binary, "-a", "127.0.0.1", "-p", str(self.port), "-m", str(self.http_port), "-n", self.name]
-        if self.sync_always:
-            conf = self.directory / "nats.conf"
-            store = json.dumps(str(self.directory / "store"))
-            conf.write_text(f"jetstream {{\n  store_dir: {store}\n  sync_interval: always\n}}\n", encoding="utf-8")
-            argv += ["-c", str(conf)]
-        else:
-            argv += ["-js", "-sd", str(self.directory / "store")]
-        if self.cluster_port:
-            routes = ",".join(f"nats://127.0.0.1:{port}" for port in self.route_ports)
-            argv += ["--cluster_name", "bench", "--cluster", f"nats://127.0.0.1:{self.cluster_port}"]
-            argv += ["--routes", routes]
-        return argv
-
-    def start(self) -> None:
-        self.directory.mkdir(parents=True, exist_ok=True)
-        self.process = _spawn(self.argv(), self.log)
-
-    async def wait_ready(self, deadline: float) -> None:
-        """Until ``/healthz`` is ok and JetStream answers an account-info request through this node."""
-        loop = asyncio.get_running_loop()
-        while True:
-            if self.process is None or self.process.poll() is not None:
-                raise RuntimeError(f"nats-server {self.name} exited:\n{_tail(self.log)}")
-            if await loop.run_in_executor(None, _healthz, self.http_port) and await _jetstream_answers(
-                f"nats://{self.address}"
-            ):
-                return
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"nats-server {self.name} not ready in {READY_TIMEOUT} s:\n{_tail(self.log)}")
-            await asyncio.sleep(0.1)
-
-    @property
-    def pid(self) -> int:
-        assert self.process is not None
-        return self.process.pid
-
-    def stop(self) -> None:
-        if self.process is not None:
-            _terminate(self.process)
-
-
 async def start_nats(binary: str, directory: Path, size: int, *, sync_always: bool = False) -> list[NatsNode]:
     """One JetStream server (``size`` 1) or a cluster of ``size`` nodes, every one ready."""
-    ports = free_ports(3 * size)
-    client, http, routes = ports[:size], ports[size : 2 * size], ports[2 * size :]
-    nodes = [
-        NatsNode(
-            binary,
-            f"n{i + 1}",
-            directory / f"n{i + 1}",
-            client[i],
-            http[i],
-            cluster_port=routes[i] if size > 1 else 0,
-            route_ports=tuple(p for j, p in enumerate(routes) if j != i) if size > 1 else (),
-            sync_always=sync_always,
-        )
-        for i in range(size)
-    ]
+    nodes = start_nodes(binary, directory, size, name="bench", sync_always=sync_always)
     try:
-        for node in nodes:
-            node.start()
         deadline = time.monotonic() + READY_TIMEOUT
         for node in nodes:
-            await node.wait_ready(deadline)
+            await node.wait_ready(max(deadline - time.monotonic(), 1.0))
     except BaseException:
         for node in nodes:
             node.stop()
@@ -352,7 +174,7 @@ class Service:
         """Start, then wait for the first stderr line: ``shellinfo: serving on 127.0.0.1:PORT (store ...)``."""
         self.directory.mkdir(parents=True, exist_ok=True)
         argv = [*shellinfo_command(), "serve", "--address", "127.0.0.1:0", "--store", self.url]
-        self.process = _spawn(argv, self.log)
+        self.process = spawn(argv, self.log)
         deadline = time.monotonic() + READY_TIMEOUT
         while True:
             lines = self.log.read_text(errors="replace").splitlines()
@@ -363,7 +185,7 @@ class Service:
                 self.port = int(found.group(1))
                 return
             if self.process.poll() is not None:
-                raise RuntimeError(f"{self.label}: shellinfo serve exited:\n{_tail(self.log)}")
+                raise RuntimeError(f"{self.label}: shellinfo serve exited:\n{tail(self.log)}")
             if time.monotonic() > deadline:
                 raise RuntimeError(f"{self.label}: shellinfo serve not serving in {READY_TIMEOUT} s")
             await asyncio.sleep(0.05)
@@ -374,7 +196,7 @@ class Service:
 
     def stop(self) -> None:
         if self.process is not None:
-            _terminate(self.process)
+            terminate(self.process)
         for node in self.nodes:
             node.stop()
 
@@ -1017,7 +839,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return asyncio.run(run(args))
     finally:
-        _kill_leftovers()
+        kill_all()
 
 
 if __name__ == "__main__":

