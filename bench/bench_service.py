@@ -906,7 +906,7 @@ async def idle_memory(server: Child, paths: Paths, watchers: int, per_channel: i
 # --------------------------------------------------------------------------
 
 
-def _cpu_model() -> str:
+def cpu_model() -> str:
     with contextlib.suppress(OSError), open("/proc/cpuinfo", encoding="utf-8") as f:
         for line in f:
             if line.startswith("model name"):
@@ -914,7 +914,7 @@ def _cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
-def _version(dist: str) -> str:
+def package_version(dist: str) -> str:
     try:
         return metadata.version(dist)
     except metadata.PackageNotFoundError:
@@ -926,11 +926,11 @@ def environment() -> dict[str, str]:
     return {
         "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "python": f"{platform.python_implementation()} {platform.python_version()}",
-        "shellinfo-grpc": _version("shellinfo-grpc"),
-        "grpcio": _version("grpcio"),
-        "protobuf": f"{_version('protobuf')} ({api_implementation.Type()} backend)",
+        "shellinfo-grpc": package_version("shellinfo-grpc"),
+        "grpcio": package_version("grpcio"),
+        "protobuf": f"{package_version('protobuf')} ({api_implementation.Type()} backend)",
         "platform": platform.platform(),
-        "cpu": f"{_cpu_model()}, nproc {nproc}",
+        "cpu": f"{cpu_model()}, nproc {nproc}",
     }
 
 

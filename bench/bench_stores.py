@@ -76,7 +76,6 @@ import tempfile
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from importlib import metadata
 from pathlib import Path
 from typing import Any, Final
 
@@ -89,7 +88,7 @@ from shellinfo_grpc._gen.shellinfo.v1 import run_update_service_pb2 as _svc
 # the nats-server processes of the tests.
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(1, str(Path(__file__).resolve().parent.parent / "tests"))
-from bench_service import fill_run, fill_source, live_run
+from bench_service import catch_up_once, cpu_model, fill_run, fill_source, live_run, package_version
 from nats_processes import READY_TIMEOUT, NatsNode, kill_all, nats_server_binary, spawn, start_nodes, tail, terminate
 
 SVC: Final = "/shellinfo.v1.RunUpdateService/"
@@ -257,6 +256,15 @@ async def _cpu_per(service: Service, count: int, work: Callable[[], Awaitable[fl
     return result, (svc1 - svc0) / 1000 / count, (nats1 - nats0) / 1000 / count
 
 
+async def _measured(service: Service, count: int, work: Callable[[grpc.aio.Channel], Awaitable[float]]) -> Measured:
+    """``work`` on a channel of its own, with the CPU time per item it cost."""
+    ch = channel(service.port)
+    try:
+        return Measured(*await _cpu_per(service, count, lambda: work(ch)))
+    finally:
+        await ch.close(None)
+
+
 async def _stream_requests(
     ch: grpc.aio.Channel, requests: Sequence[_svc.PublishRunsRequest], what: str
 ) -> list[_svc.PublishRunsResponse]:
@@ -276,89 +284,54 @@ async def _stream_requests(
 async def fill(service: Service, records: int) -> Measured:
     """Publish the catch-up history through one PublishRuns stream; updates/s."""
     requests = [_svc.PublishRunsRequest(source=fill_source(i), run=fill_run(i)) for i in range(records)]
-    ch = channel(service.port)
-    try:
 
-        async def work() -> float:
-            t0 = time.perf_counter()
-            acks = await _stream_requests(ch, requests, f"{service.label} fill")
-            elapsed = time.perf_counter() - t0
-            revisions = sorted(ack.revision for ack in acks)
-            if revisions != list(range(1, records + 1)):
-                raise Problem(f"{service.label} fill: revisions are not 1..{records}")
-            return records / elapsed
+    async def work(ch: grpc.aio.Channel) -> float:
+        t0 = time.perf_counter()
+        acks = await _stream_requests(ch, requests, f"{service.label} fill")
+        elapsed = time.perf_counter() - t0
+        revisions = sorted(ack.revision for ack in acks)
+        if revisions != list(range(1, records + 1)):
+            raise Problem(f"{service.label} fill: revisions are not 1..{records}")
+        return records / elapsed
 
-        rate, svc_us, nats_us = await _cpu_per(service, records, work)
-    finally:
-        await ch.close(None)
-    return Measured(rate, svc_us, nats_us)
+    return await _measured(service, records, work)
 
 
 async def catch_up(service: Service, records: int) -> Measured:
     """Records/s of ``WatchRuns(start_revision=1)`` until the ``records``-th update arrived."""
-    ch = channel(service.port)
 
-    async def work() -> float:
-        t0 = time.perf_counter()
-        call = watch_call(ch)(_svc.WatchRunsRequest(start_revision=1), timeout=300)
-        got = 0
+    async def work(ch: grpc.aio.Channel) -> float:
         try:
-            async for response in call:
-                n = len(response.updates)
-                if not n:
-                    continue
-                if response.updates[0].revision != got + 1 or response.updates[n - 1].revision != got + n:
-                    raise Problem(f"{service.label} catch-up: revisions out of order after {got}")
-                got += n
-                if got >= records:
-                    break
-            elapsed = time.perf_counter() - t0
-        finally:
-            call.cancel()
-        if got < records:
-            raise Problem(f"{service.label} catch-up: {got} updates of {records}")
-        return records / elapsed
+            return records / await catch_up_once(ch, WATCH, records)
+        except RuntimeError as exc:  # revisions out of order, or some missing
+            raise Problem(f"{service.label} catch-up: {exc}") from None
 
-    try:
-        rate, svc_us, nats_us = await _cpu_per(service, records, work)
-    finally:
-        await ch.close(None)
-    return Measured(rate, svc_us, nats_us)
+    return await _measured(service, records, work)
 
 
 async def publish_sequential(service: Service, count: int) -> Measured:
     """PublishRun one at a time, each waiting for its acknowledgement; updates/s."""
-    ch = channel(service.port)
-    call = unary_publish(ch)
 
-    async def work() -> float:
+    async def work(ch: grpc.aio.Channel) -> float:
+        call = unary_publish(ch)
         t0 = time.perf_counter()
         for _ in range(count):
             await call(_svc.PublishRunRequest(source="seq", run=live_run(next(_IDS))), timeout=30)
         return count / (time.perf_counter() - t0)
 
-    try:
-        rate, svc_us, nats_us = await _cpu_per(service, count, work)
-    finally:
-        await ch.close(None)
-    return Measured(rate, svc_us, nats_us)
+    return await _measured(service, count, work)
 
 
 async def publish_streaming(service: Service, count: int) -> Measured:
     """One PublishRuns stream as fast as it takes the updates; updates/s until the last acknowledgement."""
     requests = [_svc.PublishRunsRequest(source="stream", run=live_run(next(_IDS))) for _ in range(count)]
-    ch = channel(service.port)
 
-    async def work() -> float:
+    async def work(ch: grpc.aio.Channel) -> float:
         t0 = time.perf_counter()
         await _stream_requests(ch, requests, f"{service.label} PublishRuns")
         return count / (time.perf_counter() - t0)
 
-    try:
-        rate, svc_us, nats_us = await _cpu_per(service, count, work)
-    finally:
-        await ch.close(None)
-    return Measured(rate, svc_us, nats_us)
+    return await _measured(service, count, work)
 
 
 async def publish_concurrent(service: Service, count: int, publishers: int) -> Measured:
@@ -528,21 +501,6 @@ async def latency_run(service: Service, mode: str, rate: float, seconds: float, 
 # --------------------------------------------------------------------------
 
 
-def _version(dist: str) -> str:
-    try:
-        return metadata.version(dist)
-    except metadata.PackageNotFoundError:
-        return "not installed"
-
-
-def _cpu_model() -> str:
-    with contextlib.suppress(OSError), open("/proc/cpuinfo", encoding="utf-8") as f:
-        for line in f:
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or "unknown"
-
-
 def _nats_server_version(binary: str | None) -> str:
     if binary is None:
         return "not found"
@@ -558,13 +516,13 @@ def environment(binary: str | None) -> dict[str, str]:
     return {
         "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "python": f"{platform.python_implementation()} {platform.python_version()}",
-        "shellinfo-grpc": _version("shellinfo-grpc"),
-        "grpcio": _version("grpcio"),
-        "protobuf": f"{_version('protobuf')} ({api_implementation.Type()} backend)",
-        "nats-py": _version("nats-py"),
+        "shellinfo-grpc": package_version("shellinfo-grpc"),
+        "grpcio": package_version("grpcio"),
+        "protobuf": f"{package_version('protobuf')} ({api_implementation.Type()} backend)",
+        "nats-py": package_version("nats-py"),
         "nats-server": _nats_server_version(binary),
         "platform": platform.platform(),
-        "cpu": f"{_cpu_model()}, nproc {nproc}",
+        "cpu": f"{cpu_model()}, nproc {nproc}",
         "load average": " ".join(f"{x:.2f}" for x in os.getloadavg()),
     }
 

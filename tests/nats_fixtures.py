@@ -27,14 +27,13 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from nats_processes import (
     READY_TIMEOUT,
+    Managed,
     NatsNode,
     free_ports,
-    kill,
     nats_server_binary,
     spawn,
     start_nodes,
     tail,
-    terminate,
 )
 
 __all__ = [
@@ -180,7 +179,7 @@ def uses_cli() -> bool:
 
 
 @dataclass(eq=False)
-class ServiceReplica:
+class ServiceReplica(Managed):
     """One run-update service process on a store URL, on a fixed loopback port."""
 
     store_url: str
@@ -200,10 +199,6 @@ class ServiceReplica:
     @property
     def log(self) -> Path:
         return self.directory / f"{self.name}.log"
-
-    @property
-    def running(self) -> bool:
-        return self.process is not None and self.process.poll() is None
 
     def start(self) -> ServiceReplica:
         assert not self.running
@@ -231,13 +226,3 @@ class ServiceReplica:
                 if time.monotonic() > deadline:
                     pytest.fail(f"service {self.name} not serving in {timeout} s:\n{tail(self.log)}", pytrace=False)
                 time.sleep(0.1)
-
-    def stop(self) -> None:
-        """SIGTERM (graceful shutdown), then wait."""
-        if self.process is not None:
-            terminate(self.process)
-
-    def kill(self) -> None:
-        """SIGKILL, then wait."""
-        if self.process is not None:
-            kill(self.process)

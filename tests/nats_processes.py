@@ -38,6 +38,7 @@ import nats
 __all__ = [
     "READY_TIMEOUT",
     "STOP_TIMEOUT",
+    "Managed",
     "NatsNode",
     "NotReady",
     "free_ports",
@@ -152,8 +153,28 @@ async def jetstream_ready(servers: Sequence[str], *, timeout: float = 2.0) -> bo
             await nc.close()
 
 
+class Managed:
+    """A process started with :func:`spawn`, in ``process`` once it runs."""
+
+    process: subprocess.Popen[bytes] | None
+
+    @property
+    def running(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def stop(self) -> None:
+        """SIGTERM, then wait (SIGKILL if it takes too long)."""
+        if self.process is not None:
+            terminate(self.process)
+
+    def kill(self) -> None:
+        """SIGKILL, then wait."""
+        if self.process is not None:
+            kill(self.process)
+
+
 @dataclass(eq=False)
-class NatsNode:
+class NatsNode(Managed):
     """One nats-server with JetStream; in a cluster when ``cluster_port`` is set.
 
     ``sync_always`` makes it fsync every message (``sync_interval: always``)
@@ -205,10 +226,6 @@ class NatsNode:
             argv += ["--routes", routes]
         return argv
 
-    @property
-    def running(self) -> bool:
-        return self.process is not None and self.process.poll() is None
-
     def start(self, *, wait: bool = True) -> NatsNode:
         """Start the server (on the same ports and files as before, if it ran); by default wait until ready."""
         assert not self.running, f"{self.name} is already running"
@@ -245,16 +262,6 @@ class NatsNode:
         """The ``/jsz`` monitoring document (JetStream state of this node)."""
         _, body = _http_json(f"http://127.0.0.1:{self.http_port}/jsz")
         return body if isinstance(body, dict) else {}
-
-    def stop(self) -> None:
-        """SIGTERM, then wait (SIGKILL if it takes too long)."""
-        if self.process is not None:
-            terminate(self.process)
-
-    def kill(self) -> None:
-        """SIGKILL, then wait."""
-        if self.process is not None:
-            kill(self.process)
 
     def restart(self) -> None:
         """Stop, then start again on the same ports and JetStream directory."""

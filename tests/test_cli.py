@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from samples import COMPLETED
 
 from shellinfo_grpc import (
     ExtraRestKey,
@@ -39,15 +40,7 @@ LAUNCHERS = {
 FORMATS = ("json", "jsonl", "binary")
 
 RECORDS: list[dict[str, Any]] = [
-    {
-        "jobRunId": 41234,
-        "startTimeUsecs": 1700000000123456,
-        "endTimeUsecs": 1700000360654321,
-        "runType": "kRegular",
-        "status": "kSuccess",
-        "startTimeHhmm": "22:13",
-        "endTimeHhmm": "22:19",
-    },
+    dict(COMPLETED),
     {
         "jobRunId": 2**63 - 1,
         "startTimeUsecs": -(2**63),

@@ -13,6 +13,7 @@ import pytest
 from google.protobuf.descriptor_pb2 import UninterpretedOption
 from hypothesis import given
 from hypothesis import strategies as st
+from samples import COMPLETED
 
 from shellinfo_grpc import (
     DEFAULT_MAX_RECORD_SIZE,
@@ -36,17 +37,7 @@ def _records() -> list[ProtectionShellInfo]:
     return [
         ProtectionShellInfo(),
         ProtectionShellInfo(job_run_id=1, status=RunStatus.RUN_STATUS_SUCCESS),
-        from_rest(
-            {
-                "jobRunId": 41234,
-                "startTimeUsecs": 1700000000123456,
-                "endTimeUsecs": 1700000360654321,
-                "runType": "kRegular",
-                "status": "kSuccess",
-                "startTimeHhmm": "22:13",
-                "endTimeHhmm": "22:19",
-            }
-        ),
+        from_rest(COMPLETED),
         ProtectionShellInfo(job_run_id=0, error="", start_time_usecs=-1),
         ProtectionShellInfo(status=RunStatus.RUN_STATUS_FAILURE, error="disk full on /var — ünïcode " * 8),
         ProtectionShellInfo(run_type=RunType.RUN_TYPE_LOG, error="x" * 20000),

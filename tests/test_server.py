@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import itertools
 import json
 import os
@@ -30,6 +29,7 @@ import pytest
 from google.protobuf import json_format
 from google.rpc import error_details_pb2, status_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from harness import aio_test
 
 from shellinfo_grpc import ProtectionShellInfo, RunStatus, RunType, from_rest
 from shellinfo_grpc._gen.shellinfo.v1 import run_update_service_pb2 as svc
@@ -38,9 +38,8 @@ from shellinfo_grpc.server import SERVICE_NAME, RunningServer, ServerConfig, cre
 from shellinfo_grpc.stores import Retention, Store
 from shellinfo_grpc.stores.memory import MemoryStore
 
-# Every test is bounded: its event loop is cancelled after this many seconds,
-# and pytest-timeout is the backstop should a loop not even get there.
-DEADLINE = 10.0
+# Every test is bounded: its event loop is cancelled after harness.DEADLINE
+# seconds, and pytest-timeout is the backstop should a loop not even get there.
 pytestmark = pytest.mark.timeout(30)
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
@@ -50,19 +49,6 @@ NOT_FINAL = ["kAccepted", "kRunning", "kCanceling", "kOnHold", "kFinalizing"]
 
 
 # --- harness ------------------------------------------------------------------
-
-
-def aio_test(fn: Callable[..., Awaitable[None]]) -> Callable[..., None]:
-    """Run an async test body in a fresh event loop, cancelled after DEADLINE."""
-
-    @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> None:
-        async def bounded() -> None:
-            await asyncio.wait_for(fn(*args, **kwargs), DEADLINE)
-
-        asyncio.run(bounded())
-
-    return wrapper
 
 
 @dataclass

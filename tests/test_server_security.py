@@ -9,11 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import os
 import shutil
 import sys
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +20,7 @@ import grpc
 import pytest
 from certs import Pki, make_pki
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from harness import aio_test
 
 from shellinfo_grpc import from_rest
 from shellinfo_grpc._gen.shellinfo.v1 import run_update_service_pb2 as svc
@@ -29,24 +29,10 @@ from shellinfo_grpc.errors import ConfigurationError
 from shellinfo_grpc.server import SERVICE_NAME, RunningServer, ServerConfig, TlsConfig, create_server, load_tokens
 from shellinfo_grpc.stores.memory import MemoryStore
 
-DEADLINE = 10.0
 pytestmark = pytest.mark.timeout(30)
 
 TOKENS = frozenset({"s3cret", "other-token"})
 SERVING = health_pb2.HealthCheckResponse.SERVING
-
-
-def aio_test(fn: Callable[..., Awaitable[None]]) -> Callable[..., None]:
-    """Run an async test body in a fresh event loop, cancelled after DEADLINE."""
-
-    @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> None:
-        async def bounded() -> None:
-            await asyncio.wait_for(fn(*args, **kwargs), DEADLINE)
-
-        asyncio.run(bounded())
-
-    return wrapper
 
 
 @contextlib.asynccontextmanager

@@ -520,15 +520,8 @@ def test_many_concurrent_publishers_get_distinct_gapless_revisions(make_store: M
 
 
 def sqlite_run(path: Path, body: Callable[[SqliteStore], Awaitable[T]], **options: Any) -> T:
-    async def main() -> T:
-        store = SqliteStore(path, **options)
-        await store.start()
-        try:
-            return await body(store)
-        finally:
-            await store.close()
-
-    return asyncio.run(main())
+    """:func:`with_store` on the SQLite file ``path``."""
+    return with_store(lambda retention: SqliteStore(path, **options), body)  # type: ignore[arg-type]
 
 
 def test_sqlite_reopen_keeps_everything(tmp_path: Path) -> None:
