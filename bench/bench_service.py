@@ -654,6 +654,40 @@ class Latency:
         return max(self.latencies_ms) if self.latencies_ms else math.nan
 
 
+class LatencyWatch:
+    """The watching half of a latency run, on a live WatchRuns call.
+
+    Keeps the publish-to-watch latency (ms) of each update from ``source``
+    after the first ``warmup``; ``established`` is set by the first update of
+    any source (a probe), ``finished`` once ``count`` updates from ``source``
+    arrived.
+    """
+
+    def __init__(self, call: Any, source: str, warmup: int, count: int) -> None:
+        self.call = call
+        self.source = source
+        self.warmup = warmup
+        self.count = count
+        self.latencies: list[float] = []
+        self.seen = 0
+        self.established = asyncio.Event()
+        self.finished = asyncio.Event()
+
+    async def run(self) -> None:
+        source, warmup, latencies = self.source, self.warmup, self.latencies
+        async for response in self.call:
+            now = time.time_ns() // 1000
+            for update in response.updates:
+                self.established.set()
+                if update.source == source:
+                    self.seen += 1
+                    if self.seen > warmup:
+                        latencies.append((now - update.run.start_time_usecs) / 1000)
+            if self.seen >= self.count:
+                self.finished.set()
+                return
+
+
 async def latency_run(server: Child, paths: Paths, mode: str, rate: float, seconds: float, warmup: int) -> Latency:
     """One live watcher and one paced publisher, in this process, on two connections.
 
@@ -665,27 +699,11 @@ async def latency_run(server: Child, paths: Paths, mode: str, rate: float, secon
     count = warmup + int(rate * seconds)
     source = f"lat-{mode}"
     watch_ch, pub_ch = channel(server.port), channel(server.port)
-    latencies: list[float] = []
-    seen = 0
-    established = asyncio.Event()
-    finished = asyncio.Event()
     call = watch_call(watch_ch, paths.watch)(_svc.WatchRunsRequest(), timeout=seconds + 120)
+    watch = LatencyWatch(call, source, warmup, count)
+    latencies, established, finished = watch.latencies, watch.established, watch.finished
 
-    async def watch() -> None:
-        nonlocal seen
-        async for response in call:
-            now = time.time_ns() // 1000
-            for update in response.updates:
-                established.set()
-                if update.source == source:
-                    seen += 1
-                    if seen > warmup:
-                        latencies.append((now - update.run.start_time_usecs) / 1000)
-            if seen >= count:
-                finished.set()
-                return
-
-    watcher = asyncio.create_task(watch())
+    watcher = asyncio.create_task(watch.run())
     try:
         await probe_until(pub_ch, paths, established.is_set, 30)
         cpu, client_cpu = cpu_ns(server.pid), time.process_time()

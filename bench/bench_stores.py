@@ -88,7 +88,15 @@ from shellinfo_grpc._gen.shellinfo.v1 import run_update_service_pb2 as _svc
 # the nats-server processes of the tests.
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(1, str(Path(__file__).resolve().parent.parent / "tests"))
-from bench_service import catch_up_once, cpu_model, fill_run, fill_source, live_run, package_version
+from bench_service import (
+    LatencyWatch,
+    catch_up_once,
+    cpu_model,
+    fill_run,
+    fill_source,
+    live_run,
+    package_version,
+)
 from nats_processes import READY_TIMEOUT, NatsNode, kill_all, nats_server_binary, spawn, start_nodes, tail, terminate
 
 SVC: Final = "/shellinfo.v1.RunUpdateService/"
@@ -396,27 +404,11 @@ async def latency_run(service: Service, mode: str, rate: float, seconds: float, 
     count = warmup + int(rate * seconds)
     source = f"lat-{mode}"
     watch_ch, pub_ch = channel(service.port), channel(service.port)
-    latencies: list[float] = []
-    seen = 0
-    established = asyncio.Event()
-    finished = asyncio.Event()
     call = watch_call(watch_ch)(_svc.WatchRunsRequest(), timeout=seconds + 120)
+    watch = LatencyWatch(call, source, warmup, count)
+    latencies, established, finished = watch.latencies, watch.established, watch.finished
     sent = 0
     first_send = last_ack = math.nan
-
-    async def watch() -> None:
-        nonlocal seen
-        async for response in call:
-            now = time.time_ns() // 1000
-            for update in response.updates:
-                established.set()
-                if update.source == source:
-                    seen += 1
-                    if seen > warmup:
-                        latencies.append((now - update.run.start_time_usecs) / 1000)
-            if seen >= count:
-                finished.set()
-                return
 
     async def paced_unary() -> None:
         nonlocal sent, last_ack
@@ -460,7 +452,7 @@ async def latency_run(service: Service, mode: str, rate: float, seconds: float, 
         async for _ack in stream_publish(pub_ch)(gen(), timeout=count / rate + 60):
             last_ack = time.time()
 
-    watcher = asyncio.create_task(watch())
+    watcher = asyncio.create_task(watch.run())
     try:
         probe = unary_publish(pub_ch)
         deadline = time.monotonic() + 30

@@ -1,13 +1,17 @@
-"""What several test modules share: running an async test body with a deadline."""
+"""What several test modules share: running an async test body with a deadline, finding buf."""
 
 from __future__ import annotations
 
 import asyncio
 import functools
+import os
+import shutil
+import sys
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
-__all__ = ["DEADLINE", "aio_test"]
+__all__ = ["BUF", "DEADLINE", "aio_test"]
 
 #: Seconds an async test body may take before its event loop cancels it.
 DEADLINE = 10.0
@@ -24,3 +28,15 @@ def aio_test(fn: Callable[..., Awaitable[None]]) -> Callable[..., None]:
         asyncio.run(bounded())
 
     return wrapper
+
+
+def _buf() -> str | None:
+    found = shutil.which("buf")
+    if found:
+        return found
+    beside = Path(sys.executable).parent / ("buf.exe" if os.name == "nt" else "buf")
+    return str(beside) if beside.exists() else None
+
+
+#: The buf executable (pip install buf-bin), or None.
+BUF = _buf()

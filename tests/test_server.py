@@ -17,11 +17,8 @@ import contextlib
 import itertools
 import json
 import os
-import shutil
-import sys
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import grpc
@@ -29,7 +26,7 @@ import pytest
 from google.protobuf import json_format
 from google.rpc import error_details_pb2, status_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from harness import aio_test
+from harness import BUF, aio_test
 
 from shellinfo_grpc import ProtectionShellInfo, RunStatus, RunType, from_rest
 from shellinfo_grpc._gen.shellinfo.v1 import run_update_service_pb2 as svc
@@ -1106,15 +1103,6 @@ async def test_health_check_serving() -> None:
 # --- 9. reflection, as buf curl sees it ---------------------------------------------
 
 
-def _buf() -> str | None:
-    found = shutil.which("buf")
-    if found:
-        return found
-    beside = Path(sys.executable).parent / ("buf.exe" if os.name == "nt" else "buf")
-    return str(beside) if beside.exists() else None
-
-
-BUF = _buf()
 needs_buf = pytest.mark.skipif(BUF is None, reason="buf is not installed (pip install buf-bin)")
 
 

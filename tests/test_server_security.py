@@ -10,8 +10,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import shutil
-import sys
 from collections.abc import AsyncIterator, Awaitable
 from pathlib import Path
 from typing import Any
@@ -20,7 +18,7 @@ import grpc
 import pytest
 from certs import Pki, make_pki
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from harness import aio_test
+from harness import BUF, aio_test
 
 from shellinfo_grpc import from_rest
 from shellinfo_grpc._gen.shellinfo.v1 import run_update_service_pb2 as svc
@@ -219,17 +217,6 @@ async def test_tokens_from_a_file_protect_the_server(tmp_path: Path) -> None:
     async with server(config) as running, channel(f"127.0.0.1:{running.port}") as ch:
         await call_unary(ch, (("authorization", "Bearer from-file"),))
         await expect_code(grpc.StatusCode.UNAUTHENTICATED, call_unary(ch, (("authorization", "Bearer s3cret"),)))
-
-
-def _buf() -> str | None:
-    found = shutil.which("buf")
-    if found:
-        return found
-    beside = Path(sys.executable).parent / ("buf.exe" if os.name == "nt" else "buf")
-    return str(beside) if beside.exists() else None
-
-
-BUF = _buf()
 
 
 @pytest.mark.skipif(BUF is None, reason="buf is not installed (pip install buf-bin)")
