@@ -632,14 +632,11 @@ async def bench_publish(
 # --------------------------------------------------------------------------
 
 
-@dataclass(slots=True)
-class Latency:
-    name: str
+class Percentiles:
+    """p50, p99 and max of ``latencies_ms``."""
+
+    __slots__ = ()
     latencies_ms: list[float]
-    expected: int
-    rate: float
-    cpu_us: float  # server CPU per update, in µs
-    client_cpu_us: float  # this (publisher and watcher) process's CPU per update, in µs
 
     @property
     def p50(self) -> float:
@@ -652,6 +649,16 @@ class Latency:
     @property
     def max(self) -> float:
         return max(self.latencies_ms) if self.latencies_ms else math.nan
+
+
+@dataclass(slots=True)
+class Latency(Percentiles):
+    name: str
+    latencies_ms: list[float]
+    expected: int
+    rate: float
+    cpu_us: float  # server CPU per update, in µs
+    client_cpu_us: float  # this (publisher and watcher) process's CPU per update, in µs
 
 
 class LatencyWatch:

@@ -90,6 +90,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(1, str(Path(__file__).resolve().parent.parent / "tests"))
 from bench_service import (
     LatencyWatch,
+    Percentiles,
     catch_up_once,
     cpu_model,
     fill_run,
@@ -373,25 +374,13 @@ async def publish_concurrent(service: Service, count: int, publishers: int) -> M
 
 
 @dataclass(slots=True)
-class Latency:
+class Latency(Percentiles):
     latencies_ms: list[float]
     expected: int
     rate: float  # achieved publish rate, updates/s
     service_cpu_us: float
     nats_cpu_us: float
     client_cpu_us: float  # this process (publisher and watcher)
-
-    @property
-    def p50(self) -> float:
-        return pct(self.latencies_ms, 50)
-
-    @property
-    def p99(self) -> float:
-        return pct(self.latencies_ms, 99)
-
-    @property
-    def max(self) -> float:
-        return max(self.latencies_ms) if self.latencies_ms else math.nan
 
 
 async def latency_run(service: Service, mode: str, rate: float, seconds: float, warmup: int) -> Latency:

@@ -1,4 +1,4 @@
-"""What several test modules share: running an async test body with a deadline, finding buf."""
+"""What several test modules share: running an async test body with a deadline, and buf curl."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-__all__ = ["BUF", "DEADLINE", "aio_test"]
+__all__ = ["BUF", "DEADLINE", "aio_test", "buf_curl"]
 
 #: Seconds an async test body may take before its event loop cancels it.
 DEADLINE = 10.0
@@ -40,3 +40,27 @@ def _buf() -> str | None:
 
 #: The buf executable (pip install buf-bin), or None.
 BUF = _buf()
+
+
+async def buf_curl(*args: str) -> tuple[int, str, str]:
+    """``buf curl --protocol grpc --http2-prior-knowledge ARGS``: exit status, standard output and error."""
+    assert BUF is not None
+    process = await asyncio.create_subprocess_exec(
+        BUF,
+        "curl",
+        "--protocol",
+        "grpc",
+        "--http2-prior-knowledge",
+        *args,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env={**os.environ, "NO_COLOR": "1"},
+    )
+    try:
+        out, err = await asyncio.wait_for(process.communicate(), 8)
+    except TimeoutError:
+        process.kill()
+        await process.wait()
+        raise
+    assert process.returncode is not None
+    return process.returncode, out.decode(), err.decode()

@@ -16,7 +16,6 @@ import asyncio
 import contextlib
 import itertools
 import json
-import os
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -26,7 +25,7 @@ import pytest
 from google.protobuf import json_format
 from google.rpc import error_details_pb2, status_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from harness import BUF, aio_test
+from harness import BUF, aio_test, buf_curl
 
 from shellinfo_grpc import ProtectionShellInfo, RunStatus, RunType, from_rest
 from shellinfo_grpc._gen.shellinfo.v1 import run_update_service_pb2 as svc
@@ -1104,29 +1103,6 @@ async def test_health_check_serving() -> None:
 
 
 needs_buf = pytest.mark.skipif(BUF is None, reason="buf is not installed (pip install buf-bin)")
-
-
-async def buf_curl(*args: str) -> tuple[int, str, str]:
-    assert BUF is not None
-    process = await asyncio.create_subprocess_exec(
-        BUF,
-        "curl",
-        "--protocol",
-        "grpc",
-        "--http2-prior-knowledge",
-        *args,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-        env={**os.environ, "NO_COLOR": "1"},
-    )
-    try:
-        out, err = await asyncio.wait_for(process.communicate(), 8)
-    except TimeoutError:
-        process.kill()
-        await process.wait()
-        raise
-    assert process.returncode is not None
-    return process.returncode, out.decode(), err.decode()
 
 
 @needs_buf

@@ -7,9 +7,7 @@ certificate, and a rogue CA with a client certificate of its own.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
-import os
 from collections.abc import AsyncIterator, Awaitable
 from pathlib import Path
 from typing import Any
@@ -18,7 +16,7 @@ import grpc
 import pytest
 from certs import Pki, make_pki
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from harness import BUF, aio_test
+from harness import BUF, aio_test, buf_curl
 
 from shellinfo_grpc import from_rest
 from shellinfo_grpc._gen.shellinfo.v1 import run_update_service_pb2 as svc
@@ -227,24 +225,10 @@ async def test_buf_curl_with_a_token_header() -> None:
         url = f"http://127.0.0.1:{running.port}/{SERVICE_NAME}/ListRuns"
 
         async def curl(*, header: str | None, reflect_header: str | None) -> tuple[int, str]:
-            process = await asyncio.create_subprocess_exec(
-                BUF,
-                "curl",
-                "--protocol",
-                "grpc",
-                "--http2-prior-knowledge",
-                *(["-H", header] if header else []),
-                *(["--reflect-header", reflect_header] if reflect_header else []),
-                "-d",
-                "{}",
-                url,
-                stdout=asyncio.subprocess.PIPE,
-                stderr=asyncio.subprocess.PIPE,
-                env={**os.environ, "NO_COLOR": "1"},
-            )
-            out, err = await asyncio.wait_for(process.communicate(), 8)
-            assert process.returncode is not None
-            return process.returncode, (out + err).decode()
+            headers = ["-H", header] if header else []
+            reflect = ["--reflect-header", reflect_header] if reflect_header else []
+            code, out, err = await buf_curl(*headers, *reflect, "-d", "{}", url)
+            return code, out + err
 
         bearer = "Authorization: Bearer s3cret"
         code, output = await curl(header=bearer, reflect_header="*")
