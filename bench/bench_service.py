@@ -79,7 +79,8 @@ BARE_PATHS: Final = Paths("bare", BARE + "Publish", BARE + "PublishStream", BARE
 
 _S = _pb.RunStatus
 _T = _pb.RunType
-_IDS = itertools.count(10_000_000)  # job run ids of live-phase updates, unique in a run
+#: Job run ids of live-phase updates, unique in a run (bench_stores draws from it too).
+JOB_RUN_IDS: Final = itertools.count(10_000_000)
 
 # --------------------------------------------------------------------------
 # Records
@@ -313,15 +314,16 @@ def pct(values: Sequence[float], q: float) -> float:
 
 
 def cpu_ns(pid: int) -> int:
-    """CPU time of every thread of a process so far, in ns (from the scheduler, not in ticks).
+    """CPU time of every thread of a process so far, in ns (from the scheduler, not in ticks; 0 once it is gone).
 
     On a shared machine this wanders far less than wall time: it counts what a
     process did, not how long it waited for a core.
     """
     total = 0
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        with contextlib.suppress(OSError):
-            total += int((task / "schedstat").read_text(encoding="ascii").split()[0])
+    with contextlib.suppress(OSError):  # the process is gone: 0
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            with contextlib.suppress(OSError):
+                total += int((task / "schedstat").read_text(encoding="ascii").split()[0])
     return total
 
 
@@ -499,13 +501,13 @@ async def publish_sequential(ch: grpc.aio.Channel, paths: Paths, count: int, sou
     call = unary_publish(ch, paths.publish)
     t0 = time.perf_counter()
     for _ in range(count):
-        await call(_svc.PublishRunRequest(source=source, run=live_run(next(_IDS))), timeout=30)
+        await call(_svc.PublishRunRequest(source=source, run=live_run(next(JOB_RUN_IDS))), timeout=30)
     return count / (time.perf_counter() - t0)
 
 
 async def publish_streaming(ch: grpc.aio.Channel, paths: Paths, count: int, source: str) -> float:
     """PublishRuns as fast as the stream takes them; updates/s until the last acknowledgement."""
-    requests = [_svc.PublishRunsRequest(source=source, run=live_run(next(_IDS))) for _ in range(count)]
+    requests = [_svc.PublishRunsRequest(source=source, run=live_run(next(JOB_RUN_IDS))) for _ in range(count)]
 
     async def gen() -> AsyncIterator[_svc.PublishRunsRequest]:
         for request in requests:
@@ -560,7 +562,7 @@ async def paced_unary(
         if delay > 0:
             await asyncio.sleep(delay)
         await slots.acquire()
-        task = asyncio.create_task(one(next(_IDS)))
+        task = asyncio.create_task(one(next(JOB_RUN_IDS)))
         tasks.add(task)
         task.add_done_callback(tasks.discard)
         result.sent += 1
@@ -580,7 +582,7 @@ async def paced_stream(ch: grpc.aio.Channel, paths: Paths, source: str, count: i
             delay = t0 + i / rate - time.perf_counter()
             if delay > 0:
                 await asyncio.sleep(delay)
-            ids.append(next(_IDS))
+            ids.append(next(JOB_RUN_IDS))
             result.sent += 1
             yield _svc.PublishRunsRequest(source=source, run=live_run(ids[-1]))
 
@@ -597,7 +599,7 @@ async def probe_until(ch: grpc.aio.Channel, paths: Paths, ready: Callable[[], bo
     while not ready():
         if time.monotonic() > deadline:
             raise TimeoutError(f"{paths.name}: watchers not established within {limit} s")
-        await call(_svc.PublishRunRequest(source="probe", run=live_run(next(_IDS))), timeout=30)
+        await call(_svc.PublishRunRequest(source="probe", run=live_run(next(JOB_RUN_IDS))), timeout=30)
         await asyncio.sleep(0.1)
 
 
@@ -695,32 +697,38 @@ class LatencyWatch:
                 return
 
 
-async def latency_run(server: Child, paths: Paths, mode: str, rate: float, seconds: float, warmup: int) -> Latency:
-    """One live watcher and one paced publisher, in this process, on two connections.
+async def paced_latency(
+    port: int,
+    paths: Paths,
+    mode: str,
+    rate: float,
+    seconds: float,
+    warmup: int,
+    cpu: Callable[[], Sequence[int]],
+) -> tuple[list[float], Paced, list[int], float]:
+    """One live watcher and one paced publisher (``mode`` unary or stream), in this process, on two connections.
 
     The publisher writes its wall clock into ``start_time_usecs`` when it sends
     an update; the watcher subtracts that from its wall clock when the response
     holding the update has been received and decoded. The first ``warmup``
-    updates are not counted.
+    updates are not counted. Returns the latencies (ms), what the publisher
+    did, how far each of the ``cpu()`` counters (ns) moved while it published,
+    and the CPU seconds of this process meanwhile.
     """
     count = warmup + int(rate * seconds)
     source = f"lat-{mode}"
-    watch_ch, pub_ch = channel(server.port), channel(server.port)
+    watch_ch, pub_ch = channel(port), channel(port)
     call = watch_call(watch_ch, paths.watch)(_svc.WatchRunsRequest(), timeout=seconds + 120)
     watch = LatencyWatch(call, source, warmup, count)
-    latencies, established, finished = watch.latencies, watch.established, watch.finished
-
     watcher = asyncio.create_task(watch.run())
     try:
-        await probe_until(pub_ch, paths, established.is_set, 30)
-        cpu, client_cpu = cpu_ns(server.pid), time.process_time()
-        if mode == "unary":
-            paced = await paced_unary(pub_ch, paths, source, count, rate)
-        else:
-            paced = await paced_stream(pub_ch, paths, source, count, rate)
+        await probe_until(pub_ch, paths, watch.established.is_set, 30)
+        before, client = cpu(), time.process_time()
+        paced = await (paced_unary if mode == "unary" else paced_stream)(pub_ch, paths, source, count, rate)
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(finished.wait(), 30)
-        cpu, client_cpu = cpu_ns(server.pid) - cpu, time.process_time() - client_cpu
+            await asyncio.wait_for(watch.finished.wait(), 30)
+        moved = [after - first for after, first in zip(cpu(), before, strict=True)]
+        client = time.process_time() - client
     finally:
         call.cancel()
         watcher.cancel()
@@ -728,8 +736,17 @@ async def latency_run(server: Child, paths: Paths, mode: str, rate: float, secon
             await watcher
         await watch_ch.close(None)
         await pub_ch.close(None)
+    return watch.latencies, paced, moved, client
+
+
+async def latency_run(server: Child, paths: Paths, mode: str, rate: float, seconds: float, warmup: int) -> Latency:
+    """Publish-to-watch latency of ``paths`` (see :func:`paced_latency`), with the server's CPU per update."""
+    count = warmup + int(rate * seconds)
+    latencies, paced, (server_ns,), client = await paced_latency(
+        server.port, paths, mode, rate, seconds, warmup, lambda: (cpu_ns(server.pid),)
+    )
     return Latency(
-        f"{paths.name} {mode}", latencies, count - warmup, paced.rate, cpu / 1000 / count, client_cpu * 1e6 / count
+        f"{paths.name} {mode}", latencies, count - warmup, paced.rate, server_ns / 1000 / count, client * 1e6 / count
     )
 
 

@@ -58,10 +58,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import dataclasses
 import datetime
-import itertools
 import json
 import math
 import os
@@ -89,15 +87,19 @@ from shellinfo_grpc._gen.shellinfo.v1 import run_update_service_pb2 as _svc
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(1, str(Path(__file__).resolve().parent.parent / "tests"))
 from bench_service import (
-    LatencyWatch,
+    JOB_RUN_IDS,
+    SERVICE_PATHS,
     Percentiles,
     catch_up_once,
     cpu_model,
+    cpu_ns,
     fill_run,
     fill_source,
     live_run,
+    paced_latency,
     package_version,
 )
+from bench_service import publish_sequential as sequential_publishes
 from nats_processes import READY_TIMEOUT, NatsNode, kill_all, nats_server_binary, spawn, start_nodes, tail, terminate
 
 SVC: Final = "/shellinfo.v1.RunUpdateService/"
@@ -109,22 +111,10 @@ STREAM: Final = "BENCH_RUNS"
 PREFIX: Final = "bench.runs"
 
 
-_IDS = itertools.count(10_000_000)  # job run ids of publish and latency updates, unique in a run
-
 # --------------------------------------------------------------------------
 # Processes: nats-server nodes come from the tests' nats_processes module;
 # every process is registered there and killed at exit
 # --------------------------------------------------------------------------
-
-
-def cpu_ns(pid: int) -> int:
-    """CPU time of every thread of a process so far, in ns (0 once it is gone)."""
-    total = 0
-    with contextlib.suppress(OSError):
-        for task in Path(f"/proc/{pid}/task").iterdir():
-            with contextlib.suppress(OSError):
-                total += int((task / "schedstat").read_text(encoding="ascii").split()[0])
-    return total
 
 
 async def start_nats(binary: str, directory: Path, size: int, *, sync_always: bool = False) -> list[NatsNode]:
@@ -320,20 +310,12 @@ async def catch_up(service: Service, records: int) -> Measured:
 
 async def publish_sequential(service: Service, count: int) -> Measured:
     """PublishRun one at a time, each waiting for its acknowledgement; updates/s."""
-
-    async def work(ch: grpc.aio.Channel) -> float:
-        call = unary_publish(ch)
-        t0 = time.perf_counter()
-        for _ in range(count):
-            await call(_svc.PublishRunRequest(source="seq", run=live_run(next(_IDS))), timeout=30)
-        return count / (time.perf_counter() - t0)
-
-    return await _measured(service, count, work)
+    return await _measured(service, count, lambda ch: sequential_publishes(ch, SERVICE_PATHS, count, "seq"))
 
 
 async def publish_streaming(service: Service, count: int) -> Measured:
     """One PublishRuns stream as fast as it takes the updates; updates/s until the last acknowledgement."""
-    requests = [_svc.PublishRunsRequest(source="stream", run=live_run(next(_IDS))) for _ in range(count)]
+    requests = [_svc.PublishRunsRequest(source="stream", run=live_run(next(JOB_RUN_IDS))) for _ in range(count)]
 
     async def work(ch: grpc.aio.Channel) -> float:
         t0 = time.perf_counter()
@@ -351,7 +333,7 @@ async def publish_concurrent(service: Service, count: int, publishers: int) -> M
     async def one(ch: grpc.aio.Channel, k: int) -> None:
         call = unary_publish(ch)
         for _ in range(each):
-            await call(_svc.PublishRunRequest(source=f"con-{k:02d}", run=live_run(next(_IDS))), timeout=30)
+            await call(_svc.PublishRunRequest(source=f"con-{k:02d}", run=live_run(next(JOB_RUN_IDS))), timeout=30)
 
     async def work() -> float:
         t0 = time.perf_counter()
@@ -362,7 +344,7 @@ async def publish_concurrent(service: Service, count: int, publishers: int) -> M
         # warm the connections, so that their set-up is not timed
         await asyncio.gather(
             *(
-                unary_publish(ch)(_svc.PublishRunRequest(source="warm", run=live_run(next(_IDS))), timeout=30)
+                unary_publish(ch)(_svc.PublishRunRequest(source="warm", run=live_run(next(JOB_RUN_IDS))), timeout=30)
                 for ch in channels
             )
         )
@@ -391,88 +373,18 @@ async def latency_run(service: Service, mode: str, rate: float, seconds: float, 
     a lower rate. The first ``warmup`` updates are not counted.
     """
     count = warmup + int(rate * seconds)
-    source = f"lat-{mode}"
-    watch_ch, pub_ch = channel(service.port), channel(service.port)
-    call = watch_call(watch_ch)(_svc.WatchRunsRequest(), timeout=seconds + 120)
-    watch = LatencyWatch(call, source, warmup, count)
-    latencies, established, finished = watch.latencies, watch.established, watch.finished
-    sent = 0
-    first_send = last_ack = math.nan
-
-    async def paced_unary() -> None:
-        nonlocal sent, last_ack
-        publish = unary_publish(pub_ch)
-        slots = asyncio.Semaphore(64)
-        tasks: set[asyncio.Task[None]] = set()
-
-        async def one(job_run_id: int) -> None:
-            nonlocal last_ack
-            try:
-                await publish(_svc.PublishRunRequest(source=source, run=live_run(job_run_id)), timeout=30)
-                last_ack = time.time()
-            finally:
-                slots.release()
-
-        t0 = time.perf_counter()
-        for i in range(count):
-            delay = t0 + i / rate - time.perf_counter()
-            if delay > 0:
-                await asyncio.sleep(delay)
-            await slots.acquire()
-            task = asyncio.create_task(one(next(_IDS)))
-            tasks.add(task)
-            task.add_done_callback(tasks.discard)
-            sent += 1
-        await asyncio.wait_for(asyncio.gather(*tasks), 60)
-
-    async def paced_stream() -> None:
-        nonlocal last_ack
-        t0 = time.perf_counter()
-
-        async def gen() -> AsyncIterator[_svc.PublishRunsRequest]:
-            nonlocal sent
-            for i in range(count):
-                delay = t0 + i / rate - time.perf_counter()
-                if delay > 0:
-                    await asyncio.sleep(delay)
-                sent += 1
-                yield _svc.PublishRunsRequest(source=source, run=live_run(next(_IDS)))
-
-        async for _ack in stream_publish(pub_ch)(gen(), timeout=count / rate + 60):
-            last_ack = time.time()
-
-    watcher = asyncio.create_task(watch.run())
     try:
-        probe = unary_publish(pub_ch)
-        deadline = time.monotonic() + 30
-        while not established.is_set():  # the watch is registered once a probe reached it
-            if time.monotonic() > deadline:
-                raise Problem(f"{service.label}: the watch was not established in 30 s")
-            await probe(_svc.PublishRunRequest(source="probe", run=live_run(next(_IDS))), timeout=30)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(established.wait(), 0.1)
-        svc0, nats0 = service.cpu()
-        client0 = time.process_time()
-        first_send = time.time()
-        await (paced_unary() if mode == "unary" else paced_stream())
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(finished.wait(), 30)
-        svc1, nats1 = service.cpu()
-        client = time.process_time() - client0
-    finally:
-        call.cancel()
-        watcher.cancel()
-        with contextlib.suppress(asyncio.CancelledError, grpc.aio.AioRpcError):
-            await watcher
-        await watch_ch.close(None)
-        await pub_ch.close(None)
-    achieved = sent / (last_ack - first_send) if sent > 1 else math.nan
+        latencies, paced, (service_ns, nats_ns), client = await paced_latency(
+            service.port, SERVICE_PATHS, mode, rate, seconds, warmup, service.cpu
+        )
+    except TimeoutError as exc:  # the watch was not established, or acknowledgements stopped
+        raise Problem(f"{service.label}: {exc}") from None
     return Latency(
         latencies,
         count - warmup,
-        achieved,
-        (svc1 - svc0) / 1000 / count,
-        (nats1 - nats0) / 1000 / count,
+        paced.rate,
+        service_ns / 1000 / count,
+        nats_ns / 1000 / count,
         client * 1e6 / count,
     )
 
