@@ -59,11 +59,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
-import datetime
 import json
 import math
 import os
-import platform
 import re
 import shutil
 import signal
@@ -78,7 +76,6 @@ from pathlib import Path
 from typing import Any, Final
 
 import grpc
-from google.protobuf.internal import api_implementation
 
 from shellinfo_grpc._gen.shellinfo.v1 import run_update_service_pb2 as _svc
 
@@ -91,7 +88,6 @@ from bench_service import (
     SERVICE_PATHS,
     Percentiles,
     catch_up_once,
-    cpu_model,
     cpu_ns,
     fill_run,
     fill_source,
@@ -99,6 +95,7 @@ from bench_service import (
     paced_latency,
     package_version,
 )
+from bench_service import environment as service_environment
 from bench_service import publish_sequential as sequential_publishes
 from nats_processes import READY_TIMEOUT, NatsNode, kill_all, nats_server_binary, spawn, start_nodes, tail, terminate
 
@@ -405,17 +402,11 @@ def _nats_server_version(binary: str | None) -> str:
 
 
 def environment(binary: str | None) -> dict[str, str]:
-    nproc = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 0
+    """The service bench's environment, and NATS's."""
     return {
-        "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
-        "python": f"{platform.python_implementation()} {platform.python_version()}",
-        "shellinfo-grpc": package_version("shellinfo-grpc"),
-        "grpcio": package_version("grpcio"),
-        "protobuf": f"{package_version('protobuf')} ({api_implementation.Type()} backend)",
+        **service_environment(),
         "nats-py": package_version("nats-py"),
         "nats-server": _nats_server_version(binary),
-        "platform": platform.platform(),
-        "cpu": f"{cpu_model()}, nproc {nproc}",
         "load average": " ".join(f"{x:.2f}" for x in os.getloadavg()),
     }
 
@@ -673,9 +664,7 @@ async def run(args: argparse.Namespace) -> int:
             "seconds": elapsed,
         }
         Path(args.json).write_text(json.dumps(document, indent=1) + "\n", encoding="utf-8")
-    if args.quick:
-        return 0
-    return 1 if problem else 0
+    return 1 if problem and not args.quick else 0  # --quick is a smoke run: it always exits 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
