@@ -52,9 +52,10 @@ class Retention:
 
     ``max_updates`` keeps at most that many of the newest updates in the
     history (0: no limit); ``max_age_seconds`` drops updates older than that
-    (0: no limit). The latest state of every run is always kept, whatever the
-    history retains. Watches that ask for a revision older than what is kept
-    end with OUT_OF_RANGE.
+    (0: no limit). The latest state of every run is to be kept whatever the
+    history retains; a backend that cannot keep that promise says so in its
+    own documentation. Watches that ask for a revision older than what is
+    kept end with OUT_OF_RANGE.
     """
 
     max_updates: int = 1_000_000

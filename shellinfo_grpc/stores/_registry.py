@@ -1,4 +1,12 @@
-"""How a store URL picks a backend: ``memory://``, ``sqlite:///PATH`` or ``nats://HOST:PORT``.
+"""How a store URL picks a backend.
+
+* ``memory://``: :class:`~shellinfo_grpc.stores.memory.MemoryStore`, for
+  tests and throwaway use; nothing survives the process.
+* ``sqlite:///PATH``: :class:`~shellinfo_grpc.stores.sqlite.SqliteStore`, the
+  embedded default; an update is acknowledged only once it is durable.
+* ``nats://HOST:PORT[,HOST:PORT...]``: :class:`~shellinfo_grpc.stores.nats.NatsStore`,
+  one JetStream stream shared by several replicas of the service (the
+  ``nats`` extra). Its retention also forgets runs whose last update it trims.
 
 The backends import :mod:`shellinfo_grpc.stores` for the interface; this
 module imports the backends, so the interface never imports them and there
@@ -10,7 +18,6 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Final
 from urllib.parse import parse_qs, quote, unquote, urlsplit
 
 from shellinfo_grpc.errors import ConfigurationError
@@ -18,25 +25,17 @@ from shellinfo_grpc.stores import Retention, Store
 from shellinfo_grpc.stores.memory import MemoryStore
 from shellinfo_grpc.stores.sqlite import SqliteStore
 
-__all__ = ["DEFAULT_STORE_PATH", "default_store_url", "open_store"]
-
-
-def _default_store_path() -> Path:
-    state = os.environ.get("XDG_STATE_HOME", "")
-    if not os.path.isabs(state):  # the XDG spec: ignore a relative path
-        state = str(Path.home() / ".local" / "state")
-    return Path(state) / "shellinfo" / "runs.sqlite3"
-
-
-#: Where ``shellinfo serve`` keeps its SQLite file unless ``--store`` says
-#: otherwise: ``$XDG_STATE_HOME/shellinfo/runs.sqlite3``, by default
-#: ``~/.local/state/shellinfo/runs.sqlite3``.
-DEFAULT_STORE_PATH: Final = _default_store_path()
+__all__ = ["default_store_url", "open_store"]
 
 
 def default_store_url() -> str:
-    """The store URL ``shellinfo serve`` uses by default (see DEFAULT_STORE_PATH)."""
-    return f"sqlite://{quote(str(_default_store_path()))}"
+    """The store URL ``shellinfo serve`` uses by default: the SQLite file
+    ``$XDG_STATE_HOME/shellinfo/runs.sqlite3``, by default
+    ``~/.local/state/shellinfo/runs.sqlite3``."""
+    state = os.environ.get("XDG_STATE_HOME", "")
+    if not os.path.isabs(state):  # the XDG spec: ignore a relative path
+        state = str(Path.home() / ".local" / "state")
+    return f"sqlite://{quote(str(Path(state) / 'shellinfo' / 'runs.sqlite3'))}"
 
 
 def open_store(url: str, *, retention: Retention | None = None) -> Store:

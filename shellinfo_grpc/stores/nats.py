@@ -8,7 +8,7 @@ last message on that subject: there is no second database.
 How the service's rules hold across replicas:
 
 * **Idempotence and final statuses.** A publish reads the run's last message,
-  applies :func:`shellinfo_grpc.rules.check_update` to it, and publishes with
+  decides on the update against it (:func:`shellinfo_grpc.stores.decide`), and publishes with
   the header ``Nats-Expected-Last-Subject-Sequence`` set to that message's
   sequence (0 for a new run). If another replica wrote the run in between,
   JetStream refuses the write (error 10071) and the publish starts over from
@@ -57,7 +57,7 @@ from shellinfo_grpc.stores import PublishOutcome, Retention, Store, decide, now_
 
 __all__ = ["NatsStore"]
 
-_log = logging.getLogger("shellinfo_grpc.nats_store")
+_log = logging.getLogger("shellinfo_grpc.nats_store")  # its name before the move, kept for log filters
 
 _EXPECTED_LAST_SUBJECT_SEQ: Final = "Nats-Expected-Last-Subject-Sequence"
 _WRONG_LAST_SEQUENCE: Final = 10071
@@ -74,7 +74,7 @@ def _source_token(source: str) -> str:
 
 
 class NatsStore(Store):
-    """A :class:`~shellinfo_grpc.store.Store` on one JetStream stream.
+    """A :class:`~shellinfo_grpc.stores.Store` on one JetStream stream.
 
     ``servers``: NATS URLs (``nats://host:port``, with credentials in the URL
     if needed). ``stream``/``subject_prefix``: where updates live (created on

@@ -1,22 +1,26 @@
 """The embedded SQLite store (``sqlite:///PATH``): an update is acknowledged only once it is durable.
 
-Layout of the file (schema version 1, ``PRAGMA user_version``; the file is
-marked with ``PRAGMA application_id``):
+Layout of the file (schema version 2, ``PRAGMA user_version``; the file is
+marked with ``PRAGMA application_id``; :data:`_MIGRATIONS` brings a version 1
+file up to date on start):
 
-* ``updates``: the history, one row per accepted update, keyed by revision;
-  trimmed from the oldest end by the retention policy.
-* ``runs``: the latest update of every run, keyed by (source, job_run_id);
-  never trimmed. ``status`` and ``run_type`` are copied out of the message
-  (NULL when unset) so that filters run in SQL.
+* ``updates``: the history, one row per accepted update, keyed by
+  ``revision``, with ``source``, ``job_run_id``, ``accepted_usecs``, ``run``
+  (the run, deterministic protobuf bytes) and ``wire`` (the whole serialized
+  ``RunUpdate``, which an unfiltered watch sends as it is; NULL in rows that
+  version 1 wrote, which are encoded when read). Trimmed from the oldest end
+  by the retention policy.
+* ``runs``: the latest update of every run, keyed by (``source``,
+  ``job_run_id``), with ``revision``, ``accepted_usecs`` and ``run``; never
+  trimmed. ``status`` and ``run_type`` are copied out of the message (NULL when
+  unset) so that filters run in SQL.
 * ``meta``: ``head`` (the newest revision ever assigned) and ``oldest`` (the
   oldest revision a watch may start from), so that revisions are never reused,
   even when the whole history was trimmed and the process restarts.
 
-Messages are stored as deterministic protobuf bytes.
-
 Concurrency: the event loop never touches SQLite. One thread owns the writing
 connection, another the reading one (WAL lets readers run beside the writer).
-Concurrent :meth:`SqliteStore.publish_batch` calls are queued; a writer task
+Concurrent :meth:`SqliteStore.record_batch` calls are queued; a writer task
 takes everything queued, applies it in one ``BEGIN IMMEDIATE ... COMMIT``
 transaction (group commit: one fsync for many publishers), then, on the event
 loop, advances :meth:`SqliteStore.head_revision`, calls the listeners in
@@ -51,7 +55,7 @@ from shellinfo_grpc.stores import PublishOutcome, Retention, Store, decide, now_
 
 __all__ = ["SqliteStore"]
 
-_log = logging.getLogger("shellinfo_grpc.sqlite_store")
+_log = logging.getLogger("shellinfo_grpc.sqlite_store")  # its name before the move, kept for log filters
 
 _T = TypeVar("_T")
 
@@ -165,7 +169,7 @@ def _fail(future: asyncio.Future[Any], exc: BaseException) -> None:
 
 
 class SqliteStore(Store):
-    """A :class:`~shellinfo_grpc.store.Store` in one SQLite file, in WAL mode.
+    """A :class:`~shellinfo_grpc.stores.Store` in one SQLite file, in WAL mode.
 
     ``synchronous`` is the SQLite ``PRAGMA synchronous`` of the writing
     connection: ``"FULL"`` (the default) makes every acknowledged update
