@@ -19,13 +19,16 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from typing import Any, Final, TypeVar
 
 from google.protobuf.message import Message
 
 from shellinfo_grpc._gen.shellinfo.v1 import run_update_service_pb2 as _svc
+from shellinfo_grpc._status import KEY_LAST_REVISION, REASON_SERVER_SHUTTING_DOWN, REASON_WATCHER_TOO_SLOW
+from shellinfo_grpc.errors import ServiceError
 from shellinfo_grpc.framing import encode_varint
+from shellinfo_grpc.rules import compile_filter
 from shellinfo_grpc.stores import Store
 
 __all__ = [
@@ -141,7 +144,10 @@ class Watcher:
 class Hub:
     """Fans committed updates out to every watcher; never waits on one."""
 
-    def __init__(self, store: Store) -> None:
+    def __init__(self, store: Store, *, max_queue: int, max_batch_updates: int, max_batch_bytes: int) -> None:
+        self._max_queue = max_queue
+        self._max_updates = max_batch_updates
+        self._max_bytes = max_batch_bytes
         self.revision = store.head_revision()
         self.watchers: set[Watcher] = set()
         self.closed = False
@@ -170,3 +176,126 @@ class Hub:
         self._store.remove_listener(self._on_commit)
         for watcher in self.watchers:
             watcher.close()
+
+    async def watch(
+        self, flt: _svc.RunFilter | None, start_revision: int, include_snapshot: bool, progress: float
+    ) -> AsyncIterator[bytes | _svc.WatchRunsResponse]:
+        """The responses of one WatchRuns call: snapshot or history first, then live.
+
+        ``progress`` is the seconds between progress responses while idle.
+        Ends by raising a :class:`~shellinfo_grpc.errors.ServiceError`: the
+        store's (unavailable, history expired), or the hub's when it closes
+        (UNAVAILABLE) or the watcher falls too far behind (RESOURCE_EXHAUSTED),
+        each with the last revision sent.
+        """
+        matches = compile_filter(flt)
+        matches = compile_filter(flt)
+        watcher = self.register(matches, self._max_queue)
+        sent = watcher.seen  # every matching update up to here has been sent
+        try:
+            if include_snapshot:
+                updates, head = await self._store.snapshot(flt)
+                complete = True
+                for batch in batches(encode(updates), self._max_updates, self._max_bytes):
+                    sent = batch[-1][0].revision
+                    yield watch_response(batch, sent)
+                    if watcher.closing or watcher.overflow:
+                        complete = False  # _live ends the watch with the right error
+                        break
+                if complete:
+                    sent = max(head, sent)
+                    yield _svc.WatchRunsResponse(snapshot_complete=True, revision=sent)
+            elif start_revision:
+                sent = start_revision - 1
+                history = self._catch_up(start_revision, watcher, not has_filter(flt))
+                async for response, revision in history:
+                    sent = revision
+                    yield response
+            else:
+                # A watch "from now" says at once where now is, so that a
+                # client that loses the connection knows where to resume.
+                yield _svc.WatchRunsResponse(revision=sent)
+            async for live in self._live(watcher, sent, progress):
+                yield live
+        finally:
+            self.unregister(watcher)
+
+    async def _catch_up(
+        self,
+        start: int,
+        watcher: Watcher,
+        unfiltered: bool,
+    ) -> AsyncIterator[tuple[bytes, int]]:
+        """Send the stored history from ``start`` up to where the live queue begins."""
+        end = watcher.seen  # the live queue holds everything after this
+        position = start
+        last = start - 1
+        read = 4 * self._max_updates
+        while position <= end:
+            if unfiltered:  # the stored bytes go out as they are
+                chunk = await self._store.history_wire(position, end, read)
+                if not chunk:
+                    break
+                position = chunk[-1][0] + 1
+            else:
+                updates = await self._store.history(position, end, read)
+                if not updates:
+                    break
+                position = updates[-1].revision + 1
+                chunk = [(u.revision, data) for u, data in encode(u for u in updates if watcher.matches(u))]
+            for batch in batches(chunk, self._max_updates, self._max_bytes):
+                last = batch[-1][0]
+                yield watch_response(batch, last), last
+            if watcher.overflow or watcher.closing:
+                return  # _live ends the watch with the right error
+        # Everything matching up to `end` has been sent. Say so in a response
+        # of its own (it carries no updates): a filtered watcher's resume point
+        # moves past the updates it skipped, and a client completing a broken
+        # snapshot from the history knows it has caught up.
+        yield watch_response((), max(end, last)), max(end, last)
+
+    async def _live(
+        self,
+        watcher: Watcher,
+        sent: int,
+        progress: float,
+    ) -> AsyncIterator[bytes | _svc.WatchRunsResponse]:
+        """Send queued updates as they arrive; progress while idle."""
+        pending = watcher.pending
+        while True:
+            if watcher.closing:
+                raise ServiceError(
+                    "UNAVAILABLE",
+                    REASON_SERVER_SHUTTING_DOWN,
+                    "the server is shutting down; resume the watch elsewhere",
+                    metadata={KEY_LAST_REVISION: str(sent)},
+                )
+            if watcher.overflow:
+                raise ServiceError(
+                    "RESOURCE_EXHAUSTED",
+                    REASON_WATCHER_TOO_SLOW,
+                    f"watcher fell more than {watcher.max_queue} updates behind; resume from revision {sent + 1}",
+                    metadata={KEY_LAST_REVISION: str(sent)},
+                )
+            while pending and pending[0][0].revision <= sent:
+                pending.popleft()  # already sent by the snapshot or the catch-up
+            if pending:
+                batch: list[Encoded] = []
+                size = 0
+                limit_n, limit_bytes = self._max_updates, self._max_bytes
+                while pending and len(batch) < limit_n and (not batch or size + len(pending[0][1]) <= limit_bytes):
+                    item = pending.popleft()
+                    batch.append(item)
+                    size += len(item[1])
+                last = batch[-1][0].revision
+                sent = last if pending else max(last, watcher.seen)
+                yield watch_response(batch, sent)
+                continue
+            watcher.event.clear()
+            try:
+                async with asyncio.timeout(progress):  # no task per wait, unlike wait_for
+                    await watcher.event.wait()
+            except TimeoutError:
+                if not pending and not watcher.overflow and not watcher.closing:
+                    sent = max(sent, watcher.seen)
+                    yield _svc.WatchRunsResponse(revision=sent)

@@ -27,7 +27,7 @@ import hmac
 import json
 import logging
 import signal
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final, NoReturn
@@ -41,33 +41,25 @@ from grpc_reflection.v1alpha import reflection
 from grpc_status import rpc_status
 
 from shellinfo_grpc._fanout import (
-    Encoded,
     Hub,
-    Watcher,
     batches,
     encode,
-    has_filter,
     serialize_response,
-    watch_response,
 )
 from shellinfo_grpc._gen.shellinfo.v1 import protection_shell_info_pb2 as _pb
 from shellinfo_grpc._gen.shellinfo.v1 import run_update_service_pb2 as _svc
 from shellinfo_grpc._gen.shellinfo.v1 import run_update_service_pb2_grpc as _svc_grpc
 from shellinfo_grpc._status import (
     KEY_JOB_RUN_ID,
-    KEY_LAST_REVISION,
     KEY_SOURCE,
     REASON_INVALID_REQUEST,
     REASON_RUN_NOT_FOUND,
     REASON_RUN_TOO_LARGE,
-    REASON_SERVER_SHUTTING_DOWN,
-    REASON_WATCHER_TOO_SLOW,
     error_status,
     publish_error,
     status_proto,
 )
-from shellinfo_grpc.errors import ConfigurationError, HistoryExpired, RunRejected, StoreUnavailable
-from shellinfo_grpc.rules import compile_filter
+from shellinfo_grpc.errors import ConfigurationError, RunRejected, ServiceError, StoreUnavailable
 from shellinfo_grpc.stores import Store
 
 __all__ = [
@@ -227,7 +219,12 @@ class RunUpdateServicer(_svc_grpc.RunUpdateServiceServicer):
     def __init__(self, store: Store, config: ServerConfig) -> None:
         self._store = store
         self._config = config
-        self._hub = Hub(store)
+        self._hub = Hub(
+            store,
+            max_queue=config.max_watch_queue,
+            max_batch_updates=config.max_batch_updates,
+            max_batch_bytes=config.max_batch_bytes,
+        )
 
     def close_watchers(self) -> None:
         """End every watch with UNAVAILABLE (shutdown), and refuse new ones."""
@@ -386,7 +383,8 @@ class RunUpdateServicer(_svc_grpc.RunUpdateServiceServicer):
             await _abort(context, error_status(exc))
         # A page ends at page_size runs or at max_batch_bytes, whichever comes
         # first, so that it fits what a client with default limits receives.
-        page = [update for update, _ in next(iter(self._batches(encode(updates[:size]), size)), [])]
+        first = next(iter(batches(encode(updates[:size]), size, self._config.max_batch_bytes)), [])
+        page = [update for update, _ in first]
         more = len(updates) > len(page)
         token = _encode_page_token(page[-1], request.filter) if more else ""
         return _svc.ListRunsResponse(updates=page, next_page_token=token)
@@ -403,136 +401,12 @@ class RunUpdateServicer(_svc_grpc.RunUpdateServiceServicer):
             await _abort(context, _invalid("progress_interval_ms", "must not be negative"))
         progress = max(request.progress_interval_ms or _DEFAULT_PROGRESS_MS, _MIN_PROGRESS_MS) / 1000
         flt = request.filter if request.HasField("filter") else None
-        matches = compile_filter(flt)
-        watcher = self._hub.register(matches, self._config.max_watch_queue)
-        sent = watcher.seen  # every matching update up to here has been sent
+        stream = self._hub.watch(flt, request.start_revision, request.include_snapshot, progress)
         try:
-            if request.include_snapshot:
-                try:
-                    updates, head = await self._store.snapshot(flt)
-                except StoreUnavailable as exc:
-                    await _abort(context, error_status(exc))
-                complete = True
-                for batch in self._batches(encode(updates)):
-                    sent = batch[-1][0].revision
-                    yield watch_response(batch, sent)
-                    if watcher.closing or watcher.overflow:
-                        complete = False  # _live ends the call with the right status
-                        break
-                if complete:
-                    sent = max(head, sent)
-                    yield _svc.WatchRunsResponse(snapshot_complete=True, revision=sent)
-            elif request.start_revision:
-                sent = request.start_revision - 1
-                history = self._catch_up(request.start_revision, watcher, matches, not has_filter(flt), context)
-                async for response, revision in history:
-                    sent = revision
-                    yield response
-            else:
-                # A watch "from now" says at once where now is, so that a
-                # client that loses the connection knows where to resume.
-                yield _svc.WatchRunsResponse(revision=sent)
-            async for live in self._live(watcher, sent, progress, context):
-                yield live
-        finally:
-            self._hub.unregister(watcher)
-
-    def _batches(self, items: Iterable[Encoded] | Iterable[tuple[int, bytes]], limit: int = 0) -> Iterable[list[Any]]:
-        """Split updates into responses of bounded count (``limit``, by default
-        ``max_batch_updates``) and size (``max_batch_bytes``)."""
-        return batches(items, limit or self._config.max_batch_updates, self._config.max_batch_bytes)
-
-    async def _catch_up(
-        self,
-        start: int,
-        watcher: Watcher,
-        matches: Callable[[_svc.RunUpdate], bool],
-        unfiltered: bool,
-        context: grpc.aio.ServicerContext[Any, Any],
-    ) -> AsyncIterator[tuple[bytes, int]]:
-        """Send the stored history from ``start`` up to where the live queue begins."""
-        end = watcher.seen  # the live queue holds everything after this
-        position = start
-        last = start - 1
-        read = 4 * self._config.max_batch_updates
-        while position <= end:
-            try:
-                if unfiltered:  # the stored bytes go out as they are
-                    chunk = await self._store.history_wire(position, end, read)
-                    if not chunk:
-                        break
-                    position = chunk[-1][0] + 1
-                else:
-                    updates = await self._store.history(position, end, read)
-                    if not updates:
-                        break
-                    position = updates[-1].revision + 1
-                    chunk = [(u.revision, data) for u, data in encode(u for u in updates if matches(u))]
-            except (HistoryExpired, StoreUnavailable) as exc:
-                await _abort(context, error_status(exc))
-            for batch in self._batches(chunk):
-                last = batch[-1][0]
-                yield watch_response(batch, last), last
-            if watcher.overflow or watcher.closing:
-                return  # _live ends the call with the right status
-        # Everything matching up to `end` has been sent. Say so in a response
-        # of its own (it carries no updates): a filtered watcher's resume point
-        # moves past the updates it skipped, and a client completing a broken
-        # snapshot from the history knows it has caught up.
-        yield watch_response((), max(end, last)), max(end, last)
-
-    async def _live(
-        self,
-        watcher: Watcher,
-        sent: int,
-        progress: float,
-        context: grpc.aio.ServicerContext[Any, Any],
-    ) -> AsyncIterator[bytes | _svc.WatchRunsResponse]:
-        """Send queued updates as they arrive; progress while idle."""
-        pending = watcher.pending
-        while True:
-            if watcher.closing:
-                await _abort(
-                    context,
-                    status_proto(
-                        "UNAVAILABLE",
-                        "the server is shutting down; resume the watch elsewhere",
-                        reason=REASON_SERVER_SHUTTING_DOWN,
-                        metadata={KEY_LAST_REVISION: str(sent)},
-                    ),
-                )
-            if watcher.overflow:
-                await _abort(
-                    context,
-                    status_proto(
-                        "RESOURCE_EXHAUSTED",
-                        f"watcher fell more than {watcher.max_queue} updates behind; resume from revision {sent + 1}",
-                        reason=REASON_WATCHER_TOO_SLOW,
-                        metadata={KEY_LAST_REVISION: str(sent)},
-                    ),
-                )
-            while pending and pending[0][0].revision <= sent:
-                pending.popleft()  # already sent by the snapshot or the catch-up
-            if pending:
-                batch: list[Encoded] = []
-                size = 0
-                limit_n, limit_bytes = self._config.max_batch_updates, self._config.max_batch_bytes
-                while pending and len(batch) < limit_n and (not batch or size + len(pending[0][1]) <= limit_bytes):
-                    item = pending.popleft()
-                    batch.append(item)
-                    size += len(item[1])
-                last = batch[-1][0].revision
-                sent = last if pending else max(last, watcher.seen)
-                yield watch_response(batch, sent)
-                continue
-            watcher.event.clear()
-            try:
-                async with asyncio.timeout(progress):  # no task per wait, unlike wait_for
-                    await watcher.event.wait()
-            except TimeoutError:
-                if not pending and not watcher.overflow and not watcher.closing:
-                    sent = max(sent, watcher.seen)
-                    yield _svc.WatchRunsResponse(revision=sent)
+            async for response in stream:
+                yield response
+        except ServiceError as exc:  # the store failed, the history is gone, shutdown, too slow
+            await _abort(context, error_status(exc))
 
 
 # --- authentication -------------------------------------------------------------
