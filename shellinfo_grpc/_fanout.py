@@ -2,8 +2,10 @@
 
 The :class:`Hub` listens to the store and offers each commit to every
 :class:`Watcher`, a bounded queue per WatchRuns call that never makes a
-publisher wait: a watcher that falls too far behind is marked ``overflow``
-and the server ends its call so that it resumes.
+publisher wait: a watcher that falls too far behind is marked ``overflow``.
+:meth:`Hub.watch` is one WatchRuns call's stream: the snapshot or the stored
+history first, then what the watcher's queue receives; it ends with an error
+that says where to resume when the watcher overflows or the hub closes.
 
 A WatchRunsResponse is `repeated RunUpdate updates = 1; int64 revision = 2;
 bool snapshot_complete = 3`. Building it as a message makes upb copy every
@@ -161,8 +163,8 @@ class Hub:
             for watcher in self.watchers:
                 watcher.offer(encoded)
 
-    def register(self, matches: Callable[[_svc.RunUpdate], bool], max_queue: int) -> Watcher:
-        watcher = Watcher(matches, max_queue, self.revision)
+    def register(self, matches: Callable[[_svc.RunUpdate], bool]) -> Watcher:
+        watcher = Watcher(matches, self._max_queue, self.revision)
         if self.closed:
             watcher.close()
         self.watchers.add(watcher)
@@ -190,7 +192,7 @@ class Hub:
         """
         matches = compile_filter(flt)
         matches = compile_filter(flt)
-        watcher = self.register(matches, self._max_queue)
+        watcher = self.register(matches)
         sent = watcher.seen  # every matching update up to here has been sent
         try:
             if include_snapshot:
