@@ -1,7 +1,7 @@
 """Fan-out: committed updates go to every watcher, and watch responses are encoded once.
 
 The :class:`Hub` listens to the store and offers each commit to every
-:class:`Watcher`, a bounded queue per WatchRuns call that never makes a
+:class:`_Watcher`, a bounded queue per WatchRuns call that never makes a
 publisher wait: a watcher that falls too far behind is marked ``overflow``.
 :meth:`Hub.watch` is one WatchRuns call's stream: the snapshot or the stored
 history first, then what the watcher's queue receives; it ends with an error
@@ -34,18 +34,14 @@ from shellinfo_grpc.rules import compile_filter
 from shellinfo_grpc.stores import Store
 
 __all__ = [
-    "Encoded",
     "Hub",
-    "Watcher",
     "batches",
     "encode",
-    "has_filter",
     "serialize_response",
-    "watch_response",
 ]
 
 #: One update and its serialized form.
-Encoded = tuple[_svc.RunUpdate, bytes]
+_Encoded = tuple[_svc.RunUpdate, bytes]
 
 _UPDATES_TAG: Final = b"\x0a"  # field 1, length-delimited
 _REVISION_TAG: Final = b"\x10"  # field 2, varint
@@ -57,17 +53,17 @@ _SHORT_LENGTHS: Final = tuple(encode_varint(n) for n in range(1 << 14))
 _Item = TypeVar("_Item", bound=tuple[Any, bytes])
 
 
-def has_filter(flt: _svc.RunFilter | None) -> bool:
+def _has_filter(flt: _svc.RunFilter | None) -> bool:
     """Whether ``flt`` leaves any update out (an unfiltered watch sends stored bytes as they are)."""
     return flt is not None and bool(flt.sources or flt.job_run_ids or flt.statuses or flt.run_types)
 
 
-def encode(updates: Iterable[_svc.RunUpdate]) -> list[Encoded]:
+def encode(updates: Iterable[_svc.RunUpdate]) -> list[_Encoded]:
     """Each update with its serialized form."""
     return [(update, update.SerializeToString()) for update in updates]
 
 
-def watch_response(batch: Sequence[tuple[Any, bytes]], revision: int, *, snapshot_complete: bool = False) -> bytes:
+def _watch_response(batch: Sequence[tuple[Any, bytes]], revision: int, *, snapshot_complete: bool = False) -> bytes:
     """The wire form of ``WatchRunsResponse(updates=..., revision=..., snapshot_complete=...)``."""
     parts: list[bytes] = []
     short = _SHORT_LENGTHS
@@ -101,7 +97,7 @@ def batches(items: Iterable[_Item], max_updates: int, max_bytes: int) -> Iterabl
         yield batch
 
 
-class Watcher:
+class _Watcher:
     """The live side of one WatchRuns call: a bounded queue fed by the hub."""
 
     __slots__ = ("closing", "event", "matches", "max_queue", "overflow", "pending", "seen")
@@ -109,13 +105,13 @@ class Watcher:
     def __init__(self, matches: Callable[[_svc.RunUpdate], bool], max_queue: int, revision: int) -> None:
         self.matches = matches
         self.max_queue = max_queue
-        self.pending: deque[Encoded] = deque()
+        self.pending: deque[_Encoded] = deque()
         self.event = asyncio.Event()
         self.overflow = False
         self.closing = False
         self.seen = revision  # newest revision the hub has offered (matching or not)
 
-    def offer(self, updates: Sequence[Encoded]) -> None:
+    def offer(self, updates: Sequence[_Encoded]) -> None:
         """Queue the matching updates of one commit; never waits.
 
         The bound applies to what earlier commits left unsent: a watcher that
@@ -151,7 +147,7 @@ class Hub:
         self._max_updates = max_batch_updates
         self._max_bytes = max_batch_bytes
         self.revision = store.head_revision()
-        self.watchers: set[Watcher] = set()
+        self.watchers: set[_Watcher] = set()
         self.closed = False
         self._store = store
         store.add_listener(self._on_commit)
@@ -163,14 +159,14 @@ class Hub:
             for watcher in self.watchers:
                 watcher.offer(encoded)
 
-    def register(self, matches: Callable[[_svc.RunUpdate], bool]) -> Watcher:
-        watcher = Watcher(matches, self._max_queue, self.revision)
+    def register(self, matches: Callable[[_svc.RunUpdate], bool]) -> _Watcher:
+        watcher = _Watcher(matches, self._max_queue, self.revision)
         if self.closed:
             watcher.close()
         self.watchers.add(watcher)
         return watcher
 
-    def unregister(self, watcher: Watcher) -> None:
+    def unregister(self, watcher: _Watcher) -> None:
         self.watchers.discard(watcher)
 
     def close(self) -> None:
@@ -200,7 +196,7 @@ class Hub:
                 complete = True
                 for batch in batches(encode(updates), self._max_updates, self._max_bytes):
                     sent = batch[-1][0].revision
-                    yield watch_response(batch, sent)
+                    yield _watch_response(batch, sent)
                     if watcher.closing or watcher.overflow:
                         complete = False  # _live ends the watch with the right error
                         break
@@ -209,7 +205,7 @@ class Hub:
                     yield _svc.WatchRunsResponse(snapshot_complete=True, revision=sent)
             elif start_revision:
                 sent = start_revision - 1
-                history = self._catch_up(start_revision, watcher, not has_filter(flt))
+                history = self._catch_up(start_revision, watcher, not _has_filter(flt))
                 async for response, revision in history:
                     sent = revision
                     yield response
@@ -225,7 +221,7 @@ class Hub:
     async def _catch_up(
         self,
         start: int,
-        watcher: Watcher,
+        watcher: _Watcher,
         unfiltered: bool,
     ) -> AsyncIterator[tuple[bytes, int]]:
         """Send the stored history from ``start`` up to where the live queue begins."""
@@ -247,18 +243,18 @@ class Hub:
                 chunk = [(u.revision, data) for u, data in encode(u for u in updates if watcher.matches(u))]
             for batch in batches(chunk, self._max_updates, self._max_bytes):
                 last = batch[-1][0]
-                yield watch_response(batch, last), last
+                yield _watch_response(batch, last), last
             if watcher.overflow or watcher.closing:
                 return  # _live ends the watch with the right error
         # Everything matching up to `end` has been sent. Say so in a response
         # of its own (it carries no updates): a filtered watcher's resume point
         # moves past the updates it skipped, and a client completing a broken
         # snapshot from the history knows it has caught up.
-        yield watch_response((), max(end, last)), max(end, last)
+        yield _watch_response((), max(end, last)), max(end, last)
 
     async def _live(
         self,
-        watcher: Watcher,
+        watcher: _Watcher,
         sent: int,
         progress: float,
     ) -> AsyncIterator[bytes | _svc.WatchRunsResponse]:
@@ -282,7 +278,7 @@ class Hub:
             while pending and pending[0][0].revision <= sent:
                 pending.popleft()  # already sent by the snapshot or the catch-up
             if pending:
-                batch: list[Encoded] = []
+                batch: list[_Encoded] = []
                 size = 0
                 limit_n, limit_bytes = self._max_updates, self._max_bytes
                 while pending and len(batch) < limit_n and (not batch or size + len(pending[0][1]) <= limit_bytes):
@@ -291,7 +287,7 @@ class Hub:
                     size += len(item[1])
                 last = batch[-1][0].revision
                 sent = last if pending else max(last, watcher.seen)
-                yield watch_response(batch, sent)
+                yield _watch_response(batch, sent)
                 continue
             watcher.event.clear()
             try:

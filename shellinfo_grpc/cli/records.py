@@ -1,8 +1,11 @@
-"""Record streams: reading json, jsonl and binary input, and writing records in a format.
+"""Record streams: the one reader of json, jsonl and binary input, and the writer of records in a format.
 
 ``json`` is one JSON array of REST objects, as the Cohesity REST API returns
 them; ``jsonl`` one REST object per line; ``binary`` length-delimited protobuf
-(see :mod:`shellinfo_grpc.framing`).
+(see :mod:`shellinfo_grpc.framing`). ``convert`` and ``validate`` read with
+:data:`READERS`; ``publish`` reads its arguments and standard input (a JSON
+array, one object, or JSON Lines) with the same readers, so a bad record is
+reported in the same words by every command.
 """
 
 from __future__ import annotations
@@ -32,7 +35,6 @@ __all__ = [
     "Item",
     "Records",
     "Writer",
-    "collect",
     "nothing",
     "read_arguments",
     "read_publish_input",
@@ -270,7 +272,7 @@ class Records:
     unreadable: str | None = None  # the input as a whole cannot be read
 
 
-def collect(items: Iterable[Item]) -> Records:
+def _collect(items: Iterable[Item]) -> Records:
     """Sort records read into the runs and the problems; an unreadable input ends it."""
     records = Records([], [])
     for item in items:
@@ -285,7 +287,7 @@ def collect(items: Iterable[Item]) -> Records:
 
 def read_arguments(texts: Sequence[str], strict: bool) -> Records:
     """Records given as arguments, one JSON object each."""
-    return collect(_record(text.encode("utf-8", "surrogateescape"), index, strict) for index, text in enumerate(texts))
+    return _collect(_record(text.encode("utf-8", "surrogateescape"), index, strict) for index, text in enumerate(texts))
 
 
 def read_publish_input(data: bytes, strict: bool) -> Records:
@@ -295,14 +297,14 @@ def read_publish_input(data: bytes, strict: bool) -> Records:
         return Records([], [])
     source = Input(io.BytesIO(data), nothing)
     if body.startswith(b"["):
-        return collect(_read_json(source, strict))
+        return _collect(_read_json(source, strict))
     try:
         json.loads(body)
     except RecursionError:
         return Records([], [], "input is not usable JSON: it is nested too deeply")
     except ValueError:  # not one JSON value: JSON Lines, or bad input that the line-by-line reading pinpoints
-        return collect(_read_jsonl(source, strict))
-    return collect([_record(body, 0, strict)])
+        return _collect(_read_jsonl(source, strict))
+    return _collect([_record(body, 0, strict)])
 
 
 # --- writing ------------------------------------------------------------------
