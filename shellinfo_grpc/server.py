@@ -40,12 +40,7 @@ from grpc_health.v1.health import aio as health_aio  # type: ignore[attr-defined
 from grpc_reflection.v1alpha import reflection
 from grpc_status import rpc_status
 
-from shellinfo_grpc._fanout import (
-    Hub,
-    batches,
-    encode,
-    serialize_response,
-)
+from shellinfo_grpc._fanout import Hub, batches, encode, serialize_response
 from shellinfo_grpc._gen.shellinfo.v1 import protection_shell_info_pb2 as _pb
 from shellinfo_grpc._gen.shellinfo.v1 import run_update_service_pb2 as _svc
 from shellinfo_grpc._gen.shellinfo.v1 import run_update_service_pb2_grpc as _svc_grpc
