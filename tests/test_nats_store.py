@@ -76,6 +76,13 @@ def names() -> tuple[str, str]:
     return f"T{tag.upper()}", f"test.{tag}.runs"
 
 
+def replica_pair(node: NatsNode, replicas: Callable[..., ServiceReplica]) -> tuple[ServiceReplica, ServiceReplica]:
+    """Two service replicas, "a" and "b", on a fresh stream of ``node``."""
+    stream, prefix = names()
+    url = f"{node.url}?stream={stream}&subject_prefix={prefix}"
+    return replicas(url, "a"), replicas(url, "b")
+
+
 async def until(check: Callable[[], bool], what: str, timeout: float = WAIT) -> None:
     deadline = time.monotonic() + timeout
     while not check():
@@ -579,9 +586,7 @@ def test_two_replica_processes_serve_one_history(
     nats_server: NatsNode, replicas: Callable[..., ServiceReplica]
 ) -> None:
     """Publish on one replica, watch on the other, live and from revision 1."""
-    stream, prefix = names()
-    url = f"{nats_server.url}?stream={stream}&subject_prefix={prefix}"
-    a, b = replicas(url, "a"), replicas(url, "b")
+    a, b = replica_pair(nats_server, replicas)
     with RunUpdateClient(a.address, timeout=WAIT) as ca, RunUpdateClient(b.address, timeout=WAIT) as cb:
         live_b, live_a = WatchThread(cb.watch()), WatchThread(ca.watch())
         try:
@@ -620,9 +625,7 @@ def test_snapshot_watch_on_one_replica_while_another_publishes(
     nats_server: NatsNode, replicas: Callable[..., ServiceReplica]
 ) -> None:
     """A snapshot watch on B, opened while a stream of updates goes in through A, misses and repeats nothing."""
-    stream, prefix = names()
-    url = f"{nats_server.url}?stream={stream}&subject_prefix={prefix}"
-    a, b = replicas(url, "a"), replicas(url, "b")
+    a, b = replica_pair(nats_server, replicas)
     count = 400
     with RunUpdateClient(a.address, timeout=WAIT) as ca, RunUpdateClient(b.address, timeout=WAIT) as cb:
 
