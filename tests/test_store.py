@@ -69,7 +69,7 @@ NATS_DEVIATIONS: dict[str, str] = {
     "test_retention_by_count_trims_history_but_keeps_runs": (
         "the stream's max_msgs also drops the last message of a run, so the run's latest state is gone "
         "(get() None, missing from list_runs/snapshot, final status no longer enforced); Retention says latest "
-        "states are always kept (a limitation documented in the module docstring of shellinfo_grpc.stores.nats)"
+        "states are to be kept (a limitation documented in the module docstring of shellinfo_grpc.stores.nats)"
     ),
     "test_retention_by_age": (
         "the stream's max_age also drops the last message of a run (runs disappear, as with max_updates), and "
