@@ -40,9 +40,11 @@ __all__ = [
     "canonical",
     "decode",
     "encode",
+    "key_name",
     "number_text",
     "quote",
     "same_value",
+    "type_name",
 ]
 
 #: The deepest nesting of arrays and objects in one value (``[]`` is depth 1).
@@ -87,6 +89,19 @@ def quote(text: str, limit: int = 60, *, marks: bool = True) -> str:
         shown = f'"{shown}"'
     more = len(text) - limit
     return shown + (f"... ({more} more characters)" if more > 0 else "")
+
+
+def key_name(key: str) -> str:
+    """A REST key as an error's ``field`` names it: itself if printable and short, else escaped and cut.
+
+    The empty key is shown as ``""`` so that the field is never blank.
+    """
+    return quote(key, 60, marks=False) or '""'
+
+
+def type_name(value: object) -> str:
+    """The name of ``value``'s type for a message: printable, one line, bounded."""
+    return quote(type(value).__name__, 40, marks=False)
 
 
 def _int_text(value: int) -> str:
@@ -184,14 +199,14 @@ def _encode(value: object, depth: int, path: set[int]) -> str:
             members: list[tuple[str, str]] = []
             for key, member in value.items():
                 if not isinstance(key, str):
-                    _invalid(f"object key of type {type(key).__name__} is not a string")
+                    _invalid(f"object key of type {type_name(key)} is not a string")
                 members.append((str.__str__(key), _encode(member, depth + 1, path)))
             text = _object(members)
         else:
             text = "[" + ",".join([_encode(item, depth + 1, path) for item in value]) + "]"
         path.discard(ident)
         return text
-    _invalid(f"a Python {type(value).__name__} is not a JSON value")
+    _invalid(f"a Python {type_name(value)} is not a JSON value")
 
 
 def encode(value: object) -> str:
@@ -251,7 +266,7 @@ def decode(text: str) -> Any:
     :data:`MAX_NUMBER_CHARS` or beyond the range of a double.
     """
     if not isinstance(text, str):
-        _invalid(f"expected JSON text, got a Python {type(text).__name__}")
+        _invalid(f"expected JSON text, got a Python {type_name(text)}")
     try:
         value = _DECODER.decode(text)
     except RecursionError:

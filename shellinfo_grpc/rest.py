@@ -83,7 +83,8 @@ from typing import TYPE_CHECKING, Any, Final, NamedTuple
 from shellinfo_grpc._gen.shellinfo.v1 import protection_shell_info_pb2 as _pb
 from shellinfo_grpc._jsonvalue import decode as _json_decode
 from shellinfo_grpc._jsonvalue import encode as _json_canonical
-from shellinfo_grpc._jsonvalue import quote
+from shellinfo_grpc._jsonvalue import key_name as _key_name
+from shellinfo_grpc._jsonvalue import quote, type_name
 from shellinfo_grpc.errors import RestDecodeError
 
 __all__ = ["REST_KEYS", "from_rest", "from_sdk", "rest_names", "to_rest", "to_sdk"]
@@ -177,10 +178,6 @@ _KNOWN_KEYS: Final = frozenset(_BY_KEY)
 REST_KEYS: Final = tuple(field.key for field in _FIELDS)
 
 
-def _type_name(value: object) -> str:
-    return quote(type(value).__name__, 40, marks=False)
-
-
 def _json_type(value: object) -> str:
     if value is None:
         return "null"
@@ -196,7 +193,7 @@ def _json_type(value: object) -> str:
         return "an object"
     if isinstance(value, (list, tuple)):
         return "an array"
-    return f"a Python {_type_name(value)}"
+    return f"a Python {type_name(value)}"
 
 
 def _int_text(value: int) -> str:
@@ -252,9 +249,9 @@ def _key_repr(key: object) -> str:
         try:
             text = repr(key) if not (type(key) is int and key.bit_length() > 128) else f"<an integer {_int_text(key)}>"
         except Exception:  # a repr of hostile parts (in a tuple) may raise anything
-            text = f"<a Python {_type_name(key)}>"
+            text = f"<a Python {type_name(key)}>"
     else:
-        text = f"<a Python {_type_name(key)}>"
+        text = f"<a Python {type_name(key)}>"
     return quote(text, 60, marks=False)
 
 
@@ -279,7 +276,7 @@ def _unrecognized(data: Mapping[Any, Any], kw: dict[str, Any], strict: bool) -> 
             key = str.__str__(key)  # noqa: PLW2901
             if key in _BY_KEY:
                 continue
-        shown = quote(key, 60, marks=False)
+        shown = _key_name(key)
         if strict:
             raise RestDecodeError(shown, "unknown key (strict mode rejects keys the schema does not know)")
         if _unicode_error(key, key) is not None:
@@ -305,7 +302,7 @@ def _unexpected(exc: Exception) -> RestDecodeError:
         detail = quote(str(exc), 80, marks=False)
     except Exception:  # str() of a hostile exception may raise anything
         detail = "(no description)"
-    return RestDecodeError(None, f"the record could not be read: {_type_name(exc)}: {detail}")
+    return RestDecodeError(None, f"the record could not be read: {type_name(exc)}: {detail}")
 
 
 # from_rest and to_rest are compiled once, at import, from the field table
@@ -423,9 +420,7 @@ def _with_unrecognized(out: dict[str, Any], unrecognized: _pb.UnrecognizedRest) 
             try:
                 out[key] = _json_decode(extra.json_value)
             except RestDecodeError as exc:
-                raise RestDecodeError(
-                    quote(key, 60, marks=False), f"stored json_value is invalid: {exc.reason}"
-                ) from None
+                raise RestDecodeError(_key_name(key), f"stored json_value is invalid: {exc.reason}") from None
     return out
 
 
@@ -526,8 +521,12 @@ def from_sdk(obj: Any, *, strict: bool = False) -> _pb.ProtectionShellInfo:
     """
     names = getattr(obj, "_names", None)
     if not isinstance(names, Mapping):
-        raise RestDecodeError(None, f"expected an SDK ProtectionShellInfo model, got {type(obj).__name__}")
-    return from_rest({key: getattr(obj, attr, None) for attr, key in names.items()}, strict=strict)
+        raise RestDecodeError(None, f"expected an SDK ProtectionShellInfo model, got {type_name(obj)}")
+    try:
+        data = {key: getattr(obj, attr, None) for attr, key in names.items()}
+    except Exception as exc:  # the model's own attributes failed
+        raise _unexpected(exc) from exc
+    return from_rest(data, strict=strict)
 
 
 def to_sdk(msg: _pb.ProtectionShellInfo) -> Any:

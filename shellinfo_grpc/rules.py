@@ -17,6 +17,7 @@ from google.protobuf.unknown_fields import UnknownFieldSet
 from shellinfo_grpc._gen.shellinfo.v1 import protection_shell_info_pb2 as _pb
 from shellinfo_grpc._gen.shellinfo.v1 import run_update_service_pb2 as _svc
 from shellinfo_grpc._jsonvalue import canonical, quote
+from shellinfo_grpc._jsonvalue import key_name as _key_name
 from shellinfo_grpc.errors import RestDecodeError, RunRejected
 from shellinfo_grpc.rest import REST_KEYS, rest_names
 
@@ -154,7 +155,7 @@ def _storable_violations(run: _pb.ProtectionShellInfo) -> list[tuple[str, str]]:
     seen: set[str] = set()
     for index, extra in enumerate(extras):
         key = extra.key
-        shown = quote(key, 60, marks=False)
+        shown = _key_name(key)
         where = f"unrecognized.extra_keys[{index}]"
         if key in _KNOWN_KEYS:
             violations.append((shown, f"{where} repeats a known REST key; set the field instead"))

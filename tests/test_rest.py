@@ -611,3 +611,48 @@ def test_codec_does_not_import_grpc(tmp_path: Path) -> None:
     result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, check=False)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "ok"
+
+
+# --- the generated code is inspectable (issue 8.6) -------------------------------------------
+
+
+def test_show_source_prints_the_code_that_runs() -> None:
+    import shellinfo_grpc.rest as rest_module
+
+    result = subprocess.run(
+        [sys.executable, "-m", "shellinfo_grpc.rest", "--show-source"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert "def from_rest(data, *, strict=False):" in out
+    assert "def to_rest(msg, *, include_nulls=False):" in out
+    # Every REST key has its block in both functions.
+    for key in EXPECTED_REST_KEYS:
+        assert f"get({key!r})" in out
+        assert f"out[{key!r}]" in out
+    # What is printed compiles to functions that behave as the package's own.
+    namespace: dict[str, Any] = {}
+    exec(compile(out, "<shown>", "exec"), vars(rest_module), namespace)
+    data = {**COMPLETED, "status": 99, "x": {"b": 1e-07, "a": 1}}
+    assert namespace["from_rest"](data) == from_rest(data)
+    assert namespace["to_rest"](from_rest(data)) == to_rest(from_rest(data))
+
+
+def test_module_docstring_example_is_the_generated_code() -> None:
+    # The expanded example in the module docstring is cut from the generated
+    # source (at any indentation), so it cannot drift from what runs.
+    import shellinfo_grpc.rest as rest_module
+
+    doc = rest_module.__doc__ or ""
+    blocks = doc.split("::\n\n")[1:]
+    assert len(blocks) == 2
+    sources = [rest_module._FROM_REST_SOURCE, rest_module._TO_REST_SOURCE]
+    for block, source in zip(blocks, sources, strict=True):
+        example = textwrap.dedent(block.split("\n\n")[0])
+        for part in example.split("...\n"):
+            lines = part.strip("\n").splitlines()
+            assert len(lines) >= 5
+            assert any("\n".join(" " * shift + line for line in lines) in source for shift in range(0, 17, 4)), part
