@@ -54,7 +54,6 @@ MAX_NUMBER_CHARS: Final = 100
 # An integer of more bits than this is at least 2**333, which has 101 digits:
 # too long, whatever its sign, without asking for its digits.
 _MAX_INT_BITS: Final = 333
-_ESCAPED_CHAR: Final = {'"': '\\"', "\\": "\\\\"}
 
 # The canonical escapes of a JSON string: `"`, `\` and U+0000..U+001F.
 _ESCAPES: Final = {i: f"\\u{i:04x}" for i in range(0x20)} | {
@@ -75,18 +74,16 @@ def _invalid(reason: str) -> NoReturn:
 def quote(text: str, limit: int = 60, *, marks: bool = True) -> str:
     """``text`` as a one-line, bounded, printable string, for messages.
 
-    Anything not printable (control characters, line separators, lone
-    surrogates) and ``"``/``\\`` are shown as backslash escapes; beyond
+    Written as Python's ``repr`` writes it (quotation marks, backslash escapes
+    for control characters, line separators and lone surrogates); beyond
     ``limit`` characters the text is cut and the number of characters left
     out is said. With ``marks=False`` there are no quotation marks around it
     (for a REST key in the ``field`` of an error).
     """
     text = str.__str__(text)
-    shown = text[:limit]
-    if not shown.isprintable() or '"' in shown or "\\" in shown:
-        shown = "".join(_ESCAPED_CHAR.get(c) or (c if c.isprintable() else ascii(c)[1:-1]) for c in shown)
-    if marks:
-        shown = f'"{shown}"'
+    shown = repr(text[:limit])
+    if not marks:
+        shown = shown[1:-1]
     more = len(text) - limit
     return shown + (f"... ({more} more characters)" if more > 0 else "")
 

@@ -214,7 +214,7 @@ def _bad_value(key: str, kind: str, value: object) -> RestDecodeError:
     if kind == _ENUM:
         if type(value) is int:
             return RestDecodeError(key, f"enum number {_int_text(value)} is outside the int32 range")
-        return RestDecodeError(key, f"expected a string (or an enum number), got {_json_type(value)}")
+        return RestDecodeError(key, f"expected a string or an enum number, got {_json_type(value)}")
     return RestDecodeError(key, f"expected a string, got {_json_type(value)}")
 
 
@@ -420,7 +420,7 @@ def _with_unrecognized(out: dict[str, Any], unrecognized: _pb.UnrecognizedRest) 
             try:
                 out[key] = _json_decode(extra.json_value)
             except RestDecodeError as exc:
-                raise RestDecodeError(_key_name(key), f"stored json_value is invalid: {exc.reason}") from None
+                raise RestDecodeError(_key_name(key), f"value is not representable as JSON: {exc.reason}") from None
     return out
 
 
