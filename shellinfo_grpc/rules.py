@@ -136,15 +136,23 @@ def check_storable(run: _pb.ProtectionShellInfo) -> None:
 
 def _storable_violations(run: _pb.ProtectionShellInfo) -> list[tuple[str, str]]:
     violations: list[tuple[str, str]] = []
-    for attr, key in (("start_time_hhmm", "startTimeHhmm"), ("end_time_hhmm", "endTimeHhmm")):
-        if run.HasField(attr) and getattr(run, attr) not in _VALID_HHMM:  # type: ignore[arg-type]
-            violations.append((key, f'must be "HH:MM" (00:00 to 23:59), got {quote(getattr(run, attr))}'))
-    if run.HasField("status") or run.HasField("run_type") or run.HasField("unrecognized"):
+    has = run.HasField
+    # The common record (well-formed HH:MM or none, enums set to a value or
+    # unset, nothing unrecognized) costs a few reads: every check below
+    # looks further only where the quick one fails.
+    start, end = run.start_time_hhmm, run.end_time_hhmm
+    if (start or has("start_time_hhmm")) and start not in _VALID_HHMM:
+        violations.append(("startTimeHhmm", f'must be "HH:MM" (00:00 to 23:59), got {quote(start)}'))
+    if (end or has("end_time_hhmm")) and end not in _VALID_HHMM:
+        violations.append(("endTimeHhmm", f'must be "HH:MM" (00:00 to 23:59), got {quote(end)}'))
+    unrecognized_set = has("unrecognized")
+    if unrecognized_set or not run.status or not run.run_type:
         _enum_violations(run, "run_type", "runType", _RUN_TYPE_NAMES, violations)
         _enum_violations(run, "status", "status", _STATUS_NAMES, violations)
-    for number, _ in _unknown_fields(run):
-        violations.append((f"#{number}", "a field this schema version does not know: REST cannot carry it"))
-    if not run.HasField("unrecognized"):
+    if len(UnknownFieldSet(run)):
+        for number, _ in _unknown_fields(run):
+            violations.append((f"#{number}", "a field this schema version does not know: REST cannot carry it"))
+    if not unrecognized_set:
         return violations
     unrecognized = run.unrecognized
     for number, _ in _unknown_fields(unrecognized):
