@@ -29,6 +29,7 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import re
 from collections.abc import Mapping
 from typing import Any, Final, NoReturn
 
@@ -213,7 +214,20 @@ def encode(value: object) -> str:
     tuples and mappings with string keys, within the limits; anything else
     (NaN, a set, bytes, a cycle, a key that is not a string) is refused.
     """
+    kind = type(value)
+    if kind is str:  # the common unknown values first: a string, an integer
+        return _string(value)  # type: ignore[arg-type]
+    if kind is int and -_SMALL_INT <= value <= _SMALL_INT:  # type: ignore[operator]
+        return int.__repr__(value)
     return _encode(value, 0, set())
+
+
+# Canonical texts the decoder reads without the general parser: a string
+# without escapes (valid Unicode, as a protobuf string always is), an integer
+# of at most 18 digits.
+_PLAIN_STRING: Final = re.compile(r'"[^"\\\x00-\x1f]*"')
+_SMALL_INT_TEXT: Final = re.compile(r"-?(?:0|[1-9][0-9]{0,17})")
+_SMALL_INT: Final = 10**18
 
 
 def _parse_int(token: str) -> int:
@@ -264,6 +278,12 @@ def decode(text: str) -> Any:
     """
     if not isinstance(text, str):
         _invalid(f"expected JSON text, got a Python {type_name(text)}")
+    if _PLAIN_STRING.fullmatch(text):
+        value: Any = text[1:-1]
+        _check_decoded(value)
+        return value
+    if _SMALL_INT_TEXT.fullmatch(text):
+        return int(text)
     try:
         value = _DECODER.decode(text)
     except RecursionError:

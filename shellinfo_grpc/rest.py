@@ -276,19 +276,18 @@ def _unrecognized(data: Mapping[Any, Any], kw: dict[str, Any], strict: bool) -> 
             key = str.__str__(key)  # noqa: PLW2901
             if key in _BY_KEY:
                 continue
-        shown = _key_name(key)
         if strict:
-            raise RestDecodeError(shown, "unknown key (strict mode rejects keys the schema does not know)")
-        if _unicode_error(key, key) is not None:
-            raise RestDecodeError(shown, "key is not valid Unicode (lone surrogate)")
+            raise RestDecodeError(_key_name(key), "unknown key (strict mode rejects keys the schema does not know)")
         if key in seen:
-            raise RestDecodeError(shown, "key appears twice in the record")
+            raise RestDecodeError(_key_name(key), "key appears twice in the record")
         seen.add(key)
         try:
             text = _json_canonical(value)
+            extras.append(_Extra(key=key, json_value=text))
         except RestDecodeError as exc:
-            raise RestDecodeError(shown, f"value is not representable as JSON: {exc.reason}") from None
-        extras.append(_Extra(key=key, json_value=text))
+            raise RestDecodeError(_key_name(key), f"value is not representable as JSON: {exc.reason}") from None
+        except ValueError:  # protobuf refused the key's text: a lone surrogate
+            raise RestDecodeError(_key_name(key), "key is not valid Unicode (lone surrogate)") from None
     if spellings or extras:
         try:
             kw[_UNRECOGNIZED] = _Unrecognized(extra_keys=extras, **spellings)
