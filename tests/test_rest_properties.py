@@ -599,3 +599,39 @@ def test_each_class_of_hostile_input(data: Any) -> None:
     with pytest.raises(RestDecodeError) as info:
         from_rest(data)
     assert_one_bounded_line(info.value)
+
+
+# --- enum numbers without a spelling (shared decision 2) ---------------------------------------
+
+int32s = st.integers(-(2**31), 2**31 - 1)
+
+
+@SETTINGS
+@given(status=int32s, run_type=int32s)
+def test_enum_numbers_survive_binary_to_rest_and_back(status: int, run_type: int) -> None:
+    msg = ProtectionShellInfo(job_run_id=1, status=status, run_type=run_type)  # type: ignore[arg-type]
+    msg = through_the_wire(msg)
+    rest = to_rest(msg)
+    status_names = rest_names(RunStatus.DESCRIPTOR)
+    run_type_names = rest_names(RunType.DESCRIPTOR)
+    # Written as the spelling when there is one, else as the JSON integer; 0 reads as unset.
+    assert rest.get("status") == (status_names.get(status, status) if status else None)
+    assert rest.get("runType") == (run_type_names.get(run_type, run_type) if run_type else None)
+    back = from_rest(rest)
+    assert back.status == status
+    assert back.run_type == run_type
+    assert back.HasField("status") == bool(status)
+    # Strict mode refuses exactly the numbers without a spelling.
+    without_spelling = {
+        k
+        for k, n, names in (("status", status, status_names), ("runType", run_type, run_type_names))
+        if n and n not in names
+    }
+    if without_spelling:
+        with pytest.raises(RestDecodeError) as info:
+            from_rest(rest, strict=True)
+        assert info.value.field in without_spelling
+    else:
+        assert from_rest(rest, strict=True) == back
+    # A JSON integer is read as the number whether or not it has a spelling.
+    assert from_rest({"status": status}).status == status

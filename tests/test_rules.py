@@ -305,3 +305,21 @@ def test_python_and_another_writer_give_one_revision(value: Any, final: bool) ->
     other.job_run_id = 9
     assert check_update(python, other) is False
     assert check_update(other, python) is False
+
+
+@SETTINGS
+@given(messages())
+def test_to_rest_of_any_message_raises_only_rest_decode_error(msg: ProtectionShellInfo) -> None:
+    # A record already in a store or a file may predate check_run: writing it
+    # must fail cleanly, naming the key, never with another exception.
+    error: RestDecodeError | None = None
+    try:
+        out = to_rest(msg)
+    except RestDecodeError as exc:
+        error = exc
+    if error is None:
+        assert isinstance(out, dict)
+        return
+    assert error.field
+    assert str(error).isprintable()
+    assert len(str(error)) <= 400
