@@ -353,7 +353,8 @@ def _from_rest_source() -> str:
     lines += [
         # Each known key with a value put one entry in kw: if the counts differ
         # there are nulls or unknown keys, and only unknown keys need the scan.
-        "        if odd or (len(kw) != len(data) and not _KNOWN_KEYS.issuperset(data)):",
+        # (Only a plain dict's length is trusted; any other mapping is scanned.)
+        "        if odd or ((len(kw) != len(data) or type(data) is not dict) and not _KNOWN_KEYS.issuperset(data)):",
         "            _unrecognized(data, kw, strict)",
         "        try:",
         "            return _Message(**kw)",
