@@ -11,21 +11,80 @@ The rules, all of them derived from the schema's descriptors:
 * ``null`` and an absent key both mean "unset"; ``0`` and ``""`` are values;
 * integers are JSON numbers within int64, never strings, floats or booleans;
 * ``startTimeHhmm`` / ``endTimeHhmm`` are ``"HH:MM"`` on a 24-hour clock;
+* an enum number without a spelling (a newer producer's binary) is written as
+  the JSON integer; ``from_rest`` reads any int32 there as the enum number
+  (``0``, the ``_UNSPECIFIED`` value, as unset); ``strict=True`` refuses a
+  number that has no spelling;
 * keys and enum spellings this schema version does not know are kept in the
-  ``unrecognized`` field and written back unchanged, unless ``strict=True``
-  asks to reject them.
+  ``unrecognized`` field and written back, unless ``strict=True`` asks to
+  reject them. An unknown key's value is kept as its canonical JSON text
+  (sorted object keys, ECMAScript number form; see ``_jsonvalue``), so that
+  equal values are equal texts whichever language wrote them.
 
 This module imports neither grpc nor the SDK: it is the codec's hot path.
+
+How it runs. ``from_rest`` and ``to_rest`` are generated at import from the
+field table: one straight-line block per field instead of a loop that
+dispatches on each field's kind. ``python -m shellinfo_grpc.rest
+--show-source`` prints both functions in full. The block ``from_rest`` runs
+for one integer key and one enum key reads::
+
+    v = get('jobRunId')
+    if v is not None:
+        if type(v) is not int or not -9223372036854775808 <= v <= 9223372036854775807:
+            raise _bad_value('jobRunId', 'int', v)
+        kw['job_run_id'] = v
+    ...
+    v = get('status')
+    if v is not None:
+        if type(v) is str:
+            number = _by_rest_status(v)
+            if number is not None:
+                kw['status'] = number
+            elif strict:
+                raise RestDecodeError('status', f'unknown value {quote(v)} (strict mode)')
+            else:
+                kw['status'] = v
+                odd = True
+        elif v := _enum_number('status', v, strict):
+            kw['status'] = v
+
+and the block ``to_rest`` runs for the same two fields::
+
+    v = msg.job_run_id
+    if v or _has(msg, 'job_run_id'):
+        out['jobRunId'] = v
+    elif include_nulls:
+        out['jobRunId'] = None
+    ...
+    v = msg.status
+    if v:
+        try:
+            out['status'] = _names_status[v]
+        except KeyError:
+            out['status'] = v
+    elif include_nulls:
+        out['status'] = None
+
+(``_by_rest_status`` is ``dict.get`` of the spelling -> number table,
+``_names_status`` the number -> spelling table, ``_has`` is
+``ProtectionShellInfo.HasField``.) The whole body of ``from_rest`` sits in a
+``try`` that turns any exception the record's own methods raise (a hostile
+mapping) into :class:`RestDecodeError`.
 """
 
 from __future__ import annotations
 
-import json
-import math
+import argparse
+import sys
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, Final, NamedTuple
 
 from shellinfo_grpc._gen.shellinfo.v1 import protection_shell_info_pb2 as _pb
+from shellinfo_grpc._jsonvalue import decode as _json_decode
+from shellinfo_grpc._jsonvalue import encode as _json_canonical
+from shellinfo_grpc._jsonvalue import key_name as _key_name
+from shellinfo_grpc._jsonvalue import quote, type_name
 from shellinfo_grpc.errors import RestDecodeError
 
 __all__ = ["REST_KEYS", "from_rest", "from_sdk", "rest_names", "to_rest", "to_sdk"]
@@ -36,6 +95,8 @@ _Extra = _pb.ExtraRestKey
 
 _INT64_MIN: Final = -(2**63)
 _INT64_MAX: Final = 2**63 - 1
+_INT32_MIN: Final = -(2**31)
+_INT32_MAX: Final = 2**31 - 1
 
 # Kinds of REST value, decided from the field descriptors.
 _INT: Final = "int"
@@ -49,9 +110,9 @@ _HHMM_FIELDS: Final = frozenset({"start_time_hhmm", "end_time_hhmm"})
 _UNRECOGNIZED: Final = "unrecognized"
 
 _VALID_HHMM: Final = frozenset(f"{h:02d}:{m:02d}" for h in range(24) for m in range(60))
-# Built once: json.dumps/json.loads with options build an encoder per call.
-_JSON_ENCODER: Final = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False)
-_JSON_DECODER: Final = json.JSONDecoder()
+# Unset in most records: to_rest asks for their presence before reading them.
+_USUALLY_ABSENT: Final = frozenset({"error"})
+_has: Final = _Message.HasField
 
 
 def rest_names(enum_descriptor: Any) -> dict[int, str]:
@@ -132,18 +193,45 @@ def _json_type(value: object) -> str:
         return "an object"
     if isinstance(value, (list, tuple)):
         return "an array"
-    return f"a Python {type(value).__name__}"
+    return f"a Python {type_name(value)}"
+
+
+def _int_text(value: int) -> str:
+    """An integer for a message: its digits, or their number if there are many."""
+    if value.bit_length() <= 128:
+        return str(value)
+    return f"of about {int(value.bit_length() * 0.30103) + 1} digits"
 
 
 def _bad_value(key: str, kind: str, value: object) -> RestDecodeError:
     """Explain why ``value`` is not acceptable for REST key ``key``."""
     if kind == _INT:
         if type(value) is int:
-            return RestDecodeError(key, f"integer {value} is outside the int64 range")
+            return RestDecodeError(key, f"integer {_int_text(value)} is outside the int64 range")
         return RestDecodeError(key, f"expected an integer, got {_json_type(value)}")
     if kind == _HHMM and isinstance(value, str):
-        return RestDecodeError(key, f'expected "HH:MM" (00:00 to 23:59), got {value!r}')
+        return RestDecodeError(key, f'expected "HH:MM" (00:00 to 23:59), got {quote(value)}')
+    if kind == _ENUM:
+        if type(value) is int:
+            return RestDecodeError(key, f"enum number {_int_text(value)} is outside the int32 range")
+        return RestDecodeError(key, f"expected a string or an enum number, got {_json_type(value)}")
     return RestDecodeError(key, f"expected a string, got {_json_type(value)}")
+
+
+def _enum_number(key: str, value: object, strict: bool) -> int | None:
+    """The enum number a JSON integer in ``status``/``runType`` stands for.
+
+    Any int32 is accepted as the enum number, as protobuf's JSON mapping does
+    and as :func:`to_rest` writes a number it has no spelling for; a known
+    number reads as its value. ``0`` (the ``_UNSPECIFIED`` value, which has no
+    spelling) reads as unset, the way :func:`to_rest` shows it. With
+    ``strict=True`` a number without a REST spelling is refused.
+    """
+    if type(value) is not int or not _INT32_MIN <= value <= _INT32_MAX:
+        raise _bad_value(key, _ENUM, value)
+    if strict and value not in _BY_KEY[key].by_number:
+        raise RestDecodeError(key, f"enum number {value} has no REST spelling (strict mode)")
+    return value or None
 
 
 def _unicode_error(key: str, value: object) -> RestDecodeError | None:
@@ -155,60 +243,51 @@ def _unicode_error(key: str, value: object) -> RestDecodeError | None:
     return None
 
 
-def _not_json(value: object) -> str | None:
-    """Say why ``value`` would not survive a trip through JSON text, or ``None``.
-
-    ``json.dumps`` refuses some such values but quietly rewrites others
-    (non-string object keys become strings, lone surrogates become escapes that
-    other readers refuse), so every level is checked here.
-    """
-    stack = [value]
-    while stack:
-        item = stack.pop()
-        if item is None or isinstance(item, (bool, int)):
-            continue
-        if isinstance(item, float):
-            if not math.isfinite(item):
-                return f"{item!r} is not a JSON number"
-        elif isinstance(item, str):
-            if _unicode_error("", item) is not None:
-                return "text is not valid Unicode (lone surrogate)"
-        elif isinstance(item, (list, tuple)):
-            stack.extend(item)
-        elif isinstance(item, Mapping):
-            for member_key, member in item.items():
-                if not isinstance(member_key, str):
-                    return f"object key {member_key!r} is not a string"
-                stack.extend((member_key, member))
-        else:
-            return f"a Python {type(item).__name__} is not a JSON value"
-    return None
+def _key_repr(key: object) -> str:
+    """A REST key that is not a string, shown safely in one bounded line."""
+    if type(key) in (int, bool, float, type(None), tuple, bytes, frozenset):
+        try:
+            text = repr(key) if not (type(key) is int and key.bit_length() > 128) else f"<an integer {_int_text(key)}>"
+        except Exception:  # a repr of hostile parts (in a tuple) may raise anything
+            text = f"<a Python {type_name(key)}>"
+    else:
+        text = f"<a Python {type_name(key)}>"
+    return quote(text, 60, marks=False)
 
 
 def _unrecognized(data: Mapping[Any, Any], kw: dict[str, Any], strict: bool) -> None:
     """Collect what ``data`` holds that the schema does not know into ``kw``.
 
     Called only when the quick count in ``from_rest`` shows nulls, unknown keys
-    or unknown enum spellings, so the common record never pays for it.
+    or unknown enum spellings, so the common record never pays for it. Each
+    unknown value is stored as its canonical JSON text (see ``_jsonvalue``).
     """
     spellings = {
         field.attr: kw.pop(field.attr) for field in _FIELDS if field.kind == _ENUM and type(kw.get(field.attr)) is str
     }
     extras: list[_pb.ExtraRestKey] = []
+    seen: set[str] = set()
     for key, value in data.items():
-        if key in _BY_KEY:
+        if type(key) is str and key in _BY_KEY:
             continue
         if not isinstance(key, str):
-            raise RestDecodeError(repr(key), "REST keys must be strings")
+            raise RestDecodeError(_key_repr(key), "REST keys must be strings")
+        if type(key) is not str:  # a str subclass: its plain text
+            key = str.__str__(key)  # noqa: PLW2901
+            if key in _BY_KEY:
+                continue
         if strict:
-            raise RestDecodeError(key, "unknown key (strict mode rejects keys the schema does not know)")
-        problem = _not_json(value)
-        if problem is not None:
-            raise RestDecodeError(key, f"value is not representable as JSON: {problem}")
-        text = _JSON_ENCODER.encode(value)
-        if _unicode_error(key, key) is not None:
-            raise RestDecodeError(ascii(key)[1:-1], "key is not valid Unicode (lone surrogate)")
-        extras.append(_Extra(key=key, json_value=text))
+            raise RestDecodeError(_key_name(key), "unknown key (strict mode rejects keys the schema does not know)")
+        if key in seen:
+            raise RestDecodeError(_key_name(key), "key appears twice in the record")
+        seen.add(key)
+        try:
+            text = _json_canonical(value)
+            extras.append(_Extra(key=key, json_value=text))
+        except RestDecodeError as exc:
+            raise RestDecodeError(_key_name(key), f"value is not representable as JSON: {exc.reason}") from None
+        except ValueError:  # protobuf refused the key's text: a lone surrogate
+            raise RestDecodeError(_key_name(key), "key is not valid Unicode (lone surrogate)") from None
     if spellings or extras:
         try:
             kw[_UNRECOGNIZED] = _Unrecognized(extra_keys=extras, **spellings)
@@ -216,72 +295,102 @@ def _unrecognized(data: Mapping[Any, Any], kw: dict[str, Any], strict: bool) -> 
             raise _refused(data) from None
 
 
+def _unexpected(exc: Exception) -> RestDecodeError:
+    """A record whose own methods failed while it was read (a hostile mapping, say)."""
+    try:
+        detail = quote(str(exc), 80, marks=False)
+    except Exception:  # str() of a hostile exception may raise anything
+        detail = "(no description)"
+    return RestDecodeError(None, f"the record could not be read: {type_name(exc)}: {detail}")
+
+
 # from_rest and to_rest are compiled once, at import, from the field table
-# above: one straight-line block per field instead of a loop that dispatches on
-# each field's kind. That is what makes them an order of magnitude faster than
-# protobuf's generic JSON path while checking every value (see
-# docs/benchmarks.md). Their source is kept in _FROM_REST_SOURCE and
-# _TO_REST_SOURCE for reading and debugging.
+# above (see the module docstring). That is what makes them an order of
+# magnitude faster than protobuf's generic JSON path while checking every value
+# (docs/benchmarks.md). Their source is kept in _FROM_REST_SOURCE and
+# _TO_REST_SOURCE; `python -m shellinfo_grpc.rest --show-source` prints it.
 
 
 def _from_rest_source() -> str:
     lines = [
         "def from_rest(data, *, strict=False):",
-        "    if type(data) is not dict and not isinstance(data, Mapping):",
-        "        raise RestDecodeError(None, f'expected a JSON object, got {_json_type(data)}')",
-        "    get = data.get",
-        "    kw = {}",
-        "    odd = False",  # an unknown enum spelling was seen
+        "    try:",
+        "        if type(data) is not dict and not isinstance(data, Mapping):",
+        "            raise RestDecodeError(None, f'expected a JSON object, got {_json_type(data)}')",
+        "        get = data.get",
+        "        kw = {}",
+        "        odd = False",  # an unknown enum spelling was seen
     ]
     for field in _FIELDS:
         key, attr, kind = field.key, field.attr, field.kind
-        lines += [f"    v = get({key!r})", "    if v is not None:"]
+        lines += [f"        v = get({key!r})", "        if v is not None:"]
+        if kind == _ENUM:
+            lines += [
+                "            if type(v) is str:",
+                f"                number = _by_rest_{key}(v)",
+                "                if number is not None:",
+                f"                    kw[{attr!r}] = number",
+                "                elif strict:",
+                f"                    raise RestDecodeError({key!r}, f'unknown value {{quote(v)}} (strict mode)')",
+                "                else:",
+                f"                    kw[{attr!r}] = v",  # moved into `unrecognized` below
+                "                    odd = True",
+                f"            elif v := _enum_number({key!r}, v, strict):",
+                f"                kw[{attr!r}] = v",
+            ]
+            continue
         if kind == _INT:
             check = f"type(v) is not int or not {_INT64_MIN} <= v <= {_INT64_MAX}"
         elif kind == _HHMM:
             check = "type(v) is not str or v not in _VALID_HHMM"
         else:
             check = "type(v) is not str"
-        lines += [f"        if {check}:", f"            raise _bad_value({key!r}, {kind!r}, v)"]
-        if kind == _ENUM:
-            lines += [
-                f"        number = _by_rest_{key}(v)",
-                "        if number is not None:",
-                f"            kw[{attr!r}] = number",
-                "        elif strict:",
-                f"            raise RestDecodeError({key!r}, f'unknown value {{v!r}} (strict mode)')",
-                "        else:",
-                f"            kw[{attr!r}] = v",  # moved into `unrecognized` below
-                "            odd = True",
-            ]
-        else:
-            lines.append(f"        kw[{attr!r}] = v")
+        lines += [
+            f"            if {check}:",
+            f"                raise _bad_value({key!r}, {kind!r}, v)",
+            f"            kw[{attr!r}] = v",
+        ]
     lines += [
         # Each known key with a value put one entry in kw: if the counts differ
         # there are nulls or unknown keys, and only unknown keys need the scan.
-        "    if odd or (len(kw) != len(data) and not _KNOWN_KEYS.issuperset(data)):",
-        "        _unrecognized(data, kw, strict)",
-        "    try:",
-        "        return _Message(**kw)",
-        "    except (ValueError, TypeError):",
-        "        raise _refused(data) from None",
+        # (Only a plain dict's length is trusted; any other mapping is scanned.)
+        "        if odd or ((len(kw) != len(data) or type(data) is not dict) and not _KNOWN_KEYS.issuperset(data)):",
+        "            _unrecognized(data, kw, strict)",
+        "        try:",
+        "            return _Message(**kw)",
+        "        except (ValueError, TypeError):",
+        "            raise _refused(data) from None",
+        "    except RestDecodeError:",
+        "        raise",
+        "    except Exception as exc:",  # the record's own methods failed (a hostile mapping)
+        "        raise _unexpected(exc) from exc",
     ]
     return "\n".join(lines) + "\n"
 
 
 def _to_rest_source() -> str:
-    lines = ["def to_rest(msg, *, include_nulls=False):", "    out = {}", "    has = msg.HasField"]
+    lines = ["def to_rest(msg, *, include_nulls=False):", "    out = {}"]
     for field in _FIELDS:
         key, attr = field.key, field.attr
-        lines.append(f"    v = msg.{attr}")
         if field.kind == _ENUM:
-            # The zero value (_UNSPECIFIED) has no REST spelling: it reads as unset.
-            lines += ["    if v:", f"        out[{key!r}] = _by_number_{key}[v]"]
+            # The zero value (_UNSPECIFIED) has no REST spelling: it reads as
+            # unset. A number without a spelling is written as the number.
+            lines += [
+                f"    v = msg.{attr}",
+                "    if v:",
+                "        try:",
+                f"            out[{key!r}] = _names_{key}[v]",
+                "        except KeyError:",
+                f"            out[{key!r}] = v",
+            ]
+        elif key in _USUALLY_ABSENT:
+            # Asking for presence first costs less than reading an empty value.
+            lines += [f"    if _has(msg, {attr!r}):", f"        out[{key!r}] = msg.{attr}"]
         else:
-            lines += [f"    if v or has({attr!r}):", f"        out[{key!r}] = v"]
+            lines += [f"    v = msg.{attr}", f"    if v or _has(msg, {attr!r}):", f"        out[{key!r}] = v"]
         lines += ["    elif include_nulls:", f"        out[{key!r}] = None"]
     lines += [
-        f"    if has({_UNRECOGNIZED!r}):",
+        f"    if _has(msg, {_UNRECOGNIZED!r}):",
         f"        return _with_unrecognized(out, msg.{_UNRECOGNIZED})",
         "    return out",
     ]
@@ -306,18 +415,22 @@ def _with_unrecognized(out: dict[str, Any], unrecognized: _pb.UnrecognizedRest) 
     if spellings:
         out = {key: spellings.get(key, out.get(key)) for key in REST_KEYS if key in out or key in spellings}
     for extra in unrecognized.extra_keys:
-        if extra.key not in out:
-            out[extra.key] = _JSON_DECODER.decode(extra.json_value)
+        key = extra.key
+        if key not in out:
+            try:
+                out[key] = _json_decode(extra.json_value)
+            except RestDecodeError as exc:
+                raise RestDecodeError(_key_name(key), f"value is not representable as JSON: {exc.reason}") from None
     return out
 
 
 def _bind_tables() -> None:
     # The enum tables, bound as globals of this module under the names the
-    # compiled code uses (``_by_rest_status``, ``_by_number_status``, ...).
+    # compiled code uses (``_by_rest_status``, ``_names_status``, ...).
     for field in _FIELDS:
         if field.kind == _ENUM:
             globals()[f"_by_rest_{field.key}"] = field.by_rest.get
-            globals()[f"_by_number_{field.key}"] = field.by_number
+            globals()[f"_names_{field.key}"] = dict(field.by_number)
 
 
 _bind_tables()
@@ -329,10 +442,20 @@ _FROM_REST_DOC: Final = """Build a ``ProtectionShellInfo`` from its REST diction
     (its ``unrecognized`` field) so that :func:`to_rest` writes them back
     unchanged; with ``strict=True`` they are rejected instead.
 
-    Raises :class:`RestDecodeError` naming the REST key and the reason for any
-    value of the wrong JSON type, an integer outside int64, a malformed
-    ``"HH:MM"``, text that is not valid Unicode, an unknown value that is not
-    representable as JSON, or a ``data`` that is not a mapping.
+    ``status`` and ``runType`` also take a JSON integer within int32, the
+    enum number (``0`` reads as unset); ``strict=True`` refuses numbers that
+    have no REST spelling. An unknown key's value is stored as its canonical
+    JSON text (objects sorted by key, numbers in ECMAScript form).
+
+    Raises :class:`RestDecodeError`, and nothing else, for every input that
+    is not a valid record: a value of the wrong JSON type, an integer outside
+    int64, a malformed ``"HH:MM"``, text that is not valid Unicode, an unknown
+    value that is not one JSON value within the limits (NaN, a set, a cycle,
+    nesting beyond 64, a number of more than 100 characters), a key that is
+    not a string or appears twice, a ``data`` that is not a mapping, or a
+    mapping whose own methods fail. ``field`` names the REST key (escaped and
+    shortened if it is not printable or very long), and the message is one
+    line of bounded length.
     """
 
 _TO_REST_DOC: Final = """Write a ``ProtectionShellInfo`` in its REST dictionary form.
@@ -345,8 +468,10 @@ _TO_REST_DOC: Final = """Write a ``ProtectionShellInfo`` in its REST dictionary 
 
     An enum number that this schema version has no REST spelling for (a newer
     producer's value that reached us in binary form) is written as that number,
-    as protobuf's JSON mapping does, so that it is not lost. An enum explicitly
-    set to its ``_UNSPECIFIED`` zero value reads as unset.
+    as protobuf's JSON mapping does, so that it is not lost; :func:`from_rest`
+    reads it back. An enum explicitly set to its ``_UNSPECIFIED`` zero value
+    reads as unset. Raises :class:`RestDecodeError` naming the key if a stored
+    ``json_value`` is not valid JSON within the limits.
     """
 
 
@@ -396,8 +521,12 @@ def from_sdk(obj: Any, *, strict: bool = False) -> _pb.ProtectionShellInfo:
     """
     names = getattr(obj, "_names", None)
     if not isinstance(names, Mapping):
-        raise RestDecodeError(None, f"expected an SDK ProtectionShellInfo model, got {type(obj).__name__}")
-    return from_rest({key: getattr(obj, attr, None) for attr, key in names.items()}, strict=strict)
+        raise RestDecodeError(None, f"expected an SDK ProtectionShellInfo model, got {type_name(obj)}")
+    try:
+        data = {key: getattr(obj, attr, None) for attr, key in names.items()}
+    except Exception as exc:  # the model's own attributes failed
+        raise _unexpected(exc) from exc
+    return from_rest(data, strict=strict)
 
 
 def to_sdk(msg: _pb.ProtectionShellInfo) -> Any:
@@ -414,3 +543,23 @@ def to_sdk(msg: _pb.ProtectionShellInfo) -> Any:
     except ImportError as exc:
         raise ImportError("to_sdk needs the official SDK: pip install cohesity-management-sdk") from exc
     return SdkProtectionShellInfo.from_dictionary(to_rest(msg, include_nulls=True))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m shellinfo_grpc.rest --show-source``: print the generated code."""
+    parser = argparse.ArgumentParser(
+        prog="python -m shellinfo_grpc.rest",
+        description="The REST codec of shellinfo-grpc. from_rest and to_rest are generated at import "
+        "from the schema's field table; --show-source prints the code that runs.",
+    )
+    parser.add_argument("--show-source", action="store_true", help="print the generated from_rest and to_rest")
+    args = parser.parse_args(argv)
+    if not args.show_source:
+        parser.print_help()
+        return 0
+    sys.stdout.write(f"# generated by shellinfo_grpc.rest\n\n{_FROM_REST_SOURCE}\n\n{_TO_REST_SOURCE}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -12,19 +12,25 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Final
 
+from google.protobuf.unknown_fields import UnknownFieldSet
+
 from shellinfo_grpc._gen.shellinfo.v1 import protection_shell_info_pb2 as _pb
 from shellinfo_grpc._gen.shellinfo.v1 import run_update_service_pb2 as _svc
+from shellinfo_grpc._jsonvalue import canonical, quote
+from shellinfo_grpc._jsonvalue import key_name as _key_name
 from shellinfo_grpc._status import REASON_INVALID_RUN, REASON_RUN_FINAL
-from shellinfo_grpc.errors import RunRejected
-from shellinfo_grpc.rest import rest_names
+from shellinfo_grpc.errors import RestDecodeError, RunRejected
+from shellinfo_grpc.rest import REST_KEYS, rest_names
 
 __all__ = [
     "FINAL_STATUSES",
     "check_change",
     "check_run",
+    "check_storable",
     "check_update",
     "compile_filter",
     "is_final",
+    "same_run",
 ]
 
 _S = _pb.RunStatus
@@ -35,18 +41,159 @@ FINAL_STATUSES: Final = frozenset(
 )
 
 _STATUS_NAMES: Final = rest_names(_pb.RunStatus.DESCRIPTOR)
+_RUN_TYPE_NAMES: Final = rest_names(_pb.RunType.DESCRIPTOR)
+#: The REST spellings of the final statuses.
+_STATUS_NUMBERS: Final = {name: number for number, name in _STATUS_NAMES.items()}
+_FINAL_SPELLINGS: Final = frozenset(_STATUS_NAMES[number] for number in FINAL_STATUSES)
+_VALID_HHMM: Final = frozenset(f"{h:02d}:{m:02d}" for h in range(24) for m in range(60))
+_KNOWN_KEYS: Final = frozenset(REST_KEYS)
+
+
+def _unrecognized_status(run: _pb.ProtectionShellInfo) -> str | None:
+    if run.HasField("unrecognized") and run.unrecognized.HasField("status"):
+        return run.unrecognized.status
+    return None
+
+
+def _shown_status(run: _pb.ProtectionShellInfo) -> int | str | None:
+    """The ``status`` that :func:`~shellinfo_grpc.rest.to_rest` writes for ``run``.
+
+    An enum number (spelled or not; ``0`` reads as unset), else the spelling
+    kept in ``unrecognized.status``, else ``None``.
+    """
+    status = run.status
+    if status:
+        return status
+    return _unrecognized_status(run)
 
 
 def is_final(run: _pb.ProtectionShellInfo) -> bool:
-    """Whether ``run`` has a final status (kSuccess, kFailure, kWarning, kCanceled, kMissed)."""
-    return run.HasField("status") and run.status in FINAL_STATUSES
+    """Whether ``run`` shows a final status (kSuccess, kFailure, kWarning, kCanceled, kMissed).
+
+    Exactly when :func:`~shellinfo_grpc.rest.to_rest` writes one of those
+    spellings as ``status``: the enum value, or, where the enum is unset, the
+    spelling kept in ``unrecognized.status`` (which :func:`check_run` accepts
+    only for spellings the schema does not know, but a stored record may
+    predate that check).
+    """
+    status = run.status
+    if status:
+        return status in FINAL_STATUSES
+    return run.HasField("unrecognized") and _unrecognized_status(run) in _FINAL_SPELLINGS
+
+
+def _enum_violations(
+    run: _pb.ProtectionShellInfo, attr: str, key: str, names: dict[int, str], violations: list[tuple[str, str]]
+) -> None:
+    set_number = run.HasField(attr)  # type: ignore[arg-type]
+    if set_number and getattr(run, attr) == 0:
+        violations.append((key, f"is set to 0 (_UNSPECIFIED), which REST cannot show: leave {key} unset instead"))
+    if not run.HasField("unrecognized") or not run.unrecognized.HasField(attr):  # type: ignore[arg-type]
+        return
+    spelling = getattr(run.unrecognized, attr)
+    if set_number:
+        violations.append((key, f"unrecognized.{attr} is set although the enum {attr} is set"))
+    elif spelling in names.values():
+        violations.append(
+            (key, f"unrecognized.{attr} holds {quote(spelling)}, a known spelling: set the enum {attr} instead")
+        )
+
+
+def check_storable(run: _pb.ProtectionShellInfo) -> None:
+    """Refuse a run whose REST form would not read back as the same message.
+
+    The service stores only runs that every consumer can show: ``to_rest``
+    can write it, and ``from_rest`` reads that back as the same message (with
+    ``json_value`` texts compared by canonical form). So, violations named by
+    REST key:
+
+    * ``startTimeHhmm`` / ``endTimeHhmm``: must be ``"HH:MM"``, 00:00 to 23:59;
+    * ``status`` / ``runType``: not set explicitly to ``0`` (``_UNSPECIFIED``,
+      which REST shows as unset); ``unrecognized.status`` / ``run_type`` only
+      where the enum is unset, and only a spelling the schema does not know;
+    * an unknown key (``unrecognized.extra_keys[i]``): the violation is named
+      by **the key itself**, as it appears in the REST object (escaped and
+      shortened if not printable or very long). It must not be a known REST
+      key, nor appear twice, and its ``json_value`` must be one valid JSON
+      value within the limits (nesting depth 64, number tokens of at most 100
+      characters, no NaN/Infinity, no duplicate object keys, no trailing
+      data);
+    * ``unrecognized``: set but empty (REST shows nothing, so it would read
+      back unset);
+    * fields this schema version does not know (binary from a newer schema):
+      REST has no key for them, so they would be lost; named ``#<number>``.
+
+    Raises :class:`RunRejected` (``INVALID_ARGUMENT``, reason ``INVALID_RUN``)
+    listing every violation. Called by :func:`check_run`.
+    """
+    violations = _storable_violations(run)
+    if violations:
+        _reject(violations)
+
+
+def _storable_violations(run: _pb.ProtectionShellInfo) -> list[tuple[str, str]]:
+    violations: list[tuple[str, str]] = []
+    has = run.HasField
+    # The common record (well-formed HH:MM or none, enums set to a value or
+    # unset, nothing unrecognized) costs a few reads: every check below
+    # looks further only where the quick one fails.
+    start, end = run.start_time_hhmm, run.end_time_hhmm
+    if (start or has("start_time_hhmm")) and start not in _VALID_HHMM:
+        violations.append(("startTimeHhmm", f'must be "HH:MM" (00:00 to 23:59), got {quote(start)}'))
+    if (end or has("end_time_hhmm")) and end not in _VALID_HHMM:
+        violations.append(("endTimeHhmm", f'must be "HH:MM" (00:00 to 23:59), got {quote(end)}'))
+    unrecognized_set = has("unrecognized")
+    if unrecognized_set or not run.status or not run.run_type:
+        _enum_violations(run, "run_type", "runType", _RUN_TYPE_NAMES, violations)
+        _enum_violations(run, "status", "status", _STATUS_NAMES, violations)
+    if len(UnknownFieldSet(run)):
+        for number, _ in _unknown_fields(run):
+            violations.append((f"#{number}", "a field this schema version does not know: REST cannot carry it"))
+    if not unrecognized_set:
+        return violations
+    unrecognized = run.unrecognized
+    for number, _ in _unknown_fields(unrecognized):
+        violations.append((f"unrecognized.#{number}", "a field this schema version does not know"))
+    extras = unrecognized.extra_keys
+    if not extras and not unrecognized.HasField("status") and not unrecognized.HasField("run_type"):
+        violations.append(("unrecognized", "is set but empty: leave it unset"))
+    seen: set[str] = set()
+    for index, extra in enumerate(extras):
+        key = extra.key
+        shown = _key_name(key)
+        where = f"unrecognized.extra_keys[{index}]"
+        if key in _KNOWN_KEYS:
+            violations.append((shown, f"{where} repeats a known REST key; set the field instead"))
+        elif key in seen:
+            violations.append((shown, f"{where} repeats a key given before it"))
+        seen.add(key)
+        for number, _ in _unknown_fields(extra):
+            violations.append((shown, f"{where} has field #{number}, which this schema version does not know"))
+        try:
+            canonical(extra.json_value)
+        except RestDecodeError as exc:
+            violations.append((shown, f"{where}.json_value is not one JSON value within the limits: {exc.reason}"))
+    return violations
+
+
+def _unknown_fields(message: object) -> list[tuple[int, int]]:
+    return [(field.field_number, field.wire_type) for field in UnknownFieldSet(message)]  # type: ignore[arg-type,attr-defined]
+
+
+def _reject(violations: list[tuple[str, str]]) -> None:
+    raise RunRejected(
+        "INVALID_ARGUMENT",
+        REASON_INVALID_RUN,
+        "; ".join(f"{field} {text}" for field, text in violations),
+        violations,
+    )
 
 
 def check_run(run: _pb.ProtectionShellInfo | None) -> None:
     """Refuse a run that can never be accepted, whatever the stored state.
 
-    A missing ``jobRunId`` and an ``endTimeUsecs`` before ``startTimeUsecs``
-    are ``INVALID_ARGUMENT``.
+    A missing ``jobRunId``, an ``endTimeUsecs`` before ``startTimeUsecs`` and
+    anything :func:`check_storable` refuses are ``INVALID_ARGUMENT``.
     """
     violations: list[tuple[str, str]] = []
     if run is None or not run.HasField("job_run_id"):
@@ -62,36 +209,75 @@ def check_run(run: _pb.ProtectionShellInfo | None) -> None:
                 f"end time {run.end_time_usecs} is before the start time {run.start_time_usecs}",
             )
         )
+    if run is not None:
+        violations += _storable_violations(run)
     if violations:
-        raise RunRejected(
-            "INVALID_ARGUMENT",
-            REASON_INVALID_RUN,
-            "; ".join(f"{field} {text}" for field, text in violations),
-            violations,
-        )
+        _reject(violations)
 
 
 def _status_text(run: _pb.ProtectionShellInfo) -> str:
-    if run.HasField("status"):
-        return _STATUS_NAMES.get(run.status, str(run.status))
-    if run.HasField("unrecognized") and run.unrecognized.HasField("status"):
-        return repr(run.unrecognized.status)
-    return "unset"
+    status = _shown_status(run)
+    if status is None:
+        return "unset"
+    if isinstance(status, int):
+        return _STATUS_NAMES.get(status, str(status))
+    return quote(status)
 
 
 def _same_status(a: _pb.ProtectionShellInfo, b: _pb.ProtectionShellInfo) -> bool:
-    if a.HasField("status") or b.HasField("status"):
-        return a.HasField("status") and b.HasField("status") and a.status == b.status
-    ua = a.unrecognized.status if a.HasField("unrecognized") and a.unrecognized.HasField("status") else None
-    ub = b.unrecognized.status if b.HasField("unrecognized") and b.unrecognized.HasField("status") else None
-    return ua == ub
+    """Whether REST shows the same ``status`` for both runs."""
+    sa, sb = _shown_status(a), _shown_status(b)
+    # A known spelling in unrecognized.status (a record stored before
+    # check_storable existed) shows as that status.
+    return _STATUS_NUMBERS.get(sa, sa) == _STATUS_NUMBERS.get(sb, sb)  # type: ignore[arg-type]
+
+
+def _extra_values(run: _pb.ProtectionShellInfo) -> dict[str, str] | None:
+    """Unknown key -> canonical value, or None if a stored text is not valid JSON."""
+    values: dict[str, str] = {}
+    try:
+        for extra in run.unrecognized.extra_keys:
+            values.setdefault(extra.key, canonical(extra.json_value))
+    except RestDecodeError:
+        return None
+    return values
+
+
+def same_run(a: _pb.ProtectionShellInfo, b: _pb.ProtectionShellInfo) -> bool:
+    """Whether two runs are the same record by value, as the service compares them.
+
+    Equal messages are the same; beyond that, unknown keys
+    (``unrecognized.extra_keys``) are compared as the members of a JSON
+    object: by key, in any order, each value by its canonical JSON form
+    (numbers by exact value, objects regardless of key order). So the same
+    REST record written by Python (``1e-07``) and by Node (``1e-7``) is the
+    same run.
+    """
+    if a == b:
+        return True
+    if not (a.HasField("unrecognized") and b.HasField("unrecognized")):
+        return False
+    ea, eb = a.unrecognized.extra_keys, b.unrecognized.extra_keys
+    if not ea or len(ea) != len(eb):
+        return False
+    a2, b2 = _pb.ProtectionShellInfo(), _pb.ProtectionShellInfo()
+    a2.CopyFrom(a)
+    b2.CopyFrom(b)
+    a2.unrecognized.ClearField("extra_keys")
+    b2.unrecognized.ClearField("extra_keys")
+    if a2 != b2:
+        return False
+    va, vb = _extra_values(a), _extra_values(b)
+    return va is not None and va == vb and len(va) == len(ea)
 
 
 def check_update(current: _pb.ProtectionShellInfo | None, new: _pb.ProtectionShellInfo) -> bool:
     """Decide whether ``new`` changes a run whose stored state is ``current``.
 
-    Returns ``False`` when ``new`` is identical to ``current`` (a no-op that a
-    retrying agent may cause), ``True`` when it is a change to record. Raises
+    Returns ``False`` when ``new`` is the same run as ``current`` by value
+    (:func:`same_run`: a no-op that a retrying agent, or the same record
+    written by another language, may cause), ``True`` when it is a change to
+    record. Raises
     :class:`RunRejected` (``FAILED_PRECONDITION``, reason ``RUN_FINAL``) when
     ``current`` has a final status and ``new`` has a different one. Also
     applies :func:`check_run`.
@@ -104,7 +290,7 @@ def check_change(current: _pb.ProtectionShellInfo | None, new: _pb.ProtectionShe
     """:func:`check_update` for a run that has passed :func:`check_run` already."""
     if current is None:
         return True
-    if current == new:
+    if same_run(current, new):
         return False
     if is_final(current) and not _same_status(current, new):
         raise RunRejected(

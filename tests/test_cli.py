@@ -188,10 +188,10 @@ def test_a_lone_surrogate_is_refused_from_every_format() -> None:
 @pytest.mark.parametrize("target", FORMATS)
 @pytest.mark.parametrize("source", ["json", "jsonl"])
 def test_convert_keeps_the_records_before_a_bad_one(source: str, target: str) -> None:
-    records = [*RECORDS[:3], {"jobRunId": 4, "status": 5}, RECORDS[0]]
+    records = [*RECORDS[:3], {"jobRunId": 4, "status": True}, RECORDS[0]]
     result = run("convert", "--from", source, "--to", target, stdin=encode(source, records))
     assert result.returncode == 2
-    line = "shellinfo convert: record 3: status: expected a string, got an integer"
+    line = "shellinfo convert: record 3: status: expected a string or an enum number, got a boolean"
     assert stderr_lines(result) == [line + (" (line 4)" if source == "jsonl" else "")]
     assert exactly(decode(target, result.stdout)) == exactly(EXPECTED[:3])  # json output is a closed, valid array
 
@@ -268,7 +268,7 @@ def test_binary_with_a_kept_value_that_is_not_json_is_refused() -> None:
     result = run("convert", "--from", "binary", "--to", "jsonl", stdin=encode_delimited(bad))
     assert result.returncode == 2
     (line,) = stderr_lines(result)
-    assert line.startswith("shellinfo convert: record 0: unrecognized: a kept value is not valid JSON")
+    assert line.startswith("shellinfo convert: record 0: tz: value is not representable as JSON: not valid JSON")
 
 
 # --- validate ------------------------------------------------------------------
@@ -284,7 +284,7 @@ def test_validate_all_good() -> None:
 def test_validate_jsonl_reports_each_bad_record() -> None:
     lines = [
         '{"jobRunId": 1, "status": "kSuccess"}',
-        '{"jobRunId": 2, "status": 5}',
+        '{"jobRunId": 2, "status": true}',
         "",
         '{"jobRunId": 3, "startTimeHhmm": "25:00"}',
         '{"jobRunId": 4}',
@@ -298,7 +298,7 @@ def test_validate_jsonl_reports_each_bad_record() -> None:
     assert result.returncode == 2
     assert result.stdout == b""
     assert stderr_lines(result) == [
-        "record 1: status: expected a string, got an integer (line 2)",
+        "record 1: status: expected a string or an enum number, got a boolean (line 2)",
         "record 2: startTimeHhmm: expected \"HH:MM\" (00:00 to 23:59), got '25:00' (line 4)",
         "record 4: not valid JSON: Expecting value at column 14 (line 6)",
         "record 5: jobRunId: expected an integer, got a string (line 7)",
@@ -309,11 +309,11 @@ def test_validate_jsonl_reports_each_bad_record() -> None:
 
 
 def test_validate_json_reports_each_bad_record() -> None:
-    records = [RECORDS[0], {"status": 5}, RECORDS[1], "text", {"error": None, "endTimeUsecs": 1.5}, RECORDS[2]]
+    records = [RECORDS[0], {"status": True}, RECORDS[1], "text", {"error": None, "endTimeUsecs": 1.5}, RECORDS[2]]
     result = run("validate", "--from", "json", stdin=json.dumps(records).encode())
     assert result.returncode == 2
     assert stderr_lines(result) == [
-        "record 1: status: expected a string, got an integer",
+        "record 1: status: expected a string or an enum number, got a boolean",
         "record 3: expected a JSON object, got a string",
         "record 4: endTimeUsecs: expected an integer, got a number with a fraction or exponent",
         "3 of 6 records invalid",

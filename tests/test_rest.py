@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from json_oracle import canonical_text, value_key
 
 from shellinfo_grpc import (
     REST_KEYS,
@@ -248,6 +249,7 @@ def test_unknown_keys_and_spellings_survive_the_wire(same_json: Any) -> None:
         "runType": "kHyperFull",
         "jobRunId": 1,
         "nested": {"b": [1, 2.5, {"c": None}], "a": True},
+        "exponentSmall": 1e-07,
         "huge": 2**64 + 5,
         "hugeNegative": -(2**70),
         "beyondDouble": 2**53 + 1,
@@ -267,9 +269,19 @@ def test_unknown_keys_and_spellings_survive_the_wire(same_json: Any) -> None:
     assert not msg.HasField("run_type")
     assert msg.unrecognized.status == "kReplicating"
     assert msg.unrecognized.run_type == "kHyperFull"
-    assert same_json(roundtrip(data), data)
+    back = roundtrip(data)
+    assert {k: value_key(v) for k, v in back.items()} == {k: value_key(v) for k, v in data.items()}
     # And the order of the unknown keys is kept.
-    assert [k for k in roundtrip(data) if k not in EXPECTED_REST_KEYS] == [k for k in data if k not in REST_KEYS]
+    assert [k for k in back if k not in EXPECTED_REST_KEYS] == [k for k in data if k not in REST_KEYS]
+    # Each value is stored in canonical form (shared decision 1), spelled out here.
+    stored = {extra.key: extra.json_value for extra in msg.unrecognized.extra_keys}
+    assert stored["nested"] == '{"a":true,"b":[1,2.5,{"c":null}]}'
+    assert stored["exponentSmall"] == "1e-7"
+    assert stored["exponent"] == "1e+300"
+    assert stored["floatOne"] == "1"
+    assert stored["huge"] == "18446744073709551621"
+    assert stored["text"] == '"Zürich ✓ 😀 \\u0000 \u2028"'
+    assert stored == {k: canonical_text(v) for k, v in data.items() if k not in REST_KEYS}
 
 
 def test_unknown_spelling_that_differs_only_in_case_is_kept_verbatim() -> None:
@@ -326,9 +338,14 @@ def _bad_cases() -> list[Any]:
         case({key: INT64_MAX + 1}, key, f"{key}-2**63")
         case({key: INT64_MIN - 1}, key, f"{key}-(-2**63-1)")
         case({key: 2**64}, key, f"{key}-2**64")
-    for key in [*ENUM_KEYS, *TEXT_KEYS]:
+    for key in TEXT_KEYS:
         for value in [1, 0, 1.5, True, [], ["kSuccess"], {}, b"kSuccess"]:
             case({key: value}, key, f"{key}-{value!r}")
+    for key in ENUM_KEYS:  # integers within int32 are enum numbers (shared decision 2)
+        for i, value in enumerate([1.5, 1.0, True, [], ["kSuccess"], {}, b"kSuccess", 2**31, -(2**31) - 1, 10**5000]):
+            case({key: value}, key, f"{key}-{type(value).__name__}-{i}")
+        for value in [0, 99, -1, 2**31 - 1]:
+            case({key: value}, key, f"{key}-{value}-strict", strict=True)
     for key in HHMM_KEYS:
         for value in [
             "24:00",
@@ -496,7 +513,13 @@ def test_golden_vector_encodes_to_the_recorded_bytes(rest: dict[str, Any], hexby
 
 @pytest.mark.parametrize(("rest", "hexbytes"), _golden_params())
 def test_golden_vector_decodes_to_the_recorded_rest(rest: dict[str, Any], hexbytes: str, same_json: Any) -> None:
-    assert same_json(to_rest(ProtectionShellInfo.FromString(bytes.fromhex(hexbytes))), rest)
+    back = to_rest(ProtectionShellInfo.FromString(bytes.fromhex(hexbytes)))
+    known = [k for k in rest if k in REST_KEYS]
+    assert same_json({k: back[k] for k in known if k in back}, {k: rest[k] for k in known})
+    # Unknown keys come back as the same JSON values (canonical form: objects
+    # sorted, numbers in ECMAScript form), in the order received.
+    assert {k: value_key(v) for k, v in back.items()} == {k: value_key(v) for k, v in rest.items()}
+    assert [k for k in back if k not in REST_KEYS] == [k for k in rest if k not in REST_KEYS]
 
 
 def _varint(number: int) -> bytes:
@@ -546,7 +569,7 @@ def _hand_encode(rest: dict[str, Any]) -> bytes:
         inner += _field(2, unknown_spellings["status"].encode("utf-8"))
     for key, value in rest.items():
         if key not in EXPECTED_REST_KEYS:
-            text = json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+            text = canonical_text(value)
             inner += _field(3, _field(1, key.encode("utf-8")) + _field(2, text.encode("utf-8")))
     if unknown_spellings or inner:
         out += _field(15, inner)
@@ -588,3 +611,48 @@ def test_codec_does_not_import_grpc(tmp_path: Path) -> None:
     result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, check=False)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "ok"
+
+
+# --- the generated code is inspectable (issue 8.6) -------------------------------------------
+
+
+def test_show_source_prints_the_code_that_runs() -> None:
+    import shellinfo_grpc.rest as rest_module
+
+    result = subprocess.run(
+        [sys.executable, "-m", "shellinfo_grpc.rest", "--show-source"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert "def from_rest(data, *, strict=False):" in out
+    assert "def to_rest(msg, *, include_nulls=False):" in out
+    # Every REST key has its block in both functions.
+    for key in EXPECTED_REST_KEYS:
+        assert f"get({key!r})" in out
+        assert f"out[{key!r}]" in out
+    # What is printed compiles to functions that behave as the package's own.
+    namespace: dict[str, Any] = {}
+    exec(compile(out, "<shown>", "exec"), vars(rest_module), namespace)
+    data = {**COMPLETED, "status": 99, "x": {"b": 1e-07, "a": 1}}
+    assert namespace["from_rest"](data) == from_rest(data)
+    assert namespace["to_rest"](from_rest(data)) == to_rest(from_rest(data))
+
+
+def test_module_docstring_example_is_the_generated_code() -> None:
+    # The expanded example in the module docstring is cut from the generated
+    # source (at any indentation), so it cannot drift from what runs.
+    import shellinfo_grpc.rest as rest_module
+
+    doc = rest_module.__doc__ or ""
+    blocks = doc.split("::\n\n")[1:]
+    assert len(blocks) == 2
+    sources = [rest_module._FROM_REST_SOURCE, rest_module._TO_REST_SOURCE]
+    for block, source in zip(blocks, sources, strict=True):
+        example = textwrap.dedent(block.split("\n\n")[0])
+        for part in example.split("...\n"):
+            lines = part.strip("\n").splitlines()
+            assert len(lines) >= 5
+            assert any("\n".join(" " * shift + line for line in lines) in source for shift in range(0, 17, 4)), part

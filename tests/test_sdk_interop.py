@@ -108,7 +108,7 @@ def test_zero_values_reach_the_sdk_as_values() -> None:
         ({"jobRunId": "12"}, "jobRunId"),
         ({"startTimeUsecs": 1.5}, "startTimeUsecs"),
         ({"endTimeUsecs": 2**63}, "endTimeUsecs"),
-        ({"status": 5}, "status"),
+        ({"status": 5.0}, "status"),  # an integer is an enum number (shared decision 2); a float is not
         ({"runType": ["kFull"]}, "runType"),
         ({"error": 404}, "error"),
         ({"startTimeHhmm": "9:05"}, "startTimeHhmm"),
