@@ -3,14 +3,19 @@
 // grpc-status-details-bin, and a watch that resumes by the retry policy table.
 
 import { Code, ConnectError, createClient } from "@connectrpc/connect";
-import { createGrpcTransport } from "@connectrpc/connect-node";
+import { createGrpcTransport, Http2SessionManager } from "@connectrpc/connect-node";
 import { BadRequestSchema, ErrorInfoSchema } from "../gen/google/rpc/error_details_pb.js";
 import { RunUpdateService } from "../gen/shellinfo/v1/run_update_service_pb.js";
 
 export const ERROR_DOMAIN = "shellinfo.v1";
 
-/** A RunUpdateService client for `url`, sending `authorization: Bearer <token>` when a token is given. */
+/**
+ * A RunUpdateService client for `url`, sending `authorization: Bearer <token>`
+ * when a token is given. `client.close()` drops its HTTP/2 connection (an idle
+ * one would otherwise keep the process alive for a while).
+ */
 export function connect(url, { token } = {}) {
+  const sessionManager = new Http2SessionManager(url);
   const interceptors = token
     ? [
         (next) => (request) => {
@@ -19,7 +24,8 @@ export function connect(url, { token } = {}) {
         },
       ]
     : [];
-  return createClient(RunUpdateService, createGrpcTransport({ baseUrl: url, interceptors }));
+  const client = createClient(RunUpdateService, createGrpcTransport({ baseUrl: url, interceptors, sessionManager }));
+  return Object.assign(client, { close: () => sessionManager.abort() });
 }
 
 /**

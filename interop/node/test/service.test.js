@@ -46,22 +46,30 @@ async function* requests(items) {
 
 before(async () => {
   server = await startServer({ store, tokenFile });
-  client = connect(server.url, { token: TOKEN });
+  client = open({ token: TOKEN });
 });
 
+const clients = [];
+const open = (options) => {
+  const c = connect(server.url, options);
+  clients.push(c);
+  return c;
+};
+
 after(async () => {
+  for (const c of clients) c.close();
   await server?.stop();
   rmSync(dir, { recursive: true, force: true });
 });
 
 describe("authentication", () => {
   test("a call without a token is UNAUTHENTICATED", async () => {
-    const err = await failure(connect(server.url).getRun({ source: "x", jobRunId: 1n }));
+    const err = await failure(open().getRun({ source: "x", jobRunId: 1n }));
     assert.equal(err.code, Code.Unauthenticated);
   });
 
   test("a wrong token is UNAUTHENTICATED", async () => {
-    const err = await failure(connect(server.url, { token: "wrong" }).getRun({ source: "x", jobRunId: 1n }));
+    const err = await failure(open({ token: "wrong" }).getRun({ source: "x", jobRunId: 1n }));
     assert.equal(err.code, Code.Unauthenticated);
   });
 });
@@ -261,11 +269,16 @@ describe("watch", () => {
       }
     })();
     await client.publishRun({ source, run: run('{"jobRunId":1,"status":"kRunning"}') });
-    await Promise.race([
-      reader,
-      new Promise((_, reject) => setTimeout(() => reject(new Error(`watch stalled at ${got.length} updates`)), 30_000)),
-    ]);
-    controller.abort();
+    let timer;
+    const stalled = new Promise((_, reject) => {
+      timer = setTimeout(() => reject(new Error(`watch stalled at ${got.length} updates`)), 30_000);
+    });
+    try {
+      await Promise.race([reader, stalled]);
+    } finally {
+      clearTimeout(timer);
+      controller.abort();
+    }
     assert.deepEqual(
       got.map(([, status]) => status),
       expected,
