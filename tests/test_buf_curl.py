@@ -20,6 +20,7 @@ import sysconfig
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, cast
 
 import grpc
 import pytest
@@ -133,12 +134,23 @@ def test_reflection_serves_json_names_and_rest_name_options(address: str) -> Non
     assert all(value.options.ByteSize() > 0 for value in statuses.value if value.number != 0)
 
 
-class _BearerToken(grpc.UnaryUnaryClientInterceptor, grpc.StreamStreamClientInterceptor):  # type: ignore[misc]
+if TYPE_CHECKING:
+    _Unary = grpc.UnaryUnaryClientInterceptor[Any, Any]
+    _Stream = grpc.StreamStreamClientInterceptor[Any, Any]
+else:  # the grpc classes are not generic at run time
+    _Unary = grpc.UnaryUnaryClientInterceptor
+    _Stream = grpc.StreamStreamClientInterceptor
+
+
+class _BearerToken(_Unary, _Stream):
+    """Adds the bearer token to every call (reflection needs it like the service)."""
+
     def __init__(self, token: str) -> None:
         self._metadata = (("authorization", f"Bearer {token}"),)
 
     def _details(self, details: grpc.ClientCallDetails) -> grpc.ClientCallDetails:
-        return details._replace(metadata=[*(details.metadata or ()), *self._metadata])  # type: ignore[attr-defined]
+        replaced: Any = details._replace(metadata=[*(details.metadata or ()), *self._metadata])  # type: ignore[attr-defined]
+        return cast(grpc.ClientCallDetails, replaced)
 
     def intercept_unary_unary(self, continuation, details, request):  # type: ignore[no-untyped-def]
         return continuation(self._details(details), request)
