@@ -127,18 +127,18 @@ export function parse(text, { maxDepth = MAX_DEPTH + 1 } = {}) {
         skip();
         if (text[pos] !== '"') fail("not one JSON value: expected a member name");
         const name = string();
+        if (depth === 0) topKey = name;
         if (names.has(name)) fail(`duplicate member name ${JSON.stringify(name)}`);
         names.add(name);
-        if (depth === 0) topKey = name;
         skip();
         if (text[pos] !== ":") fail("not one JSON value: expected :");
         pos++;
         members.push([name, value(depth + 1)]);
+        if (depth === 0) topKey = null;
         skip();
         if (text[pos] === ",") pos++;
         else if (text[pos] === "}") {
           pos++;
-          if (depth === 0) topKey = null;
           return { kind: "object", members };
         } else fail("not one JSON value: expected , or } in an object");
       }
