@@ -51,7 +51,7 @@ def suite() -> Path:
     return SUITE
 
 
-@pytest.mark.parametrize("name", ["conformance", "service"])
+@pytest.mark.parametrize("name", ["conformance", "service", "reflection"])
 def test_node_suite(suite: Path, name: str) -> None:
     assert NODE is not None
     done = _run([NODE, "--test", "--test-concurrency=1", f"test/{name}.test.js"], timeout=600)
