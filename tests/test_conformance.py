@@ -25,6 +25,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from shellinfo_grpc import ProtectionShellInfo, RestDecodeError, ShellInfoError, from_rest, to_rest
 
@@ -51,7 +53,9 @@ def _equal_json(a: Any, b: Any) -> bool:
     if isinstance(a, list) and isinstance(b, list):
         return len(a) == len(b) and all(_equal_json(x, y) for x, y in zip(a, b, strict=True))
     if type(a) in (int, float) and type(b) in (int, float):
-        return bool(a == b)
+        # A double written canonically may read back as an integer token (docs/contract.md 2.3):
+        # against a float, compare as doubles; two integers compare exactly.
+        return bool(float(a) == float(b)) if float in (type(a), type(b)) else bool(a == b)
     return type(a) is type(b) and bool(a == b)
 
 
@@ -105,3 +109,96 @@ def test_json_value(case: dict[str, Any]) -> None:
     pytest.fail(
         f"accepted an invalid json_value ({case['invalid']}) as {again.unrecognized.extra_keys[0].json_value!r}"
     )
+
+
+# --- the canonical form as a property, beyond the listed vectors ---------------------------
+#
+# A reference writer of docs/contract.md section 2, written from the spec for
+# this test, against which from_rest's json_value is compared for generated
+# JSON values. Python's repr of a float has the same shortest round-trip digits
+# as ECMAScript; only the layout differs, and es_number applies ECMAScript's.
+
+
+def es_number(x: float) -> str:
+    """``Number.prototype.toString`` of a finite double."""
+    if x == 0:
+        return "0"
+    if x < 0:
+        return "-" + es_number(-x)
+    mantissa, _, exponent = repr(x).partition("e")
+    whole, _, fraction = mantissa.partition(".")
+    digits = whole + fraction
+    stripped = len(digits) - len(digits.lstrip("0"))
+    digits = digits.strip("0")
+    k, n = len(digits), len(whole) + int(exponent or 0) - stripped  # x = 0.digits * 10**n
+    if k <= n <= 21:
+        return digits + "0" * (n - k)
+    if 0 < n <= 21:
+        return digits[:n] + "." + digits[n:]
+    if -6 < n <= 0:
+        return "0." + "0" * -n + digits
+    e = n - 1
+    sign = "+" if e >= 0 else "-"
+    return (digits if k == 1 else digits[0] + "." + digits[1:]) + "e" + sign + str(abs(e))
+
+
+_ESCAPES = {'"': '\\"', "\\": "\\\\", "\b": "\\b", "\t": "\\t", "\n": "\\n", "\f": "\\f", "\r": "\\r"}
+
+
+def es_string(s: str) -> str:
+    out = []
+    for ch in s:
+        if ch in _ESCAPES:
+            out.append(_ESCAPES[ch])
+        elif ch < " ":
+            out.append(f"\\u{ord(ch):04x}")
+        else:
+            out.append(ch)
+    return '"' + "".join(out) + '"'
+
+
+def reference_canonical(value: Any) -> str:
+    if value is None or isinstance(value, bool):
+        return json.dumps(value)
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        return es_number(value)
+    if isinstance(value, str):
+        return es_string(value)
+    if isinstance(value, list):
+        return "[" + ",".join(reference_canonical(item) for item in value) + "]"
+    members = sorted(value.items(), key=lambda item: item[0].encode("utf-16-be"))  # UTF-16 code unit order
+    return "{" + ",".join(es_string(k) + ":" + reference_canonical(v) for k, v in members) + "}"
+
+
+JSON_VALUES = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(min_value=-(10**40), max_value=10**40)
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(max_size=8),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=4), inner, max_size=4),
+    max_leaves=12,
+)
+
+
+def test_reference_writer_matches_the_listed_vectors() -> None:
+    """The reference above agrees with the hand-written canonical vectors (it is checked, too)."""
+    checked = 0
+    for case in VECTORS["json_value"]:
+        if "canonical" in case:
+            assert reference_canonical(json.loads(case["input"])) == case["canonical"], case["name"]
+            checked += 1
+    assert checked > 30
+
+
+@given(JSON_VALUES)
+def test_from_rest_writes_the_canonical_json_value(value: Any) -> None:
+    msg = from_rest({"jobRunId": 1, "x": value})
+    assert msg.unrecognized.extra_keys[0].json_value == reference_canonical(value)
+
+
+@given(JSON_VALUES)
+def test_canonical_text_reads_back_as_the_same_value(value: Any) -> None:
+    assert _equal_json(json.loads(reference_canonical(value)), value)
