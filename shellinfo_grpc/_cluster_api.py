@@ -189,9 +189,10 @@ class ClusterClient:
     ``url`` is the base URL (``https://host[:port]``). ``connect_timeout``
     and ``read_timeout`` bound each request, in seconds: connecting, and
     waiting for each piece of the answer. ``tls`` is what :func:`ssl_context`
-    returns. Create it inside the event loop that uses it; close it with
-    :meth:`close`. ``on_status`` is told every HTTP status received (and
-    ``"timeout"`` / ``"connection"`` for requests that got none), for metrics.
+    returns. ``name`` names the cluster in logs (the URL when not given).
+    Create it inside the event loop that uses it; close it with :meth:`close`.
+    ``on_status`` is told every HTTP status received (and ``"timeout"`` /
+    ``"connection"`` for requests that got none), for metrics.
     """
 
     def __init__(
@@ -204,8 +205,10 @@ class ClusterClient:
         read_timeout: float = 60.0,
         retry: RetryPolicy | None = None,
         on_status: Callable[[str], None] | None = None,
+        name: str | None = None,
     ) -> None:
         self.url = url.rstrip("/")
+        self.name = name or self.url
         self._credentials = credentials
         self._retry = retry or RetryPolicy()
         self._on_status = on_status or (lambda _status: None)
@@ -282,7 +285,7 @@ class ClusterClient:
             if not isinstance(token, str) or not isinstance(kind, str) or not token:
                 raise ClusterProtocolError(self.url, "accessTokens: the answer holds no accessToken", status)
             self._authorization = f"{kind} {token}"
-            log.info("cluster=%s logged in as %s", self.url, credentials.username)
+            log.info("cluster=%s logged in as %s", self.name, credentials.username)
 
     # --- requests -------------------------------------------------------------------------
 
@@ -293,7 +296,7 @@ class ClusterClient:
             await self._login(None)
         status, raw, _ = await self._send("GET", endpoint, params=params)
         if status == 401 and token_session:
-            log.info("cluster=%s %s answered 401 (%s); logging in again", self.url, endpoint, _message(raw))
+            log.info("cluster=%s %s answered 401 (%s); logging in again", self.name, endpoint, _message(raw))
             await self._login(self._authorization)
             status, raw, _ = await self._send("GET", endpoint, params=params)
         if status in {401, 403}:
@@ -353,6 +356,6 @@ class ClusterClient:
                     return status, raw, retry_after
                 problem = f"{status} {_message(raw)}"
             log.warning(
-                "cluster=%s %s %s (attempt %d of %d)", self.url, endpoint, problem, attempt, self._retry.attempts
+                "cluster=%s %s %s (attempt %d of %d)", self.name, endpoint, problem, attempt, self._retry.attempts
             )
         raise ClusterUnavailable(self.url, f"{endpoint}: {problem}", status, retry_after)
