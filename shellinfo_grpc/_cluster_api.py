@@ -250,7 +250,7 @@ class ClusterClient:
     def _objects(self, data: Any, endpoint: str) -> list[dict[str, Any]]:
         if not isinstance(data, list):
             raise ClusterProtocolError(self.url, f"{endpoint}: expected a JSON array, got {type(data).__name__}")
-        return [item for item in data if isinstance(item, dict)]
+        return [item for item in data if type(item) is dict]
 
     # --- authentication ---------------------------------------------------------------
 

@@ -18,9 +18,9 @@ Per cluster, every poll:
    per job (``jobId=``) for every job it has seen or ``GET protectionJobs``
    lists, doubling ``numRuns`` for a job whose answer is full too, up to
    ``max_num_runs``;
-3. compares each run (its ``protectionShellInfo`` and job keys, as received)
-   with the last state it queued for that run, and queues only the changed
-   ones, oldest start first. Only they go through
+3. compares each run (its ``ProtectionRunInstance`` element as received:
+   shell info and job keys) with the one it last queued for that run, and
+   queues only the changed ones, oldest start first. Only they go through
    :func:`~shellinfo_grpc.rest.from_rest`, leniently: a status or key a newer
    cluster adds is kept and logged once, never a reason to drop the run.
 
@@ -415,8 +415,8 @@ class _ClusterPoller:
         self._metrics = metrics
         self._clock = clock
         self._client: ClusterClient | None = None
-        # jobRunId -> (protectionShellInfo, jobId, jobName, jobUid) as last queued
-        self._queued: dict[int, tuple[Any, ...]] = {}
+        # jobRunId -> the ProtectionRunInstance element last queued, as received
+        self._queued: dict[int, dict[str, Any]] = {}
         self._starts: dict[int, int] = {}  # jobRunId -> start time, for pruning
         self._open: dict[int, int] = {}  # jobRunId -> start time of runs not final yet
         self._jobs: set[int] = set()
@@ -543,18 +543,28 @@ class _ClusterPoller:
         return list(by_run.values()), complete
 
     def _diff(self, elements: list[dict[str, Any]], start: int, complete: bool) -> None:
-        """Queue the runs that changed since last queued, oldest start first; track open runs."""
-        changed: list[tuple[int, int, tuple[Any, ...], dict[str, Any]]] = []
+        """Queue the runs that changed since last queued, oldest start first; track open runs.
+
+        The hot path: a run whose element (shell info, job keys and all) is
+        equal to the one last queued costs two lookups and one dict comparison,
+        all in C; only the others are checked and converted.
+        """
+        changed: list[tuple[int, int, dict[str, Any], dict[str, Any]]] = []
         seen: set[int] = set()
-        queued = self._queued
+        seen_add = seen.add
+        queued_get = self._queued.get
         for element in elements:
             info = element.get("protectionShellInfo")
+            run_id = info.get("jobRunId") if type(info) is dict else None
+            if type(run_id) is int:
+                seen_add(run_id)
+                if queued_get(run_id) == element:
+                    continue
             if type(info) is not dict:
                 self._log_once(
                     "no-shell-info", logging.WARNING, "cluster=%s a run has no protectionShellInfo", self.name
                 )
                 continue
-            run_id = info.get("jobRunId")
             started = info.get("startTimeUsecs")
             if type(run_id) is not int or type(started) is not int:
                 self._log_once(
@@ -566,23 +576,20 @@ class _ClusterPoller:
                 )
                 continue
             job_id = element.get("jobId")
-            seen.add(run_id)
             if type(job_id) is int:
                 self._jobs.add(job_id)
             if info.get("status") in _FINAL_SPELLINGS:
                 self._open.pop(run_id, None)
             else:
                 self._open[run_id] = started
-            state = (info, job_id, element.get("jobName"), element.get("jobUid"))
-            if queued.get(run_id) != state:
-                changed.append((started, run_id, state, element))
-        if complete:
+            changed.append((started, run_id, info, element))
+        if complete and self._open:
             # A run not final that the window covers but the answer left out is gone (its job deleted).
             for run_id in [r for r, s in self._open.items() if s >= start and r not in seen]:
                 del self._open[run_id]
         changed.sort(key=lambda item: (item[0], item[1]))
-        for position, (started, run_id, state, element) in enumerate(changed):
-            change = self._change(run_id, state[0], element)
+        for position, (started, run_id, info, element) in enumerate(changed):
+            change = self._change(run_id, info, element)
             if change is None:
                 continue
             if not self._queue.offer(change):
@@ -594,7 +601,7 @@ class _ClusterPoller:
                     len(changed) - position,
                 )
                 break
-            queued[run_id] = state
+            self._queued[run_id] = element
             self._starts[run_id] = started
         self._prune(start)
 
