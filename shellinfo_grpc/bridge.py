@@ -254,7 +254,7 @@ class _Publisher:
         self._down = False
         self._stream_acks = 0
 
-    def _open_client(self) -> _StreamingClient:
+    def open_client(self) -> _StreamingClient:
         if self._client is None:
             s = self._service
             self._client = _StreamingClient(
@@ -280,7 +280,7 @@ class _Publisher:
             while not self._queue.items:
                 self._queue.wakeup.clear()
                 await self._queue.wakeup.wait()
-            call = self._open_client().publish_stream()
+            call = self.open_client().publish_stream()
             self._stream_acks = 0
             try:
                 await self._stream(call)
@@ -709,6 +709,7 @@ class Bridge:
         self._stopping = asyncio.Event()
         self._queue = _PendingQueue(self._max_pending, self.metrics)
         self._publisher = _Publisher(self._service, self._queue, self.metrics, window=self._window)
+        self._publisher.open_client()  # settings that cannot work fail here, not in the task
         self._pollers = [_ClusterPoller(c, self._queue, self.metrics, self._clock) for c in self._clusters]
         for poller in self._pollers:
             self.metrics.cluster_started(poller.name)
