@@ -321,6 +321,7 @@ class FakeCluster:
         thread.join()
         self._thread = None
         self._loop = None
+        self._bound_port = 0
 
     def __enter__(self) -> Self:
         self.start()

@@ -253,3 +253,53 @@ def test_fake_cluster_command_serves_until_sigterm() -> None:
             proc.wait()
         if proc.stderr is not None:
             proc.stderr.close()
+
+
+# --- a running bridge and SIGTERM -----------------------------------------------------------------------
+
+_BRIDGE = (
+    "import argparse, sys; from shellinfo_grpc import _bridge_cli as b; p = argparse.ArgumentParser();"
+    " s = p.add_subparsers(); b.add_parser(s); a = p.parse_args(sys.argv[1:]); sys.exit(b.run(a))"
+)
+
+
+@aio_test
+async def test_a_running_bridge_publishes_as_runs_change_and_exits_0_on_sigterm(tmp_path: Path) -> None:
+    running = await create_server("127.0.0.1:0", open_store("memory://"))
+    try:
+        async with FakeCluster() as cluster, AsyncRunUpdateClient(f"127.0.0.1:{running.port}") as client:
+            run = cluster.add_run(cluster.add_job("vm"), timeline=[("kRunning", 0)])
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable,
+                *("-c", _BRIDGE, "bridge", "--cluster", cluster.url, "--source", "c1", "--username", "admin"),
+                *("--interval", "0.1", "--address", f"127.0.0.1:{running.port}", "--log-level", "warning"),
+                stderr=asyncio.subprocess.PIPE,
+                env={**os.environ, "SHELLINFO_CLUSTER_PASSWORD": "admin"},
+            )
+            try:
+                assert proc.stderr is not None
+                lines = []
+                while not lines or "bridging" not in lines[-1]:
+                    lines.append((await proc.stderr.readline()).decode())
+                    assert lines[-1], lines
+                assert f"shellinfo: bridging c1 to 127.0.0.1:{running.port}" in lines[-1]
+                async with client.watch(start_revision=1) as watch:
+                    statuses = []
+                    async for event in watch:
+                        if event.update is not None:
+                            statuses.append(event.update.run.status)
+                            if len(statuses) == 1:
+                                cluster.set_status(run, "kSuccess")
+                            else:
+                                break
+                proc.send_signal(signal.SIGTERM)
+                assert await asyncio.wait_for(proc.wait(), 10) == 0
+                rest = (await proc.stderr.read()).decode()
+                assert "Traceback" not in rest
+            finally:
+                if proc.returncode is None:
+                    proc.kill()
+                    await proc.wait()
+        assert len(statuses) == 2
+    finally:
+        await running.stop(grace=0)
