@@ -71,6 +71,7 @@ from shellinfo_grpc.client import AsyncRunUpdateClient, ReconnectPolicy
 from shellinfo_grpc.errors import ConfigurationError, RestDecodeError
 from shellinfo_grpc.metrics import BridgeMetrics
 from shellinfo_grpc.rest import from_rest
+from shellinfo_grpc.rules import FINAL_STATUSES
 from shellinfo_grpc.run_instance import job_from_rest
 
 __all__ = [
@@ -88,6 +89,8 @@ log = logging.getLogger("shellinfo_grpc.bridge")
 _USECS: Final = 1_000_000
 #: REST spellings of the final statuses: a run in one of them changes no more.
 _FINAL_SPELLINGS: Final = frozenset({"kCanceled", "kSuccess", "kFailure", "kWarning", "kMissed"})
+#: The same as enum numbers (a cluster may send a status as its number).
+_FINAL_NUMBERS: Final = frozenset(int(number) for number in FINAL_STATUSES)
 _CODE_NAMES: Final = {code.value[0]: code.name for code in grpc.StatusCode}
 
 
@@ -578,7 +581,10 @@ class _ClusterPoller:
             job_id = element.get("jobId")
             if type(job_id) is int:
                 self._jobs.add(job_id)
-            if info.get("status") in _FINAL_SPELLINGS:
+            status = info.get("status")
+            if (type(status) is str and status in _FINAL_SPELLINGS) or (
+                type(status) is int and status in _FINAL_NUMBERS
+            ):
                 self._open.pop(run_id, None)
             else:
                 self._open[run_id] = started

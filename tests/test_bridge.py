@@ -36,7 +36,7 @@ from certs import make_pki
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from shellinfo_grpc import RestDecodeError, to_rest
+from shellinfo_grpc import REST_KEYS, RestDecodeError, to_rest
 from shellinfo_grpc._cluster_api import Credentials, RetryPolicy
 from shellinfo_grpc.bridge import Bridge, ClusterConfig, RunChange, ServiceConfig
 from shellinfo_grpc.client import AsyncRunUpdateClient
@@ -620,3 +620,46 @@ def test_job_keys_of_a_wrong_type_name_the_key(key: str, value: Any) -> None:
             job_from_rest(data)
         assert error.value.field is not None
         assert error.value.field.startswith(outer)
+
+
+# --- odd data from a cluster never fails a poll ------------------------------------------------------------
+
+_ODD_VALUE = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(min_value=-(2**70), max_value=2**70),
+    st.floats(allow_nan=False, allow_infinity=False),
+    st.text(max_size=6),
+    st.lists(st.integers(), max_size=2),
+    st.dictionaries(st.text(max_size=3), st.integers(), max_size=2),
+)
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    key=st.sampled_from(
+        ["jobRunId", "startTimeUsecs", "endTimeUsecs", "status", "runType", "error", "startTimeHhmm", "brandNew"]
+    ),
+    value=_ODD_VALUE,
+)
+def test_a_run_with_odd_values_never_fails_the_poll_nor_holds_up_the_others(key: str, value: Any) -> None:
+    async def body() -> None:
+        async with service() as running, FakeCluster(start_time=START) as cluster:
+            job = cluster.add_job("vm")
+            good = cluster.add_run(job, start=START - 10)
+            odd = cluster.add_run(job, extra_keys={key: value})
+            async with Bridge([config(cluster)], ServiceConfig(f"127.0.0.1:{running.port}"), clock=cluster.time) as b:
+                assert (await b.run_once()).ok
+                cluster.advance(60)
+                assert (await b.run_once()).ok
+            published = await history(running.port)
+            assert [s["status"] for s in published[("c1", good)]] == ["kAccepted", "kRunning"]
+            odd_state = cluster.shell_info(odd)
+            if ("c1", odd) in published:  # accepted by from_rest: published as the cluster sent it
+                # (a known key's null means unset; an unknown key's null is kept)
+                expected = {k: v for k, v in odd_state.items() if v is not None or k not in REST_KEYS}
+                assert published[("c1", odd)][-1] == expected
+            else:  # refused by from_rest, or by the service (an end before the start, say): skipped
+                assert key != "brandNew"
+
+    asyncio.run(asyncio.wait_for(body(), DEADLINE))
