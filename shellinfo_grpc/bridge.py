@@ -427,6 +427,7 @@ class _ClusterPoller:
         self.failures = 0
         self.retry_after: float | None = None
         self._log_once = _LogOnce()
+        self._queue_full = False
 
     def _cluster_client(self) -> ClusterClient:
         if self._client is None:
@@ -600,15 +601,19 @@ class _ClusterPoller:
                 continue
             if not self._queue.offer(change):
                 self._metrics.dropped.labels(self.name).inc(len(changed) - position)
-                log.warning(
-                    "cluster=%s pending queue full (%d): %d changes wait for a later poll",
-                    self.name,
-                    self._queue.limit,
-                    len(changed) - position,
-                )
+                if not self._queue_full:  # once per episode, not on every poll while the service is down
+                    log.warning(
+                        "cluster=%s pending queue full (%d): %d changes wait for a later poll",
+                        self.name,
+                        self._queue.limit,
+                        len(changed) - position,
+                    )
+                    self._queue_full = True
                 break
             self._queued[run_id] = element
             self._starts[run_id] = started
+        else:
+            self._queue_full = False
         self._prune(start)
 
     def _change(self, run_id: int, info: dict[str, Any], element: dict[str, Any]) -> RunChange | None:

@@ -424,7 +424,7 @@ async def test_changes_are_kept_while_the_service_is_down_and_published_in_order
 
 
 @aio_test
-async def test_the_pending_queue_is_bounded_and_a_full_queue_loses_nothing() -> None:
+async def test_the_pending_queue_is_bounded_and_a_full_queue_loses_nothing(caplog: pytest.LogCaptureFixture) -> None:
     port = free_port()
     async with FakeCluster(start_time=START) as cluster:
         job = cluster.add_job("vm")
@@ -436,6 +436,9 @@ async def test_the_pending_queue_is_bounded_and_a_full_queue_loses_nothing() -> 
             await bridge.run_once(flush_timeout=0.1)
             assert bridge.pending == 4
             assert sample(metrics, "shellinfo_bridge_runs_dropped_total", cluster="c1") == 6
+            await bridge.run_once(flush_timeout=0.1)  # still down: the same 6 wait again
+            assert sample(metrics, "shellinfo_bridge_runs_dropped_total", cluster="c1") == 12
+            assert caplog.text.count("pending queue full") == 1
             cluster.advance(120)
             async with service(port) as running:
                 for _ in range(4):
