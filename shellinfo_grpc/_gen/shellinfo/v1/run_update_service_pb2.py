@@ -23,44 +23,45 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from shellinfo_grpc._gen.shellinfo.v1 import protection_job_pb2 as shellinfo_dot_v1_dot_protection__job__pb2
 from shellinfo_grpc._gen.shellinfo.v1 import protection_shell_info_pb2 as shellinfo_dot_v1_dot_protection__shell__info__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n%shellinfo/v1/run_update_service.proto\x12\x0cshellinfo.v1\x1a(shellinfo/v1/protection_shell_info.proto\"z\n\tRunUpdate\x12\x0e\n\x06source\x18\x01 \x01(\t\x12.\n\x03run\x18\x02 \x01(\x0b\x32!.shellinfo.v1.ProtectionShellInfo\x12\x10\n\x08revision\x18\x03 \x01(\x03\x12\x1b\n\x13\x61\x63\x63\x65pted_time_usecs\x18\x04 \x01(\x03\"S\n\x11PublishRunRequest\x12\x0e\n\x06source\x18\x01 \x01(\t\x12.\n\x03run\x18\x02 \x01(\x0b\x32!.shellinfo.v1.ProtectionShellInfo\"7\n\x12PublishRunResponse\x12\x10\n\x08revision\x18\x01 \x01(\x03\x12\x0f\n\x07\x63hanged\x18\x02 \x01(\x08\"T\n\x12PublishRunsRequest\x12\x0e\n\x06source\x18\x01 \x01(\t\x12.\n\x03run\x18\x02 \x01(\x0b\x32!.shellinfo.v1.ProtectionShellInfo\"r\n\x13PublishRunsResponse\x12\r\n\x05index\x18\x01 \x01(\x03\x12\x10\n\x08revision\x18\x02 \x01(\x03\x12\x0f\n\x07\x63hanged\x18\x03 \x01(\x08\x12)\n\x05\x65rror\x18\x04 \x01(\x0b\x32\x1a.shellinfo.v1.PublishError\"u\n\x0cPublishError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\x36\n\x10\x66ield_violations\x18\x04 \x03(\x0b\x32\x1c.shellinfo.v1.FieldViolation\"4\n\x0e\x46ieldViolation\x12\r\n\x05\x66ield\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\"3\n\rGetRunRequest\x12\x0e\n\x06source\x18\x01 \x01(\t\x12\x12\n\njob_run_id\x18\x02 \x01(\x03\"9\n\x0eGetRunResponse\x12\'\n\x06update\x18\x01 \x01(\x0b\x32\x17.shellinfo.v1.RunUpdate\"\x86\x01\n\tRunFilter\x12\x0f\n\x07sources\x18\x01 \x03(\t\x12\x13\n\x0bjob_run_ids\x18\x02 \x03(\x03\x12)\n\x08statuses\x18\x03 \x03(\x0e\x32\x17.shellinfo.v1.RunStatus\x12(\n\trun_types\x18\x04 \x03(\x0e\x32\x15.shellinfo.v1.RunType\"a\n\x0fListRunsRequest\x12\'\n\x06\x66ilter\x18\x01 \x01(\x0b\x32\x17.shellinfo.v1.RunFilter\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"U\n\x10ListRunsResponse\x12(\n\x07updates\x18\x01 \x03(\x0b\x32\x17.shellinfo.v1.RunUpdate\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\x8b\x01\n\x10WatchRunsRequest\x12\'\n\x06\x66ilter\x18\x01 \x01(\x0b\x32\x17.shellinfo.v1.RunFilter\x12\x16\n\x0estart_revision\x18\x02 \x01(\x03\x12\x18\n\x10include_snapshot\x18\x03 \x01(\x08\x12\x1c\n\x14progress_interval_ms\x18\x04 \x01(\x05\"j\n\x11WatchRunsResponse\x12(\n\x07updates\x18\x01 \x03(\x0b\x32\x17.shellinfo.v1.RunUpdate\x12\x10\n\x08revision\x18\x02 \x01(\x03\x12\x19\n\x11snapshot_complete\x18\x03 \x01(\x08\x32\x9b\x03\n\x10RunUpdateService\x12O\n\nPublishRun\x12\x1f.shellinfo.v1.PublishRunRequest\x1a .shellinfo.v1.PublishRunResponse\x12V\n\x0bPublishRuns\x12 .shellinfo.v1.PublishRunsRequest\x1a!.shellinfo.v1.PublishRunsResponse(\x01\x30\x01\x12\x43\n\x06GetRun\x12\x1b.shellinfo.v1.GetRunRequest\x1a\x1c.shellinfo.v1.GetRunResponse\x12I\n\x08ListRuns\x12\x1d.shellinfo.v1.ListRunsRequest\x1a\x1e.shellinfo.v1.ListRunsResponse\x12N\n\tWatchRuns\x12\x1e.shellinfo.v1.WatchRunsRequest\x1a\x1f.shellinfo.v1.WatchRunsResponse0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n%shellinfo/v1/run_update_service.proto\x12\x0cshellinfo.v1\x1a!shellinfo/v1/protection_job.proto\x1a(shellinfo/v1/protection_shell_info.proto\"\xa4\x01\n\tRunUpdate\x12\x0e\n\x06source\x18\x01 \x01(\t\x12.\n\x03run\x18\x02 \x01(\x0b\x32!.shellinfo.v1.ProtectionShellInfo\x12\x10\n\x08revision\x18\x03 \x01(\x03\x12\x1b\n\x13\x61\x63\x63\x65pted_time_usecs\x18\x04 \x01(\x03\x12(\n\x03job\x18\x05 \x01(\x0b\x32\x1b.shellinfo.v1.ProtectionJob\"}\n\x11PublishRunRequest\x12\x0e\n\x06source\x18\x01 \x01(\t\x12.\n\x03run\x18\x02 \x01(\x0b\x32!.shellinfo.v1.ProtectionShellInfo\x12(\n\x03job\x18\x03 \x01(\x0b\x32\x1b.shellinfo.v1.ProtectionJob\"7\n\x12PublishRunResponse\x12\x10\n\x08revision\x18\x01 \x01(\x03\x12\x0f\n\x07\x63hanged\x18\x02 \x01(\x08\"~\n\x12PublishRunsRequest\x12\x0e\n\x06source\x18\x01 \x01(\t\x12.\n\x03run\x18\x02 \x01(\x0b\x32!.shellinfo.v1.ProtectionShellInfo\x12(\n\x03job\x18\x03 \x01(\x0b\x32\x1b.shellinfo.v1.ProtectionJob\"r\n\x13PublishRunsResponse\x12\r\n\x05index\x18\x01 \x01(\x03\x12\x10\n\x08revision\x18\x02 \x01(\x03\x12\x0f\n\x07\x63hanged\x18\x03 \x01(\x08\x12)\n\x05\x65rror\x18\x04 \x01(\x0b\x32\x1a.shellinfo.v1.PublishError\"u\n\x0cPublishError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\x36\n\x10\x66ield_violations\x18\x04 \x03(\x0b\x32\x1c.shellinfo.v1.FieldViolation\"4\n\x0e\x46ieldViolation\x12\r\n\x05\x66ield\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\"3\n\rGetRunRequest\x12\x0e\n\x06source\x18\x01 \x01(\t\x12\x12\n\njob_run_id\x18\x02 \x01(\x03\"9\n\x0eGetRunResponse\x12\'\n\x06update\x18\x01 \x01(\x0b\x32\x17.shellinfo.v1.RunUpdate\"\x97\x01\n\tRunFilter\x12\x0f\n\x07sources\x18\x01 \x03(\t\x12\x13\n\x0bjob_run_ids\x18\x02 \x03(\x03\x12)\n\x08statuses\x18\x03 \x03(\x0e\x32\x17.shellinfo.v1.RunStatus\x12(\n\trun_types\x18\x04 \x03(\x0e\x32\x15.shellinfo.v1.RunType\x12\x0f\n\x07job_ids\x18\x05 \x03(\x03\"a\n\x0fListRunsRequest\x12\'\n\x06\x66ilter\x18\x01 \x01(\x0b\x32\x17.shellinfo.v1.RunFilter\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"U\n\x10ListRunsResponse\x12(\n\x07updates\x18\x01 \x03(\x0b\x32\x17.shellinfo.v1.RunUpdate\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\x8b\x01\n\x10WatchRunsRequest\x12\'\n\x06\x66ilter\x18\x01 \x01(\x0b\x32\x17.shellinfo.v1.RunFilter\x12\x16\n\x0estart_revision\x18\x02 \x01(\x03\x12\x18\n\x10include_snapshot\x18\x03 \x01(\x08\x12\x1c\n\x14progress_interval_ms\x18\x04 \x01(\x05\"j\n\x11WatchRunsResponse\x12(\n\x07updates\x18\x01 \x03(\x0b\x32\x17.shellinfo.v1.RunUpdate\x12\x10\n\x08revision\x18\x02 \x01(\x03\x12\x19\n\x11snapshot_complete\x18\x03 \x01(\x08\x32\x9b\x03\n\x10RunUpdateService\x12O\n\nPublishRun\x12\x1f.shellinfo.v1.PublishRunRequest\x1a .shellinfo.v1.PublishRunResponse\x12V\n\x0bPublishRuns\x12 .shellinfo.v1.PublishRunsRequest\x1a!.shellinfo.v1.PublishRunsResponse(\x01\x30\x01\x12\x43\n\x06GetRun\x12\x1b.shellinfo.v1.GetRunRequest\x1a\x1c.shellinfo.v1.GetRunResponse\x12I\n\x08ListRuns\x12\x1d.shellinfo.v1.ListRunsRequest\x1a\x1e.shellinfo.v1.ListRunsResponse\x12N\n\tWatchRuns\x12\x1e.shellinfo.v1.WatchRunsRequest\x1a\x1f.shellinfo.v1.WatchRunsResponse0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'shellinfo.v1.run_update_service_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_RUNUPDATE']._serialized_start=97
-  _globals['_RUNUPDATE']._serialized_end=219
-  _globals['_PUBLISHRUNREQUEST']._serialized_start=221
-  _globals['_PUBLISHRUNREQUEST']._serialized_end=304
-  _globals['_PUBLISHRUNRESPONSE']._serialized_start=306
-  _globals['_PUBLISHRUNRESPONSE']._serialized_end=361
-  _globals['_PUBLISHRUNSREQUEST']._serialized_start=363
-  _globals['_PUBLISHRUNSREQUEST']._serialized_end=447
-  _globals['_PUBLISHRUNSRESPONSE']._serialized_start=449
-  _globals['_PUBLISHRUNSRESPONSE']._serialized_end=563
-  _globals['_PUBLISHERROR']._serialized_start=565
-  _globals['_PUBLISHERROR']._serialized_end=682
-  _globals['_FIELDVIOLATION']._serialized_start=684
-  _globals['_FIELDVIOLATION']._serialized_end=736
-  _globals['_GETRUNREQUEST']._serialized_start=738
-  _globals['_GETRUNREQUEST']._serialized_end=789
-  _globals['_GETRUNRESPONSE']._serialized_start=791
-  _globals['_GETRUNRESPONSE']._serialized_end=848
-  _globals['_RUNFILTER']._serialized_start=851
-  _globals['_RUNFILTER']._serialized_end=985
-  _globals['_LISTRUNSREQUEST']._serialized_start=987
-  _globals['_LISTRUNSREQUEST']._serialized_end=1084
-  _globals['_LISTRUNSRESPONSE']._serialized_start=1086
-  _globals['_LISTRUNSRESPONSE']._serialized_end=1171
-  _globals['_WATCHRUNSREQUEST']._serialized_start=1174
-  _globals['_WATCHRUNSREQUEST']._serialized_end=1313
-  _globals['_WATCHRUNSRESPONSE']._serialized_start=1315
-  _globals['_WATCHRUNSRESPONSE']._serialized_end=1421
-  _globals['_RUNUPDATESERVICE']._serialized_start=1424
-  _globals['_RUNUPDATESERVICE']._serialized_end=1835
+  _globals['_RUNUPDATE']._serialized_start=133
+  _globals['_RUNUPDATE']._serialized_end=297
+  _globals['_PUBLISHRUNREQUEST']._serialized_start=299
+  _globals['_PUBLISHRUNREQUEST']._serialized_end=424
+  _globals['_PUBLISHRUNRESPONSE']._serialized_start=426
+  _globals['_PUBLISHRUNRESPONSE']._serialized_end=481
+  _globals['_PUBLISHRUNSREQUEST']._serialized_start=483
+  _globals['_PUBLISHRUNSREQUEST']._serialized_end=609
+  _globals['_PUBLISHRUNSRESPONSE']._serialized_start=611
+  _globals['_PUBLISHRUNSRESPONSE']._serialized_end=725
+  _globals['_PUBLISHERROR']._serialized_start=727
+  _globals['_PUBLISHERROR']._serialized_end=844
+  _globals['_FIELDVIOLATION']._serialized_start=846
+  _globals['_FIELDVIOLATION']._serialized_end=898
+  _globals['_GETRUNREQUEST']._serialized_start=900
+  _globals['_GETRUNREQUEST']._serialized_end=951
+  _globals['_GETRUNRESPONSE']._serialized_start=953
+  _globals['_GETRUNRESPONSE']._serialized_end=1010
+  _globals['_RUNFILTER']._serialized_start=1013
+  _globals['_RUNFILTER']._serialized_end=1164
+  _globals['_LISTRUNSREQUEST']._serialized_start=1166
+  _globals['_LISTRUNSREQUEST']._serialized_end=1263
+  _globals['_LISTRUNSRESPONSE']._serialized_start=1265
+  _globals['_LISTRUNSRESPONSE']._serialized_end=1350
+  _globals['_WATCHRUNSREQUEST']._serialized_start=1353
+  _globals['_WATCHRUNSREQUEST']._serialized_end=1492
+  _globals['_WATCHRUNSRESPONSE']._serialized_start=1494
+  _globals['_WATCHRUNSRESPONSE']._serialized_end=1600
+  _globals['_RUNUPDATESERVICE']._serialized_start=1603
+  _globals['_RUNUPDATESERVICE']._serialized_end=2014
 # @@protoc_insertion_point(module_scope)

@@ -8,6 +8,7 @@ from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from google.protobuf.internal import containers as _containers
+from shellinfo_grpc._gen.shellinfo.v1 import protection_job_pb2 as _protection_job_pb2
 from shellinfo_grpc._gen.shellinfo.v1 import protection_shell_info_pb2 as _protection_shell_info_pb2
 import builtins as _builtins
 import sys
@@ -30,6 +31,7 @@ class RunUpdate(_message.Message):
     RUN_FIELD_NUMBER: _builtins.int
     REVISION_FIELD_NUMBER: _builtins.int
     ACCEPTED_TIME_USECS_FIELD_NUMBER: _builtins.int
+    JOB_FIELD_NUMBER: _builtins.int
     source: _builtins.str
     """source names the cluster or agent that reports the run; it may be empty."""
     revision: _builtins.int
@@ -44,6 +46,12 @@ class RunUpdate(_message.Message):
     def run(self) -> _protection_shell_info_pb2.ProtectionShellInfo:
         """run is the state of the run after this update, in REST terms."""
 
+    @_builtins.property
+    def job(self) -> _protection_job_pb2.ProtectionJob:
+        """job is the protection job the run belongs to, as given with the publish
+        that recorded this update; unset when none was given.
+        """
+
     def __init__(
         self,
         *,
@@ -51,10 +59,11 @@ class RunUpdate(_message.Message):
         run: _protection_shell_info_pb2.ProtectionShellInfo | None = ...,
         revision: _builtins.int = ...,
         accepted_time_usecs: _builtins.int = ...,
+        job: _protection_job_pb2.ProtectionJob | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["run", b"run"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["job", b"job", "run", b"run"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["accepted_time_usecs", b"accepted_time_usecs", "revision", b"revision", "run", b"run", "source", b"source"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["accepted_time_usecs", b"accepted_time_usecs", "job", b"job", "revision", b"revision", "run", b"run", "source", b"source"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -68,21 +77,29 @@ class PublishRunRequest(_message.Message):
 
     SOURCE_FIELD_NUMBER: _builtins.int
     RUN_FIELD_NUMBER: _builtins.int
+    JOB_FIELD_NUMBER: _builtins.int
     source: _builtins.str
     """source names the cluster or agent that reports the run; it may be empty."""
     @_builtins.property
     def run(self) -> _protection_shell_info_pb2.ProtectionShellInfo:
         """run is the new state of the run; run.job_run_id is required."""
 
+    @_builtins.property
+    def job(self) -> _protection_job_pb2.ProtectionJob:
+        """job is the protection job the run belongs to (REST: the jobId, jobName
+        and jobUid of the ProtectionRunInstance); optional.
+        """
+
     def __init__(
         self,
         *,
         source: _builtins.str = ...,
         run: _protection_shell_info_pb2.ProtectionShellInfo | None = ...,
+        job: _protection_job_pb2.ProtectionJob | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["run", b"run"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["job", b"job", "run", b"run"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["run", b"run", "source", b"source"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["job", b"job", "run", b"run", "source", b"source"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -126,21 +143,29 @@ class PublishRunsRequest(_message.Message):
 
     SOURCE_FIELD_NUMBER: _builtins.int
     RUN_FIELD_NUMBER: _builtins.int
+    JOB_FIELD_NUMBER: _builtins.int
     source: _builtins.str
     """source names the cluster or agent that reports the run; it may be empty."""
     @_builtins.property
     def run(self) -> _protection_shell_info_pb2.ProtectionShellInfo:
         """run is the new state of the run; run.job_run_id is required."""
 
+    @_builtins.property
+    def job(self) -> _protection_job_pb2.ProtectionJob:
+        """job is the protection job the run belongs to (REST: the jobId, jobName
+        and jobUid of the ProtectionRunInstance); optional.
+        """
+
     def __init__(
         self,
         *,
         source: _builtins.str = ...,
         run: _protection_shell_info_pb2.ProtectionShellInfo | None = ...,
+        job: _protection_job_pb2.ProtectionJob | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["run", b"run"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["job", b"job", "run", b"run"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["run", b"run", "source", b"source"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["job", b"job", "run", b"run", "source", b"source"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -314,6 +339,7 @@ class RunFilter(_message.Message):
     JOB_RUN_IDS_FIELD_NUMBER: _builtins.int
     STATUSES_FIELD_NUMBER: _builtins.int
     RUN_TYPES_FIELD_NUMBER: _builtins.int
+    JOB_IDS_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def sources(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """sources keeps runs whose source is one of these."""
@@ -330,6 +356,12 @@ class RunFilter(_message.Message):
     def run_types(self) -> _containers.RepeatedScalarFieldContainer[_protection_shell_info_pb2.RunType.ValueType]:
         """run_types keeps runs whose runType is one of these."""
 
+    @_builtins.property
+    def job_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """job_ids keeps runs whose job (RunUpdate.job.job_id, REST jobId) is one of
+        these; a run published without a job id matches none of them.
+        """
+
     def __init__(
         self,
         *,
@@ -337,10 +369,11 @@ class RunFilter(_message.Message):
         job_run_ids: _abc.Iterable[_builtins.int] | None = ...,
         statuses: _abc.Iterable[_protection_shell_info_pb2.RunStatus.ValueType] | None = ...,
         run_types: _abc.Iterable[_protection_shell_info_pb2.RunType.ValueType] | None = ...,
+        job_ids: _abc.Iterable[_builtins.int] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["job_run_ids", b"job_run_ids", "run_types", b"run_types", "sources", b"sources", "statuses", b"statuses"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["job_ids", b"job_ids", "job_run_ids", b"job_run_ids", "run_types", b"run_types", "sources", b"sources", "statuses", b"statuses"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
