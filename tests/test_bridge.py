@@ -46,7 +46,7 @@ from shellinfo_grpc.run_instance import from_run_instance, job_from_rest, job_to
 from shellinfo_grpc.server import RunningServer, create_server
 
 # The one import of a store: the layout change moves it (stores/).
-from shellinfo_grpc.store import open_store
+from shellinfo_grpc.stores._registry import open_store
 from shellinfo_grpc.testing import FakeCluster
 
 DEADLINE = 40.0

@@ -30,7 +30,7 @@ from shellinfo_grpc.errors import ConfigurationError
 from shellinfo_grpc.server import create_server
 
 # The one import of a store: the layout change moves it (stores/).
-from shellinfo_grpc.store import open_store
+from shellinfo_grpc.stores._registry import open_store
 from shellinfo_grpc.testing import API_PREFIX, FakeCluster
 
 pytestmark = pytest.mark.timeout(90)

@@ -264,11 +264,11 @@ DECODE: list[tuple[str, str, str, bool, dict[str, Any], str]] = [
         '{"runType":2147483647}',
     ),
     (
-        "enum-number-zero-is-set-but-writes-as-unset",
+        "enum-number-zero-reads-as-unset",
         "enum-numbers",
         '{"status":0}',
         False,
-        {"status": 0},
+        {},
         "{}",
     ),
 ]

@@ -108,7 +108,8 @@ export function createRestCodec(registry) {
         if (n < INT32_MIN || n > INT32_MAX) throw new RestError(key, `enum number ${node.token} is outside int32`);
         if (strict && !entry.byNumber.has(Number(n)))
           throw new RestError(key, `enum number ${node.token} has no spelling in this schema version (strict mode)`);
-        return Number(n);
+        // 0 is the zero value: it has no spelling and reads as unset.
+        return n === 0n ? undefined : Number(n);
       }
       throw new RestError(key, `expected a string or an integer, got ${describe(node)}`);
     }
