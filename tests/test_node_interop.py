@@ -24,7 +24,11 @@ SUITE = Path(__file__).resolve().parent.parent / "interop" / "node"
 NODE = shutil.which("node")
 NPM = shutil.which("npm")
 
-pytestmark = pytest.mark.skipif(NODE is None or NPM is None, reason="skipped: node not found")
+# CI sets SHELLINFO_REQUIRE_NODE=1: there a missing node is a failure, never a silent skip.
+if NODE is None or NPM is None:
+    if os.environ.get("SHELLINFO_REQUIRE_NODE") == "1":
+        raise RuntimeError("SHELLINFO_REQUIRE_NODE=1 but node/npm are not on PATH")
+    pytestmark = pytest.mark.skip(reason="skipped: node not found")
 
 
 def _env() -> dict[str, str]:
