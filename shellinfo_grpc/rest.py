@@ -112,6 +112,10 @@ _UNRECOGNIZED: Final = "unrecognized"
 _VALID_HHMM: Final = frozenset(f"{h:02d}:{m:02d}" for h in range(24) for m in range(60))
 # Unset in most records: to_rest asks for their presence before reading them.
 _USUALLY_ABSENT: Final = frozenset({"error"})
+# Set, and not zero, in almost every record: the fast path of to_rest needs them.
+_USUALLY_SET: Final = frozenset({"job_run_id", "start_time_usecs", "run_type", "status"})
+# Usually set only where these are (a run with no end time has no end "HH:MM").
+_SET_WITH: Final = {"end_time_hhmm": ("end_time_usecs", "start_time_hhmm")}
 _has: Final = _Message.HasField
 
 
@@ -368,8 +372,9 @@ def _from_rest_source() -> str:
     return "\n".join(lines) + "\n"
 
 
-def _to_rest_source() -> str:
-    lines = ["def to_rest(msg, *, include_nulls=False):", "    out = {}"]
+def _to_rest_general_source() -> str:
+    """Any message, any options: one read (or presence check) and one store per field."""
+    lines = ["def _to_rest_general(msg, include_nulls):", "    out = {}"]
     for field in _FIELDS:
         key, attr = field.key, field.attr
         if field.kind == _ENUM:
@@ -383,7 +388,7 @@ def _to_rest_source() -> str:
                 "        except KeyError:",
                 f"            out[{key!r}] = v",
             ]
-        elif key in _USUALLY_ABSENT:
+        elif field.attr in _USUALLY_ABSENT:
             # Asking for presence first costs less than reading an empty value.
             lines += [f"    if _has(msg, {attr!r}):", f"        out[{key!r}] = msg.{attr}"]
         else:
@@ -395,6 +400,60 @@ def _to_rest_source() -> str:
         "    return out",
     ]
     return "\n".join(lines) + "\n"
+
+
+def _read_first(attr: str, present: frozenset[str]) -> bool:
+    """Whether the fast path reads a field before asking for its presence.
+
+    A non-zero value proves presence, so for a field that is usually set a
+    read alone decides; for one that is usually unset, ``HasField`` alone does.
+    """
+    if attr in _USUALLY_ABSENT:
+        return False
+    return all(other in present for other in _SET_WITH.get(attr, ()))
+
+
+def _to_rest_tree(fields: tuple[_Field, ...], present: frozenset[str], depth: int) -> list[str]:
+    """The fast path's decision tree over ``fields``: one leaf per presence pattern."""
+    pad = "    " * depth
+    if not fields:
+        items = ", ".join(f"{f.key!r}: {f.attr}" for f in _FIELDS if f.attr in present)
+        return [f"{pad}out = {{{items}}}"]
+    field, rest = fields[0], fields[1:]
+    attr = field.attr
+    if _read_first(attr, present):
+        head = [f"{pad}{attr} = msg.{attr}", f"{pad}if {attr} or _has(msg, {attr!r}):"]
+    else:
+        head = [f"{pad}if _has(msg, {attr!r}):", f"{pad}    {attr} = msg.{attr}"]
+    return [
+        *head,
+        *_to_rest_tree(rest, present | {attr}, depth + 1),
+        f"{pad}else:",
+        *_to_rest_tree(rest, present, depth + 1),
+    ]
+
+
+def _to_rest_source() -> str:
+    # The fast path: the fields that are set (and non-zero) in almost every
+    # record are read first; if they are, and the enums have spellings, a
+    # decision tree over the other fields ends in one dict literal per
+    # presence pattern. Anything else goes the general way.
+    common = [f for f in _FIELDS if f.attr in _USUALLY_SET]
+    others = tuple(f for f in _FIELDS if f.attr not in _USUALLY_SET)
+    lines = ["def to_rest(msg, *, include_nulls=False):"]
+    lines += [f"    {f.attr} = msg.{f.attr}" for f in common]
+    lines += ["    if " + " and ".join(f.attr for f in common) + " and not include_nulls:", "        try:"]
+    lines += [f"            {f.attr} = _names_{f.key}[{f.attr}]" for f in common if f.kind == _ENUM]
+    lines += [
+        "        except KeyError:",  # an enum number without a spelling
+        "            return _to_rest_general(msg, False)",
+        *_to_rest_tree(others, frozenset(f.attr for f in common), 2),
+        f"        if _has(msg, {_UNRECOGNIZED!r}):",
+        f"            return _with_unrecognized(out, msg.{_UNRECOGNIZED})",
+        "        return out",
+        "    return _to_rest_general(msg, include_nulls)",
+    ]
+    return _to_rest_general_source() + "\n\n" + "\n".join(lines) + "\n"
 
 
 def _refused(data: Mapping[str, Any]) -> RestDecodeError:
@@ -478,8 +537,11 @@ _TO_REST_DOC: Final = """Write a ``ProtectionShellInfo`` in its REST dictionary 
 def _compile(source: str, name: str, doc: str, annotations: dict[str, Any]) -> Any:
     namespace: dict[str, Any] = {}
     exec(compile(source, f"<shellinfo_grpc.rest.{name}>", "exec"), globals(), namespace)  # noqa: S102
-    function = namespace[name]
+    function = namespace.pop(name)
     function.__module__ = __name__
+    for helper, code in namespace.items():  # functions the public one calls (_to_rest_general)
+        code.__module__ = __name__
+        globals()[helper] = code
     function.__doc__ = doc
     function.__annotations__ = annotations
     return function
