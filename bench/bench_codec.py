@@ -4,11 +4,15 @@ The REST adapters are timed for each record shape the targets name (a
 typical completed run with and without ``HH:MM``, a running run, a failed
 run): ``from_rest`` beside ``json_format.ParseDict`` and the keyword floor
 (the same message from literal keywords), ``to_rest`` beside
-``json_format.MessageToDict``, and beside the alternatives tried for it: one
-``ListFields()`` call instead of per-field reads, decoding the wire bytes in
-Python, and the "upb floor" (only the protobuf reads and presence checks the
-record needs, no dict built), which bounds what any attribute-reading
-``to_rest`` can reach.
+``json_format.MessageToDict``, beside the previous ``to_rest`` (its general
+path alone), and beside the alternatives tried for it: one ``ListFields()``
+call, one ``operator.attrgetter`` call, ``dict(compress(zip(...)))``, a cache
+keyed by ``SerializeToString()`` (hits only), and decoding the wire bytes in
+Python. Two floors bound what any ``to_rest`` reading through protobuf's
+Python API can reach: the "upb floor" (only the protobuf reads and presence
+checks the record needs, no dict built) and the "dict floor" (the same calls
+and one dict literal of the values, with nothing spent on finding out which
+fields are set).
 
 Run ``python bench/bench_codec.py`` (full run, exit status 1 if a target is
 missed) or ``python bench/bench_codec.py --quick`` (CI smoke: short samples,
