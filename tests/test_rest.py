@@ -240,6 +240,56 @@ def test_enum_number_without_rest_spelling_is_written_as_the_number() -> None:
     assert to_rest(msg) == {"runType": 42, "status": 99}
 
 
+# Per field: the values that take different ways through to_rest (absent; set
+# to the zero value, which only HasField tells from absent; set to another
+# value; for enums also a number without a spelling). Raw proto values.
+PRESENCE_CASES: dict[str, tuple[Any, ...]] = {
+    "job_run_id": (None, 0, 48213),
+    "start_time_usecs": (None, 0, -1),
+    "end_time_usecs": (None, 0, 1795791612654321),
+    "run_type": (None, 0, 1, 42),
+    "status": (None, 0, 2, 99),
+    "error": (None, "", "boom"),
+    "start_time_hhmm": (None, "", "14:00"),
+    "end_time_hhmm": (None, "", "15:00"),
+}
+
+
+def expected_rest(values: dict[str, Any], include_nulls: bool) -> dict[str, Any]:
+    """The REST form of a message with these proto values, written from the contract alone."""
+    out: dict[str, Any] = {}
+    for key in EXPECTED_REST_KEYS:
+        value = values.get(ATTR[key])
+        if key in ENUM_KEYS and value is not None:
+            names = RUN_TYPES if key == "runType" else STATUSES
+            value = None if value == 0 else names[value - 1] if value <= len(names) else value
+        if value is not None or include_nulls:
+            out[key] = value
+    return out
+
+
+def test_to_rest_for_every_presence_pattern() -> None:
+    # Every combination of the cases above (15,552 messages), with and without
+    # include_nulls and an unknown key: every branch of the generated fast path
+    # and of the general path, each checked against the contract.
+    import itertools
+
+    names = list(PRESENCE_CASES)
+    for n, combo in enumerate(itertools.product(*PRESENCE_CASES.values())):
+        values = {name: value for name, value in zip(names, combo, strict=True) if value is not None}
+        msg = ProtectionShellInfo(**values)
+        for include_nulls in (False, True):
+            expected = expected_rest(values, include_nulls)
+            got = to_rest(msg, include_nulls=include_nulls)
+            assert got == expected, values
+            assert list(got) == list(expected), values
+        if n % 5 == 0:  # an unknown key comes after the known ones, on every path
+            msg.unrecognized.extra_keys.add(key="zone", json_value='"CET"')
+            got = to_rest(msg)
+            assert got == {**expected_rest(values, False), "zone": "CET"}, values
+            assert list(got)[-1] == "zone"
+
+
 # --- forward compatibility ----------------------------------------------------------
 
 
