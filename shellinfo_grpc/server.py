@@ -55,7 +55,7 @@ from shellinfo_grpc._status import (
     status_proto,
 )
 from shellinfo_grpc.errors import ConfigurationError, RunRejected, ServiceError, StoreUnavailable
-from shellinfo_grpc.stores import Store
+from shellinfo_grpc.stores import Item, Store
 
 __all__ = [
     "SERVICE_NAME",
@@ -225,9 +225,7 @@ class RunUpdateServicer(_svc_grpc.RunUpdateServiceServicer):
         """End every watch with UNAVAILABLE (shutdown), and refuse new ones."""
         self._hub.close()
 
-    async def _publish(
-        self, items: Sequence[tuple[str, _pb.ProtectionShellInfo]], context: grpc.aio.ServicerContext[Any, Any]
-    ) -> list[Any]:
+    async def _publish(self, items: Sequence[Item], context: grpc.aio.ServicerContext[Any, Any]) -> list[Any]:
         try:
             return await self._store.publish_batch(items)
         except StoreUnavailable as exc:
@@ -252,7 +250,8 @@ class RunUpdateServicer(_svc_grpc.RunUpdateServiceServicer):
             self._check_size(run)
         except RunRejected as exc:
             await _abort(context, error_status(exc))
-        (outcome,) = await self._publish([(request.source, run)], context)
+        job = request.job if request.HasField("job") else None
+        (outcome,) = await self._publish([(request.source, run, job)], context)
         if isinstance(outcome, RunRejected):
             await _abort(context, error_status(outcome))
         return _svc.PublishRunResponse(revision=outcome.update.revision, changed=outcome.changed)
@@ -306,7 +305,7 @@ class RunUpdateServicer(_svc_grpc.RunUpdateServiceServicer):
                 if not requests:
                     continue
                 acks: list[_svc.PublishRunsResponse | None] = [None] * len(requests)
-                items: list[tuple[str, _pb.ProtectionShellInfo]] = []
+                items: list[Item] = []
                 positions: list[int] = []
                 for i, req in enumerate(requests):
                     run = req.run
@@ -315,7 +314,7 @@ class RunUpdateServicer(_svc_grpc.RunUpdateServiceServicer):
                     except RunRejected as exc:
                         acks[i] = _svc.PublishRunsResponse(index=index + i, error=publish_error(exc))
                         continue
-                    items.append((req.source, run))
+                    items.append((req.source, run, req.job if req.HasField("job") else None))
                     positions.append(i)
                 outcomes = await self._publish(items, context) if items else []
                 for i, outcome in zip(positions, outcomes, strict=True):
