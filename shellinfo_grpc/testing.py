@@ -432,6 +432,12 @@ class FakeCluster:
         with self._lock:
             return self._runs[job_run_id].shell_info(self._now_usecs)
 
+    def job_of(self, job_run_id: int) -> dict[str, Any]:
+        """The job keys (``jobId``, ``jobName``, ``jobUid``) the fake answers beside the run now."""
+        with self._lock:
+            job = self._jobs[self._runs[job_run_id].job_id]
+            return {"jobId": job.job_id, "jobName": job.name, "jobUid": self._uid(job.job_id)}
+
     # --- faults ---------------------------------------------------------------------
 
     def fail_next(
