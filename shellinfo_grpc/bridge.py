@@ -52,11 +52,7 @@ from typing import Any, Final, Self
 from urllib.parse import urlsplit
 
 from shellinfo_grpc._cluster_api import (
-    ClusterAuthError,
     ClusterClient,
-    ClusterError,
-    ClusterProtocolError,
-    ClusterUnavailable,
     Credentials,
     RetryPolicy,
     ssl_context,
@@ -64,7 +60,15 @@ from shellinfo_grpc._cluster_api import (
 from shellinfo_grpc._gen.shellinfo.v1 import protection_job_pb2 as _job_pb
 from shellinfo_grpc._gen.shellinfo.v1 import protection_shell_info_pb2 as _pb
 from shellinfo_grpc.client import AsyncRunUpdateClient, PublishResult, ReconnectPolicy
-from shellinfo_grpc.errors import ConfigurationError, RestDecodeError, ServiceError
+from shellinfo_grpc.errors import (
+    ClusterAuthError,
+    ClusterError,
+    ClusterProtocolError,
+    ClusterUnavailable,
+    ConfigurationError,
+    RestDecodeError,
+    ServiceError,
+)
 from shellinfo_grpc.metrics import BridgeMetrics
 from shellinfo_grpc.rest import from_rest
 from shellinfo_grpc.rules import FINAL_STATUSES
