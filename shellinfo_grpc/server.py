@@ -27,10 +27,11 @@ import hmac
 import json
 import logging
 import signal
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Final, NoReturn
+from typing import TYPE_CHECKING, Any, Final, NoReturn
 
 import grpc
 from google.protobuf import message_factory
@@ -56,6 +57,9 @@ from shellinfo_grpc._status import (
 )
 from shellinfo_grpc.errors import ConfigurationError, RunRejected, ServiceError, StoreUnavailable
 from shellinfo_grpc.stores import Item, Store
+
+if TYPE_CHECKING:
+    from shellinfo_grpc.metrics import ServiceMetrics
 
 __all__ = [
     "SERVICE_NAME",
@@ -130,6 +134,8 @@ class ServerConfig:
     max_send_bytes: int = 16 << 20
     max_run_bytes: int = 1 << 20
     extra_options: tuple[tuple[str, Any], ...] = field(default_factory=tuple)
+    #: Where to count publishes, watchers, the head revision and commit times (``--metrics-address``).
+    metrics: ServiceMetrics | None = None
 
     def grpc_options(self) -> list[tuple[str, Any]]:
         """Channel options set on purpose: message sizes and keepalive policy."""
@@ -220,20 +226,31 @@ class RunUpdateServicer(_svc_grpc.RunUpdateServiceServicer):
             max_batch_updates=config.max_batch_updates,
             max_batch_bytes=config.max_batch_bytes,
         )
+        if config.metrics is not None:
+            config.metrics.follow(store.head_revision, lambda: len(self._hub.watchers))
 
     def close_watchers(self) -> None:
         """End every watch with UNAVAILABLE (shutdown), and refuse new ones."""
         self._hub.close()
 
     async def _publish(self, items: Sequence[Item], context: grpc.aio.ServicerContext[Any, Any]) -> list[Any]:
+        metrics = self._config.metrics
+        started = time.perf_counter()
         try:
-            return await self._store.publish_batch(items)
+            outcomes = await self._store.publish_batch(items)
         except StoreUnavailable as exc:
+            if metrics is not None:
+                metrics.failed(len(items))
             await _abort(context, error_status(exc))
+        if metrics is not None:
+            metrics.committed(outcomes, time.perf_counter() - started)
+        return outcomes
 
     def _check_size(self, run: _pb.ProtectionShellInfo) -> None:
         size = run.ByteSize()
         if size > self._config.max_run_bytes:
+            if self._config.metrics is not None:
+                self._config.metrics.refused()
             raise RunRejected(
                 "INVALID_ARGUMENT",
                 REASON_RUN_TOO_LARGE,

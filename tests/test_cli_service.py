@@ -32,6 +32,7 @@ import sys
 import termios
 import threading
 import time
+import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -418,6 +419,25 @@ def test_jobs_publish_from_run_instances_and_show_in_list_and_watch(serve: Serve
     assert "jobId" in result.stderr.decode()
     assert cli("list", *at, "--job-id", "seven").returncode == 2
     assert len(history(server.address, 3)) == 3
+
+
+def test_serve_metrics_address_serves_prometheus_metrics(serve: ServeFactory) -> None:
+    server = serve(args=("--metrics-address", "127.0.0.1:0"))
+    found = re.search(r"metrics on (http://127\.0\.0\.1:\d+/metrics)", server.err.wait(2)[1])
+    assert found, server.err.lines
+    at = ("--address", server.address)
+    assert cli("publish", *at, '{"jobRunId": 1, "status": "kSuccess"}').returncode == 0
+    assert cli("publish", *at, '{"jobRunId": 1, "status": "kRunning"}').returncode == 1
+    with urllib.request.urlopen(found[1], timeout=WAIT) as answer:  # loopback
+        text = answer.read().decode()
+    assert 'shellinfo_service_publishes_total{outcome="changed"} 1.0' in text
+    assert 'shellinfo_service_publishes_total{outcome="refused"} 1.0' in text
+    assert "shellinfo_service_head_revision 1.0" in text
+    assert "shellinfo_service_watchers 0.0" in text
+    assert "shellinfo_service_store_commit_seconds_count 2.0" in text
+    result = cli("serve", "--address", "127.0.0.1:0", "--metrics-address", "nowhere", "--store", "memory://")
+    assert result.returncode == 2
+    assert "--metrics-address" in one_line(result)
 
 
 def test_three_terminals(serve: ServeFactory) -> None:
