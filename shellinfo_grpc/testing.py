@@ -2,7 +2,7 @@
 
 ``FakeCluster`` is a real HTTP server on a loopback address that answers the
 parts of the cluster REST API v1 that a poller of protection runs uses, the way
-a cluster answers them (see ``docs/bridge.md``):
+a cluster answers them (see "Bridge a cluster" in the README):
 
 * ``POST /irisservices/api/v1/public/accessTokens`` with JSON ``username``,
   ``password`` and ``domain`` (``LOCAL`` when absent) answers ``accessToken``,

@@ -462,8 +462,8 @@ def run_fake_cluster(args: argparse.Namespace, *, stderr: TextIO | None = None) 
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
         # Only now: a signal sent on seeing this line stops the cluster cleanly.
-        user = args.username if args.password_file else "admin (password admin)"
-        print(f"{_PROG}: fake cluster on {cluster.url} (user {user})", file=err)
+        user = f"user {args.username}" if args.password_file else "user admin, password admin"
+        print(f"{_PROG}: fake cluster on {cluster.url} ({user})", file=err)
         err.flush()
         last, number = time.time(), 0
         timelines = (
