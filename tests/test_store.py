@@ -24,8 +24,11 @@ from typing import Any, TypeVar
 import nats
 import nats.js.errors
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from nats_fixtures import NatsNode, single_server
 
+from shellinfo_grpc import rules
 from shellinfo_grpc._gen.shellinfo.v1 import protection_job_pb2 as job_pb
 from shellinfo_grpc._gen.shellinfo.v1 import protection_shell_info_pb2 as pb
 from shellinfo_grpc._gen.shellinfo.v1 import run_update_service_pb2 as svc
@@ -375,6 +378,38 @@ def test_job_travels_with_the_run_and_is_kept_when_a_publish_has_none(make_store
         assert [svc.RunUpdate.FromString(data) for _, data in wire] == history
 
     with_store(make_store, body)
+
+
+_STATUSES = [S.RUN_STATUS_RUNNING, S.RUN_STATUS_SUCCESS, S.RUN_STATUS_FAILURE]
+_JOBS = st.none() | st.builds(
+    job, st.none() | st.integers(0, 2), st.none() | st.sampled_from(["a", "b"]), st.none() | st.just((1, 2, 3))
+)
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(_STATUSES), st.sampled_from(["", "x"]), _JOBS), min_size=1, max_size=8))
+def test_the_state_of_a_run_is_its_run_and_job(publishes: list[tuple[int, str, Any]]) -> None:
+    """Against a model: a change of the run or of a given job is a change; no job keeps the stored one."""
+
+    async def body() -> None:
+        store = MemoryStore()
+        await store.start()
+        current: tuple[pb.ProtectionShellInfo, job_pb.ProtectionJob | None] | None = None
+        for status, error, given_job in publishes:
+            run = shell(1, status, error=error)
+            if current is not None and rules.is_final(current[0]) and current[0].status != status:
+                with pytest.raises(RunRejected):
+                    await store.publish("a", run, given_job)
+                continue
+            kept = given_job if given_job is not None else (current[1] if current is not None else None)
+            expected_change = current is None or current[0] != run or current[1] != kept
+            outcome = await store.publish("a", run, given_job)
+            assert outcome.changed is expected_change
+            assert outcome.update.run == run
+            assert (outcome.update.job if outcome.update.HasField("job") else None) == kept
+            current = (run, kept)
+
+    asyncio.run(body())
 
 
 def test_job_ids_filter_matches_the_job_of_each_run(make_store: MakeStore) -> None:

@@ -105,6 +105,14 @@ def add_table_format(parser: argparse.ArgumentParser, description: str) -> None:
     parser.add_argument("--format", choices=("table", "jsonl"), default="table", help=description)
 
 
+def _job_id(text: str) -> int:
+    """An argparse type: a jobId, any int64 (the check of ``job_run_id``, naming jobId)."""
+    try:
+        return job_run_id(text)
+    except argparse.ArgumentTypeError as exc:
+        raise argparse.ArgumentTypeError(str(exc).replace("jobRunId", "jobId")) from None
+
+
 def add_filters(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("filters", "Each may be repeated (any of the values); different filters combine.")
     group.add_argument("--source", dest="sources", action="append", default=[], metavar="S", help="runs from source S")
@@ -118,7 +126,7 @@ def add_filters(parser: argparse.ArgumentParser) -> None:
         "--run-type", dest="run_types", action="append", default=[], metavar="kX", help="run type, as in kFull"
     )
     group.add_argument(
-        "--job-id", dest="job_ids", action="append", default=[], type=job_run_id, metavar="N", help="runs of job N"
+        "--job-id", dest="job_ids", action="append", default=[], type=_job_id, metavar="N", help="runs of job N (jobId)"
     )
 
 
