@@ -18,6 +18,10 @@ from shellinfo_grpc._gen.shellinfo.v1.protection_shell_info_pb2 import (
     RunType,
 )
 from shellinfo_grpc.errors import (
+    ClusterAuthError,
+    ClusterError,
+    ClusterProtocolError,
+    ClusterUnavailable,
     ConfigurationError,
     FramingError,
     HistoryExpired,
@@ -59,6 +63,10 @@ __all__ = [
     "DEFAULT_MAX_RECORD_SIZE",
     "REST_KEYS",
     "AsyncRunUpdateClient",
+    "ClusterAuthError",
+    "ClusterError",
+    "ClusterProtocolError",
+    "ClusterUnavailable",
     "ConfigurationError",
     "ExtraRestKey",
     "Frame",

@@ -34,15 +34,17 @@ from typing import Any, Final
 
 import aiohttp
 
-from shellinfo_grpc.errors import ConfigurationError, ShellInfoError
+from shellinfo_grpc.errors import (
+    ClusterAuthError,
+    ClusterError,
+    ClusterProtocolError,
+    ClusterUnavailable,
+    ConfigurationError,
+)
 
 __all__ = [
     "API_PREFIX",
-    "ClusterAuthError",
     "ClusterClient",
-    "ClusterError",
-    "ClusterProtocolError",
-    "ClusterUnavailable",
     "Credentials",
     "RetryPolicy",
 ]
@@ -54,38 +56,6 @@ API_PREFIX: Final = "/irisservices/api/v1/public"
 
 #: The longest ``Retry-After`` honoured, in seconds; longer asks are cut to it.
 MAX_RETRY_AFTER: Final = 600.0
-
-# TODO(errors): the lead moves these into errors.py at merge (one hierarchy).
-
-
-class ClusterError(ShellInfoError):
-    """A request to a cluster failed. ``cluster`` is its base URL; ``status`` the HTTP status, if any."""
-
-    def __init__(self, cluster: str, message: str, status: int | None = None) -> None:
-        self.cluster = cluster
-        self.status = status
-        self.message = message
-        super().__init__(f"{cluster}: {message}")
-
-
-class ClusterAuthError(ClusterError):
-    """The cluster refused the credentials (login failed, or a 401 persisted after a new login)."""
-
-
-class ClusterUnavailable(ClusterError):
-    """The cluster kept answering 429 or 5xx, or timing out, through every retry.
-
-    ``retry_after`` is the wait in seconds the cluster last asked for (its
-    ``Retry-After``), or ``None``.
-    """
-
-    def __init__(self, cluster: str, message: str, status: int | None = None, retry_after: float | None = None) -> None:
-        super().__init__(cluster, message, status)
-        self.retry_after = retry_after
-
-
-class ClusterProtocolError(ClusterError):
-    """The cluster answered something that is not what the API describes (not JSON, wrong shape, 4xx)."""
 
 
 @dataclass(frozen=True)

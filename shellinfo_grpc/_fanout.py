@@ -55,7 +55,7 @@ _Item = TypeVar("_Item", bound=tuple[Any, bytes])
 
 def _has_filter(flt: _svc.RunFilter | None) -> bool:
     """Whether ``flt`` leaves any update out (an unfiltered watch sends stored bytes as they are)."""
-    return flt is not None and bool(flt.sources or flt.job_run_ids or flt.statuses or flt.run_types)
+    return flt is not None and bool(flt.sources or flt.job_run_ids or flt.statuses or flt.run_types or flt.job_ids)
 
 
 def encode(updates: Iterable[_svc.RunUpdate]) -> list[_Encoded]:

@@ -44,31 +44,31 @@ import logging
 import random
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Final, Self
 from urllib.parse import urlsplit
 
-import grpc
-import grpc.aio
-
 from shellinfo_grpc._cluster_api import (
-    ClusterAuthError,
     ClusterClient,
-    ClusterError,
-    ClusterProtocolError,
-    ClusterUnavailable,
     Credentials,
     RetryPolicy,
     ssl_context,
 )
 from shellinfo_grpc._gen.shellinfo.v1 import protection_job_pb2 as _job_pb
 from shellinfo_grpc._gen.shellinfo.v1 import protection_shell_info_pb2 as _pb
-from shellinfo_grpc._gen.shellinfo.v1 import run_update_service_pb2 as _svc
-from shellinfo_grpc.client import AsyncRunUpdateClient, ReconnectPolicy
-from shellinfo_grpc.errors import ConfigurationError, RestDecodeError
+from shellinfo_grpc.client import AsyncRunUpdateClient, PublishResult, ReconnectPolicy
+from shellinfo_grpc.errors import (
+    ClusterAuthError,
+    ClusterError,
+    ClusterProtocolError,
+    ClusterUnavailable,
+    ConfigurationError,
+    RestDecodeError,
+    ServiceError,
+)
 from shellinfo_grpc.metrics import BridgeMetrics
 from shellinfo_grpc.rest import from_rest
 from shellinfo_grpc.rules import FINAL_STATUSES
@@ -91,7 +91,6 @@ _USECS: Final = 1_000_000
 _FINAL_SPELLINGS: Final = frozenset({"kCanceled", "kSuccess", "kFailure", "kWarning", "kMissed"})
 #: The same as enum numbers (a cluster may send a status as its number).
 _FINAL_NUMBERS: Final = frozenset(int(number) for number in FINAL_STATUSES)
-_CODE_NAMES: Final = {code.value[0]: code.name for code in grpc.StatusCode}
 
 
 @dataclass(frozen=True)
@@ -174,13 +173,6 @@ class RunChange:
     run: _pb.ProtectionShellInfo
     job: _job_pb.ProtectionJob | None
 
-    def request(self) -> _svc.PublishRunsRequest:
-        """The ``PublishRuns`` request that publishes it."""
-        request = _svc.PublishRunsRequest(source=self.source, run=self.run)
-        if self.job is not None:
-            request.job.CopyFrom(self.job)
-        return request
-
 
 @dataclass(frozen=True)
 class OnceResult:
@@ -227,16 +219,6 @@ class _PendingQueue:
         return item
 
 
-class _StreamingClient(AsyncRunUpdateClient):
-    """The async client, plus a raw ``PublishRuns`` stream that carries jobs and is fed as changes come."""
-
-    def publish_stream(self) -> Any:
-        """Open a ``PublishRuns`` stream (a grpc.aio stream-stream call) to write to and read from."""
-        # grpc-stubs types the call as always taking a request iterator; grpc.aio
-        # also opens it without one, to be fed with write().
-        return self._stub.PublishRuns(metadata=self._metadata)  # type: ignore[call-arg]
-
-
 class _Publisher:
     """Publishes the pending queue over one ``PublishRuns`` stream, reconnecting as needed.
 
@@ -252,15 +234,15 @@ class _Publisher:
         self._queue = queue
         self._metrics = metrics
         self._window = window
-        self._client: _StreamingClient | None = None
+        self._client: AsyncRunUpdateClient | None = None
         self._reconnect = ReconnectPolicy(initial_delay=0.1, max_delay=5.0)
         self._down = False
         self._stream_acks = 0
 
-    def open_client(self) -> _StreamingClient:
+    def open_client(self) -> AsyncRunUpdateClient:
         if self._client is None:
             s = self._service
-            self._client = _StreamingClient(
+            self._client = AsyncRunUpdateClient(
                 s.address,
                 token=s.token,
                 tls=s.tls,
@@ -283,32 +265,33 @@ class _Publisher:
             while not self._queue.items:
                 self._queue.wakeup.clear()
                 await self._queue.wakeup.wait()
-            call = self.open_client().publish_stream()
             self._stream_acks = 0
             try:
-                await self._stream(call)
-            except (grpc.RpcError, _StreamBroken, asyncio.InvalidStateError) as exc:
+                await self._stream(self.open_client())
+            except (ServiceError, _StreamBroken) as exc:
                 failures = 1 if self._stream_acks else failures + 1
                 if not self._down:
                     log.warning(
                         "service=%s publishing interrupted (%s); %d changes kept, retrying",
                         self._service.address,
-                        _rpc_text(exc),
+                        exc,
                         len(self._queue.items),
                     )
                     self._down = True
                 await asyncio.sleep(self._reconnect.delay(failures))
-            finally:
-                call.cancel()
 
-    async def _stream(self, call: Any) -> None:
-        """Feed one stream until it breaks (it raises what broke it)."""
+    async def _stream(self, client: AsyncRunUpdateClient) -> None:
+        """Feed one ``publish_many`` stream from the queue until it breaks (it raises what broke it).
+
+        The items are fed as changes are queued, at most ``window`` ahead of
+        the acknowledgements; a change leaves the queue when its result
+        arrives, so what was in flight when the stream broke is sent again.
+        """
         queue = self._queue
         in_flight = 0
-        acknowledged = 0
         progress = asyncio.Event()
 
-        async def write() -> None:
+        async def items() -> AsyncIterator[tuple[str, _pb.ProtectionShellInfo, _job_pb.ProtectionJob | None]]:
             nonlocal in_flight
             while True:
                 while in_flight >= len(queue.items) or in_flight >= self._window:
@@ -322,66 +305,48 @@ class _Publisher:
                             waiter.cancel()
                 change = queue.items[in_flight]
                 in_flight += 1
-                await call.write(change.request())
+                yield change.source, change.run, change.job
 
-        async def read() -> None:
-            nonlocal in_flight, acknowledged
-            while True:
-                ack = await call.read()
-                if ack is grpc.aio.EOF:  # type: ignore[attr-defined]
-                    raise _StreamBroken("the service ended the stream")
-                if ack.index != acknowledged or in_flight == 0:
-                    raise _StreamBroken(f"acknowledgement {ack.index} where {acknowledged} was due")
+        results = client.publish_many(items())
+        try:
+            async for result in results:
                 change = queue.pop()
                 in_flight -= 1
-                acknowledged += 1
                 self._stream_acks += 1
                 if self._down:
                     log.info("service=%s publishing again", self._service.address)
                     self._down = False
-                self._acknowledged(change, ack)
+                self._acknowledged(change, result)
                 progress.set()
-
-        writer = asyncio.ensure_future(write())
-        reader = asyncio.ensure_future(read())
-        try:
-            done, _ = await asyncio.wait([writer, reader], return_when=asyncio.FIRST_EXCEPTION)
-            for task in done:
-                task.result()  # raises what ended the stream
         finally:
-            for task in (writer, reader):
-                task.cancel()
-            await asyncio.gather(writer, reader, return_exceptions=True)
+            await results.aclose()  # type: ignore[attr-defined]
+        raise _StreamBroken("the service ended the stream")
 
-    def _acknowledged(self, change: RunChange, ack: _svc.PublishRunsResponse) -> None:
+    def _acknowledged(self, change: RunChange, result: PublishResult | ServiceError) -> None:
         run_id = change.run.job_run_id
-        if ack.HasField("error"):
-            error = ack.error
-            code = _CODE_NAMES.get(error.code, str(error.code))
-            self._metrics.refused.labels(change.source, error.reason or code).inc()
+        if isinstance(result, ServiceError):
+            self._metrics.refused.labels(change.source, result.reason or result.code).inc()
             log.warning(
                 "cluster=%s run=%d update refused, not retried: %s %s: %s",
                 change.source,
                 run_id,
-                code,
-                error.reason,
-                error.message,
+                result.code,
+                result.reason,
+                result.message,
             )
             return
         self._metrics.published.labels(change.source).inc()
         log.debug(
-            "cluster=%s run=%d published revision=%d changed=%s", change.source, run_id, ack.revision, ack.changed
+            "cluster=%s run=%d published revision=%d changed=%s",
+            change.source,
+            run_id,
+            result.revision,
+            result.changed,
         )
 
 
 class _StreamBroken(Exception):
-    """The PublishRuns stream ended or went wrong; reopen it."""
-
-
-def _rpc_text(exc: BaseException) -> str:
-    if isinstance(exc, grpc.aio.AioRpcError):
-        return f"{exc.code().name}: {exc.details()}"
-    return str(exc)
+    """The PublishRuns stream ended; reopen it."""
 
 
 # --- one cluster -----------------------------------------------------------------------------

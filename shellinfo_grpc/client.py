@@ -62,6 +62,7 @@ import grpc.aio
 from google.protobuf.message import DecodeError, Message
 from grpc_status import rpc_status
 
+from shellinfo_grpc._gen.shellinfo.v1 import protection_job_pb2 as _job_pb
 from shellinfo_grpc._gen.shellinfo.v1 import protection_shell_info_pb2 as _pb
 from shellinfo_grpc._gen.shellinfo.v1 import run_update_service_pb2 as _svc
 from shellinfo_grpc._gen.shellinfo.v1 import run_update_service_pb2_grpc as _svc_grpc
@@ -77,12 +78,14 @@ from shellinfo_grpc._status import (
 )
 from shellinfo_grpc.errors import ConfigurationError, HistoryExpired, RestDecodeError, RunRejected, ServiceError
 from shellinfo_grpc.rest import from_rest, rest_names
+from shellinfo_grpc.run_instance import job_from_rest
 
 __all__ = [
     "DEFAULT_TIMEOUT",
     "AsyncRunUpdateClient",
     "AsyncRunWatch",
     "EnumInput",
+    "JobInput",
     "PublishItem",
     "PublishResult",
     "ReconnectPolicy",
@@ -95,8 +98,13 @@ __all__ = [
 
 #: A run as the client methods accept it: a message or a REST dictionary.
 RunInput: TypeAlias = _pb.ProtectionShellInfo | Mapping[str, Any]
-#: One item of :meth:`RunUpdateClient.publish_many`: a run, or ``(source, run)``.
-PublishItem: TypeAlias = RunInput | tuple[str, RunInput]
+#: A job as the client methods accept it: a ``ProtectionJob`` message, or a
+#: dictionary with its REST keys (``jobId``, ``jobName``, ``jobUid``; a whole
+#: ``ProtectionRunInstance`` will do), or ``None`` for no job.
+JobInput: TypeAlias = _job_pb.ProtectionJob | Mapping[str, Any] | None
+#: One item of :meth:`RunUpdateClient.publish_many`: a run, ``(source, run)``
+#: or ``(source, run, job)``.
+PublishItem: TypeAlias = RunInput | tuple[str, RunInput] | tuple[str, RunInput, JobInput]
 #: An enum filter value: the enum number, or its REST spelling (``"kSuccess"``).
 EnumInput: TypeAlias = int | str
 
@@ -202,21 +210,29 @@ def _to_run(run: RunInput) -> _pb.ProtectionShellInfo:
     return from_rest(run)
 
 
-def _publish_request(run: RunInput, source: str) -> _svc.PublishRunRequest:
-    return _svc.PublishRunRequest(source=source, run=_to_run(run))
+def _to_job(job: JobInput) -> _job_pb.ProtectionJob | None:
+    if job is None or isinstance(job, _job_pb.ProtectionJob):
+        return job
+    if not isinstance(job, Mapping):
+        raise RestDecodeError("job", f"expected a ProtectionJob or a JSON object, got {type(job).__name__}")
+    return job_from_rest(job)
+
+
+def _publish_request(run: RunInput, source: str, job: JobInput) -> _svc.PublishRunRequest:
+    return _svc.PublishRunRequest(source=source, run=_to_run(run), job=_to_job(job))
 
 
 def _published(response: _svc.PublishRunResponse) -> PublishResult:
     return PublishResult(response.revision, response.changed)
 
 
-def _publish_item(item: PublishItem, default_source: str) -> tuple[str, _pb.ProtectionShellInfo]:
+def _publish_item(item: PublishItem, default_source: str) -> _svc.PublishRunsRequest:
     if isinstance(item, tuple):
-        if len(item) != 2 or not isinstance(item[0], str):
-            raise RestDecodeError(None, "a publish item is a run or a (source, run) pair")
-        source, run = item
-        return source, _to_run(run)
-    return default_source, _to_run(item)
+        if len(item) not in (2, 3) or not isinstance(item[0], str):
+            raise RestDecodeError(None, "a publish item is a run, a (source, run) pair or a (source, run, job) triple")
+        job = _to_job(item[2]) if len(item) == 3 else None
+        return _svc.PublishRunsRequest(source=item[0], run=_to_run(item[1]), job=job)
+    return _svc.PublishRunsRequest(source=default_source, run=_to_run(item))
 
 
 def _values(values: Any) -> tuple[Any, ...]:
@@ -245,18 +261,22 @@ def _run_filter(
     job_run_ids: Iterable[int] | int,
     statuses: Iterable[EnumInput] | EnumInput,
     run_types: Iterable[EnumInput] | EnumInput,
+    job_ids: Iterable[int] | int = (),
 ) -> _svc.RunFilter:
     names = _values(sources)
     for name in names:
         if not isinstance(name, str):
             raise RestDecodeError("source", f"expected a string, got {name!r}")
     ids = _values(job_run_ids)
-    for number in ids:
-        if not isinstance(number, int) or isinstance(number, bool):
-            raise RestDecodeError("jobRunId", f"expected an integer, got {number!r}")
+    jobs = _values(job_ids)
+    for key, numbers in (("jobRunId", ids), ("jobId", jobs)):
+        for number in numbers:
+            if not isinstance(number, int) or isinstance(number, bool) or not -(2**63) <= number < 2**63:
+                raise RestDecodeError(key, f"expected an integer within int64, got {number!r}")
     return _svc.RunFilter(
         sources=names,
         job_run_ids=ids,
+        job_ids=jobs,
         statuses=[_pb.RunStatus.ValueType(n) for n in _enum_numbers(statuses, _STATUS_BY_REST, "status")],
         run_types=[_pb.RunType.ValueType(n) for n in _enum_numbers(run_types, _RUN_TYPE_BY_REST, "runType")],
     )
@@ -335,9 +355,9 @@ class _RequestFeed:
         self.failure: Exception | None = None
 
     def _request(self, item: PublishItem) -> _svc.PublishRunsRequest:
-        source, run = _publish_item(item, self._source)
+        request = _publish_item(item, self._source)
         self.sent += 1
-        return _svc.PublishRunsRequest(source=source, run=run)
+        return request
 
     def requests(self) -> Iterator[_svc.PublishRunsRequest]:
         """The requests, for the blocking client."""
@@ -885,16 +905,19 @@ class _ClientBase(Generic[_Watch, _Pages]):
         job_run_ids: Iterable[int] | int = (),
         statuses: Iterable[EnumInput] | EnumInput = (),
         run_types: Iterable[EnumInput] | EnumInput = (),
+        job_ids: Iterable[int] | int = (),
         page_size: int = 100,
     ) -> _Pages:
         """The latest update of every matching run, ordered by (source, jobRunId).
 
         Within one filter the values are alternatives; filters combine with
-        AND; an empty one matches everything. Pages of ``page_size`` are
+        AND; an empty one matches everything. ``job_ids`` keeps runs whose job
+        (``RunUpdate.job.job_id``, REST ``jobId``) is one of them; a run
+        published without a job id matches none. Pages of ``page_size`` are
         fetched as the iteration needs them (the asyncio client returns an
         async iterator).
         """
-        return self._pages(_run_filter(sources, job_run_ids, statuses, run_types), page_size)
+        return self._pages(_run_filter(sources, job_run_ids, statuses, run_types, job_ids), page_size)
 
     def watch(
         self,
@@ -903,6 +926,7 @@ class _ClientBase(Generic[_Watch, _Pages]):
         job_run_ids: Iterable[int] | int = (),
         statuses: Iterable[EnumInput] | EnumInput = (),
         run_types: Iterable[EnumInput] | EnumInput = (),
+        job_ids: Iterable[int] | int = (),
         start_revision: int = 0,
         include_snapshot: bool = False,
         progress_interval_ms: int = 0,
@@ -910,7 +934,7 @@ class _ClientBase(Generic[_Watch, _Pages]):
     ) -> _Watch:
         """Watch matching updates; resume by itself after disconnects.
 
-        ``start_revision`` is the first revision to deliver, inclusive (0:
+        The filters are those of :meth:`list`. ``start_revision`` is the first revision to deliver, inclusive (0:
         from now). ``include_snapshot`` delivers the latest state of every
         matching run first, then a ``snapshot_complete`` event. Every update
         is delivered once, in revision order, across reconnects; a start
@@ -927,7 +951,7 @@ class _ClientBase(Generic[_Watch, _Pages]):
         The blocking client returns a :class:`RunWatch` to iterate, the
         asyncio client an :class:`AsyncRunWatch` to ``async for``.
         """
-        flt = _run_filter(sources, job_run_ids, statuses, run_types)
+        flt = _run_filter(sources, job_run_ids, statuses, run_types, job_ids)
         policy = reconnect or self._reconnect
         return self._open_watch(_WatchCursor(flt, start_revision, include_snapshot, progress_interval_ms, policy))
 
@@ -969,15 +993,20 @@ class RunUpdateClient(_ClientBase[RunWatch, Iterator[_svc.RunUpdate]]):
         except grpc.RpcError as exc:
             raise _service_error(exc, publish=publish) from exc
 
-    def publish(self, run: RunInput, *, source: str = "") -> PublishResult:
-        """Publish one update of a run; raise :class:`RunRejected` when it is refused."""
-        return _published(self._unary(self._stub.PublishRun, _publish_request(run, source), publish=True))
+    def publish(self, run: RunInput, *, source: str = "", job: JobInput = None) -> PublishResult:
+        """Publish one update of a run; raise :class:`RunRejected` when it is refused.
+
+        ``job`` is the protection job the run belongs to; without one the run
+        keeps the job it was published with before.
+        """
+        request = _publish_request(run, source, job)
+        return _published(self._unary(self._stub.PublishRun, request, publish=True))
 
     def publish_many(self, runs: Iterable[PublishItem], *, source: str = "") -> Iterator[PublishResult | ServiceError]:
         """Publish many updates over one stream; yield one result per item, in order.
 
-        An item is a run (published under ``source``) or a ``(source, run)``
-        pair. A refused item yields its :class:`RunRejected` error instead of
+        An item is a run (published under ``source``), a ``(source, run)``
+        pair or a ``(source, run, job)`` triple. A refused item yields its :class:`RunRejected` error instead of
         a result, and the stream goes on. An item that is not a valid run (a
         bad REST dict) ends the stream: the items before it are acknowledged
         first, then its :class:`~shellinfo_grpc.errors.RestDecodeError` is
@@ -1045,9 +1074,10 @@ class AsyncRunUpdateClient(_ClientBase[AsyncRunWatch, AsyncIterator[_svc.RunUpda
         except grpc.RpcError as exc:
             raise _service_error(exc, publish=publish) from exc
 
-    async def publish(self, run: RunInput, *, source: str = "") -> PublishResult:
-        """Publish one update of a run; raise :class:`RunRejected` when it is refused."""
-        return _published(await self._unary(self._stub.PublishRun, _publish_request(run, source), publish=True))
+    async def publish(self, run: RunInput, *, source: str = "", job: JobInput = None) -> PublishResult:
+        """As :meth:`RunUpdateClient.publish`."""
+        request = _publish_request(run, source, job)
+        return _published(await self._unary(self._stub.PublishRun, request, publish=True))
 
     async def publish_many(
         self, runs: Iterable[PublishItem] | AsyncIterable[PublishItem], *, source: str = ""

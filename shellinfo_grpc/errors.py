@@ -17,6 +17,10 @@ from shellinfo_grpc._status import (
 )
 
 __all__ = [
+    "ClusterAuthError",
+    "ClusterError",
+    "ClusterProtocolError",
+    "ClusterUnavailable",
     "ConfigurationError",
     "FramingError",
     "HistoryExpired",
@@ -138,3 +142,36 @@ class StoreUnavailable(ServiceError):
 
 class ConfigurationError(ShellInfoError, ValueError):
     """A setting that cannot work: an unknown store URL, a missing TLS file, ..."""
+
+
+# --- a Cohesity cluster's REST API (the bridge) ---------------------------------------
+
+
+class ClusterError(ShellInfoError):
+    """A request to a cluster failed. ``cluster`` is its base URL; ``status`` the HTTP status, if any."""
+
+    def __init__(self, cluster: str, message: str, status: int | None = None) -> None:
+        self.cluster = cluster
+        self.status = status
+        self.message = message
+        super().__init__(f"{cluster}: {message}")
+
+
+class ClusterAuthError(ClusterError):
+    """The cluster refused the credentials (login failed, or a 401 persisted after a new login)."""
+
+
+class ClusterUnavailable(ClusterError):
+    """The cluster kept answering 429 or 5xx, or timing out, through every retry.
+
+    ``retry_after`` is the wait in seconds the cluster last asked for (its
+    ``Retry-After``), or ``None``.
+    """
+
+    def __init__(self, cluster: str, message: str, status: int | None = None, retry_after: float | None = None) -> None:
+        super().__init__(cluster, message, status)
+        self.retry_after = retry_after
+
+
+class ClusterProtocolError(ClusterError):
+    """The cluster answered something that is not what the API describes (not JSON, wrong shape, 4xx)."""

@@ -15,14 +15,14 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Final
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from shellinfo_grpc.errors import ConfigurationError
+from shellinfo_grpc.errors import ConfigurationError, RunRejected
 
 __all__ = ["BridgeMetrics", "ServiceMetrics", "parse_metrics_address", "serve_metrics"]
 
@@ -125,13 +125,15 @@ class BridgeMetrics:
 
 
 class ServiceMetrics:
-    """The service's metrics, for ``shellinfo serve --metrics-address`` (wired by the server).
+    """The service's metrics, for ``shellinfo serve --metrics-address`` (give it as ``ServerConfig.metrics``).
 
-    * ``shellinfo_service_publishes_total{outcome}``: ``changed``,
-      ``unchanged``, ``refused``, ``error``;
+    * ``shellinfo_service_publishes_total{outcome}``: updates published, by
+      outcome: ``changed``, ``unchanged``, ``refused`` (a rule or the size
+      limit), ``error`` (the store could not be reached);
     * ``shellinfo_service_watchers``: open watches;
     * ``shellinfo_service_head_revision``: the newest revision;
-    * ``shellinfo_service_store_commit_seconds``: store commit latency.
+    * ``shellinfo_service_store_commit_seconds``: how long the store took to
+      apply and make durable one batch of publishes.
     """
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
@@ -146,6 +148,32 @@ class ServiceMetrics:
             buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5),
             registry=r,
         )
+
+    def follow(self, head_revision: Callable[[], int], watchers: Callable[[], int]) -> None:
+        """Read the head revision and the number of watches from these functions whenever scraped."""
+        self.head_revision.set_function(lambda: float(head_revision()))
+        self.watchers.set_function(lambda: float(watchers()))
+
+    def committed(self, outcomes: Sequence[object], seconds: float) -> None:
+        """Count the outcomes of one store batch (changed, unchanged or refused) and time its commit."""
+        self.commit_seconds.observe(seconds)
+        counts = {"changed": 0, "unchanged": 0, "refused": 0}
+        for outcome in outcomes:
+            if isinstance(outcome, RunRejected):
+                counts["refused"] += 1
+            else:
+                counts["changed" if getattr(outcome, "changed", False) else "unchanged"] += 1
+        for outcome_name, count in counts.items():
+            if count:
+                self.publishes.labels(outcome_name).inc(count)
+
+    def refused(self, count: int = 1) -> None:
+        """Count publishes refused before they reached the store (too large)."""
+        self.publishes.labels("refused").inc(count)
+
+    def failed(self, count: int) -> None:
+        """Count publishes that failed because the store could not be reached."""
+        self.publishes.labels("error").inc(count)
 
 
 def parse_metrics_address(address: str) -> tuple[str, int]:

@@ -307,7 +307,8 @@ def compile_filter(flt: _svc.RunFilter | None) -> Callable[[_svc.RunUpdate], boo
     """Turn a ``RunFilter`` into a predicate over ``RunUpdate`` messages.
 
     Within one list the values are alternatives; the lists combine with AND;
-    an empty list matches everything.
+    an empty list matches everything. ``job_ids`` is checked against
+    ``update.job.job_id``: a run published without a job id matches none.
     """
     if flt is None:
         return lambda update: True
@@ -315,6 +316,7 @@ def compile_filter(flt: _svc.RunFilter | None) -> Callable[[_svc.RunUpdate], boo
     ids = frozenset(flt.job_run_ids)
     statuses = frozenset(flt.statuses)
     run_types = frozenset(flt.run_types)
+    job_ids = frozenset(flt.job_ids)
     tests: list[Callable[[_svc.RunUpdate], bool]] = []
     if sources:
         tests.append(lambda u: u.source in sources)
@@ -324,6 +326,9 @@ def compile_filter(flt: _svc.RunFilter | None) -> Callable[[_svc.RunUpdate], boo
         tests.append(lambda u: u.run.HasField("status") and u.run.status in statuses)
     if run_types:
         tests.append(lambda u: u.run.HasField("run_type") and u.run.run_type in run_types)
+    if job_ids:
+        # A run without a job id (no job, or a job without jobId) matches none.
+        tests.append(lambda u: u.job.HasField("job_id") and u.job.job_id in job_ids)
     if not tests:
         return lambda update: True
     if len(tests) == 1:

@@ -27,10 +27,11 @@ import hmac
 import json
 import logging
 import signal
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Final, NoReturn
+from typing import TYPE_CHECKING, Any, Final, NoReturn
 
 import grpc
 from google.protobuf import message_factory
@@ -55,7 +56,10 @@ from shellinfo_grpc._status import (
     status_proto,
 )
 from shellinfo_grpc.errors import ConfigurationError, RunRejected, ServiceError, StoreUnavailable
-from shellinfo_grpc.stores import Store
+from shellinfo_grpc.stores import Item, Store
+
+if TYPE_CHECKING:
+    from shellinfo_grpc.metrics import ServiceMetrics
 
 __all__ = [
     "SERVICE_NAME",
@@ -130,6 +134,8 @@ class ServerConfig:
     max_send_bytes: int = 16 << 20
     max_run_bytes: int = 1 << 20
     extra_options: tuple[tuple[str, Any], ...] = field(default_factory=tuple)
+    #: Where to count publishes, watchers, the head revision and commit times (``--metrics-address``).
+    metrics: ServiceMetrics | None = None
 
     def grpc_options(self) -> list[tuple[str, Any]]:
         """Channel options set on purpose: message sizes and keepalive policy."""
@@ -220,22 +226,31 @@ class RunUpdateServicer(_svc_grpc.RunUpdateServiceServicer):
             max_batch_updates=config.max_batch_updates,
             max_batch_bytes=config.max_batch_bytes,
         )
+        if config.metrics is not None:
+            config.metrics.follow(store.head_revision, lambda: len(self._hub.watchers))
 
     def close_watchers(self) -> None:
         """End every watch with UNAVAILABLE (shutdown), and refuse new ones."""
         self._hub.close()
 
-    async def _publish(
-        self, items: Sequence[tuple[str, _pb.ProtectionShellInfo]], context: grpc.aio.ServicerContext[Any, Any]
-    ) -> list[Any]:
+    async def _publish(self, items: Sequence[Item], context: grpc.aio.ServicerContext[Any, Any]) -> list[Any]:
+        metrics = self._config.metrics
+        started = time.perf_counter()
         try:
-            return await self._store.publish_batch(items)
+            outcomes = await self._store.publish_batch(items)
         except StoreUnavailable as exc:
+            if metrics is not None:
+                metrics.failed(len(items))
             await _abort(context, error_status(exc))
+        if metrics is not None:
+            metrics.committed(outcomes, time.perf_counter() - started)
+        return outcomes
 
     def _check_size(self, run: _pb.ProtectionShellInfo) -> None:
         size = run.ByteSize()
         if size > self._config.max_run_bytes:
+            if self._config.metrics is not None:
+                self._config.metrics.refused()
             raise RunRejected(
                 "INVALID_ARGUMENT",
                 REASON_RUN_TOO_LARGE,
@@ -252,7 +267,8 @@ class RunUpdateServicer(_svc_grpc.RunUpdateServiceServicer):
             self._check_size(run)
         except RunRejected as exc:
             await _abort(context, error_status(exc))
-        (outcome,) = await self._publish([(request.source, run)], context)
+        job = request.job if request.HasField("job") else None
+        (outcome,) = await self._publish([(request.source, run, job)], context)
         if isinstance(outcome, RunRejected):
             await _abort(context, error_status(outcome))
         return _svc.PublishRunResponse(revision=outcome.update.revision, changed=outcome.changed)
@@ -306,7 +322,7 @@ class RunUpdateServicer(_svc_grpc.RunUpdateServiceServicer):
                 if not requests:
                     continue
                 acks: list[_svc.PublishRunsResponse | None] = [None] * len(requests)
-                items: list[tuple[str, _pb.ProtectionShellInfo]] = []
+                items: list[Item] = []
                 positions: list[int] = []
                 for i, req in enumerate(requests):
                     run = req.run
@@ -315,7 +331,7 @@ class RunUpdateServicer(_svc_grpc.RunUpdateServiceServicer):
                     except RunRejected as exc:
                         acks[i] = _svc.PublishRunsResponse(index=index + i, error=publish_error(exc))
                         continue
-                    items.append((req.source, run))
+                    items.append((req.source, run, req.job if req.HasField("job") else None))
                     positions.append(i)
                 outcomes = await self._publish(items, context) if items else []
                 for i, outcome in zip(positions, outcomes, strict=True):

@@ -2,7 +2,7 @@
 
 ``FakeCluster`` is a real HTTP server on a loopback address that answers the
 parts of the cluster REST API v1 that a poller of protection runs uses, the way
-a cluster answers them (see ``docs/bridge.md``):
+a cluster answers them (see "Bridge a cluster" in the README):
 
 * ``POST /irisservices/api/v1/public/accessTokens`` with JSON ``username``,
   ``password`` and ``domain`` (``LOCAL`` when absent) answers ``accessToken``,
@@ -431,6 +431,12 @@ class FakeCluster:
         """The run's ``protectionShellInfo`` as the fake would answer it now (None before it is queued)."""
         with self._lock:
             return self._runs[job_run_id].shell_info(self._now_usecs)
+
+    def job_of(self, job_run_id: int) -> dict[str, Any]:
+        """The job keys (``jobId``, ``jobName``, ``jobUid``) the fake answers beside the run now."""
+        with self._lock:
+            job = self._jobs[self._runs[job_run_id].job_id]
+            return {"jobId": job.job_id, "jobName": job.name, "jobUid": self._uid(job.job_id)}
 
     # --- faults ---------------------------------------------------------------------
 

@@ -12,11 +12,9 @@ at the polls.
 The fake cluster's clock only moves when a test advances it, and the bridge's
 windows are computed from that clock, so what each poll sees is known.
 
-TODO(job wiring): once the server and stores carry ``RunUpdate.job``, assert
-here that every update arrives with its job (``job_id``, ``job_name``,
-``job_uid``) equal to the fake's, and that a watch filtered by ``job_ids`` sees
-only that job's runs. The bridge already sends the job on every request
-(checked below on the requests themselves).
+Each state compared carries the run's job too (``"job"``: its ``jobId``,
+``jobName`` and ``jobUid`` as REST), so every test also checks that each update
+reaches the watcher with the job the cluster showed beside the run.
 """
 
 from __future__ import annotations
@@ -38,11 +36,11 @@ from hypothesis import strategies as st
 
 from shellinfo_grpc import REST_KEYS, RestDecodeError, to_rest
 from shellinfo_grpc._cluster_api import Credentials, RetryPolicy
-from shellinfo_grpc.bridge import Bridge, ClusterConfig, RunChange, ServiceConfig
+from shellinfo_grpc.bridge import Bridge, ClusterConfig, ServiceConfig
 from shellinfo_grpc.client import AsyncRunUpdateClient
 from shellinfo_grpc.errors import ConfigurationError
 from shellinfo_grpc.metrics import BridgeMetrics
-from shellinfo_grpc.run_instance import from_run_instance, job_from_rest, job_to_rest
+from shellinfo_grpc.run_instance import job_from_rest, job_to_rest
 from shellinfo_grpc.server import RunningServer, create_server
 
 # The one import of a store: the layout change moves it (stores/).
@@ -99,7 +97,10 @@ async def history(port: int) -> dict[tuple[str, int], list[dict[str, Any]]]:
                 if event.update is not None:
                     update = event.update
                     revisions.append(update.revision)
-                    runs.setdefault((update.source, update.run.job_run_id), []).append(to_rest(update.run))
+                    state = to_rest(update.run)
+                    if update.HasField("job"):
+                        state["job"] = job_to_rest(update.job)
+                    runs.setdefault((update.source, update.run.job_run_id), []).append(state)
                 if event.revision >= head:
                     break
     assert revisions == sorted(revisions), "a watcher sees revisions in order"
@@ -124,6 +125,7 @@ class Observer:
             state = self.cluster.shell_info(run_id)
             if state is None:
                 continue
+            state["job"] = self.cluster.job_of(run_id)
             seen = self.expected.setdefault((self.source, run_id), [])
             if not seen or seen[-1] != state:
                 seen.append(state)
@@ -225,21 +227,35 @@ async def test_only_changed_runs_are_published_and_a_restarted_bridge_changes_no
         assert await history(running.port) == before  # re-read, re-published, no new revision
 
 
-def test_each_request_carries_the_run_and_its_job() -> None:
-    element = {
-        "jobId": 7,
-        "jobName": "vm-daily",
-        "jobUid": {"clusterId": 1, "clusterIncarnationId": 2, "id": 7},
-        "protectionShellInfo": {"jobRunId": 9, "status": "kRunning"},
-        "backupRun": {"ignored": True},
-    }
-    run, job = from_run_instance(element)
-    request = RunChange("c1", run, job).request()
-    assert request.HasField("job")
-    assert job_to_rest(request.job) == {k: element[k] for k in ("jobId", "jobName", "jobUid")}
-    assert request.source == "c1"
-    assert request.run.job_run_id == 9
-    assert not RunChange("c1", run, None).request().HasField("job")
+@aio_test
+async def test_a_watch_by_job_sees_only_that_jobs_runs_each_with_its_job() -> None:
+    async with service() as running, FakeCluster(start_time=START) as cluster:
+        daily, hourly = cluster.add_job("vm-daily"), cluster.add_job("db-hourly")
+        daily_runs = {cluster.add_run(daily, start=START - 60 * i) for i in range(3)}
+        cluster.add_run(hourly, start=START - 30)
+        target = ServiceConfig(f"127.0.0.1:{running.port}")
+        async with AsyncRunUpdateClient(target.address) as client:
+            watch = client.watch(job_ids=[daily], start_revision=1)
+            async with Bridge([config(cluster)], target, clock=cluster.time) as bridge:
+                assert (await bridge.run_once()).ok
+                cluster.rename_job(daily, "vm-daily (renamed)")
+                assert (await bridge.run_once()).ok  # the same runs, now with the new name: one change each
+            seen: list[tuple[int, str]] = []
+            async with watch:
+                async for event in watch:
+                    if event.update is not None:
+                        assert event.update.job.job_id == daily
+                        shown = job_to_rest(event.update.job)
+                        assert shown["jobUid"] == cluster.job_of(event.update.run.job_run_id)["jobUid"]
+                        seen.append((event.update.run.job_run_id, event.update.job.job_name))
+                    if len(seen) == 2 * len(daily_runs):
+                        break
+            listed = [u async for u in client.list(job_ids=daily)]
+        assert sorted(seen) == sorted(
+            [(run, "vm-daily") for run in daily_runs] + [(run, "vm-daily (renamed)") for run in daily_runs]
+        )
+        assert {u.run.job_run_id for u in listed} == daily_runs
+        assert {u.job.job_name for u in listed} == {"vm-daily (renamed)"}
 
 
 # --- authentication -----------------------------------------------------------------------------
@@ -658,9 +674,11 @@ def test_a_run_with_odd_values_never_fails_the_poll_nor_holds_up_the_others(key:
             published = await history(running.port)
             assert [s["status"] for s in published[("c1", good)]] == ["kAccepted", "kRunning"]
             odd_state = cluster.shell_info(odd)
+            assert odd_state is not None
             if ("c1", odd) in published:  # accepted by from_rest: published as the cluster sent it
                 # (a known key's null means unset; an unknown key's null is kept)
                 expected = {k: v for k, v in odd_state.items() if v is not None or k not in REST_KEYS}
+                expected["job"] = cluster.job_of(odd)
                 assert published[("c1", odd)][-1] == expected
             else:  # refused by from_rest, or by the service (an end before the start, say): skipped
                 assert key != "brandNew"

@@ -1,6 +1,6 @@
-"""``shellinfo bridge`` and ``shellinfo fake-cluster`` (shellinfo_grpc._bridge_cli), before they are plugged
-into the ``shellinfo`` command line: the config file, the flags, ``--once`` end to end against a FakeCluster
-and the real service, and ``fake-cluster`` as a process.
+"""``shellinfo bridge`` and ``shellinfo fake-cluster`` (shellinfo_grpc.cli.bridge): the config file, the
+flags, ``--once`` end to end against a FakeCluster and the real service, and both commands as processes of
+the ``shellinfo`` command line.
 """
 
 from __future__ import annotations
@@ -24,7 +24,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from shellinfo_grpc import _bridge_cli
+from shellinfo_grpc.cli import bridge as bridge_cli
+from shellinfo_grpc.cli import build_parser
 from shellinfo_grpc.client import AsyncRunUpdateClient
 from shellinfo_grpc.errors import ConfigurationError
 from shellinfo_grpc.server import create_server
@@ -37,11 +38,7 @@ pytestmark = pytest.mark.timeout(90)
 
 
 def parse(*argv: str) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="shellinfo")
-    subparsers = parser.add_subparsers()
-    _bridge_cli.add_parser(subparsers)
-    _bridge_cli.add_fake_cluster_parser(subparsers)
-    return parser.parse_args(argv)
+    return build_parser().parse_args(argv)
 
 
 def aio_test(fn: Callable[..., Awaitable[None]]) -> Callable[..., None]:
@@ -95,7 +92,7 @@ interval = 60
 num_runs = 500
 """,
     )
-    clusters, service = _bridge_cli.load_config(path)
+    clusters, service = bridge_cli.load_config(path)
     a, b = clusters
     assert (a.name, a.interval, a.lookback, a.ca_file) == ("a.example", 15.0, 48 * 3600.0, tmp_path / "ca.pem")
     assert (a.credentials.username, a.credentials.password, a.credentials.domain) == ("viewer", "pa55", "LOCAL")
@@ -105,14 +102,15 @@ num_runs = 500
 
 
 _SCALARS = st.one_of(st.text(max_size=5), st.integers(), st.booleans(), st.floats(allow_nan=False))
-_KEYS = sorted(_bridge_cli._CLUSTER_KEYS)
+_KEYS = sorted(bridge_cli._CLUSTER_KEYS)
 
 
 def _toml_value(value: Any) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, str):
-        return json.dumps(value, ensure_ascii=False)
+        # TOML basic strings take JSON's escapes, but DEL (U+007F) must be escaped too.
+        return json.dumps(value, ensure_ascii=False).replace("\x7f", "\\u007f")
     if isinstance(value, float) and value in (float("inf"), float("-inf")):
         return "inf" if value > 0 else "-inf"
     return repr(value)
@@ -121,14 +119,14 @@ def _toml_value(value: Any) -> str:
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(key=st.one_of(st.sampled_from(_KEYS), st.from_regex(r"[a-z_]{1,12}", fullmatch=True)), value=_SCALARS)
 def test_a_bad_cluster_key_or_value_names_it(tmp_path: Path, key: str, value: Any) -> None:
-    kind = _bridge_cli._CLUSTER_KEYS.get(key)
+    kind = bridge_cli._CLUSTER_KEYS.get(key)
     fits = kind is not None and (type(value) is kind or (kind is float and type(value) in (int, float)))
     if fits:
         return  # a value of the right type: other tests cover what it means
     url = "" if key == "url" else 'url = "https://a.example"\n'
     path = write_config(tmp_path, f"[[cluster]]\n{url}{key} = {_toml_value(value)}\n")
     with pytest.raises(ConfigurationError, match=re.escape(f"cluster[0].{key}")):
-        _bridge_cli.load_config(path)
+        bridge_cli.load_config(path)
 
 
 @pytest.mark.parametrize(
@@ -147,7 +145,7 @@ def test_a_bad_cluster_key_or_value_names_it(tmp_path: Path, key: str, value: An
 )
 def test_bad_config_files_say_what_and_where(tmp_path: Path, text: str, message: str) -> None:
     with pytest.raises(ConfigurationError, match=message):
-        _bridge_cli.load_config(write_config(tmp_path, text))
+        bridge_cli.load_config(write_config(tmp_path, text))
 
 
 # --- flags ----------------------------------------------------------------------------------------
@@ -176,7 +174,7 @@ def test_bad_flags_are_one_line_configuration_errors(
     monkeypatch.delenv("SHELLINFO_CLUSTER_API_KEY", raising=False)
     monkeypatch.delenv("SHELLINFO_CLUSTER_PASSWORD", raising=False)
     with pytest.raises(ConfigurationError, match=message) as error:
-        _bridge_cli.run(parse("bridge", *argv), stderr=io.StringIO())
+        bridge_cli.run(parse("bridge", *argv), stderr=io.StringIO())
     assert "\n" not in str(error.value)
 
 
@@ -199,7 +197,7 @@ async def test_once_publishes_every_run_and_says_by_its_status_whether_all_went_
                 *(str(tmp_path / "pw"), "--once", "--address", f"127.0.0.1:{running.port}"),
             )
             err = io.StringIO()
-            assert await asyncio.to_thread(_bridge_cli.run, args, stderr=err) == 0
+            assert await asyncio.to_thread(bridge_cli.run, args, stderr=err) == 0
             assert "plain HTTP" in err.getvalue()
             async with AsyncRunUpdateClient(f"127.0.0.1:{running.port}") as client:
                 assert {u.run.job_run_id async for u in client.list(sources="c1")} == runs
@@ -211,7 +209,7 @@ async def test_once_publishes_every_run_and_says_by_its_status_whether_all_went_
                 *("--address", f"127.0.0.1:{running.port}"),
             )
             err = io.StringIO()
-            assert await asyncio.to_thread(_bridge_cli.run, args, stderr=err) == 1
+            assert await asyncio.to_thread(bridge_cli.run, args, stderr=err) == 1
             assert "wrong" not in err.getvalue()
             assert all(line.startswith("shellinfo: ") for line in err.getvalue().splitlines())
     finally:
@@ -222,13 +220,8 @@ async def test_once_publishes_every_run_and_says_by_its_status_whether_all_went_
 
 
 def test_fake_cluster_command_serves_until_sigterm() -> None:
-    code = (
-        "import argparse, sys; from shellinfo_grpc import _bridge_cli as b; p = argparse.ArgumentParser();"
-        " s = p.add_subparsers(); b.add_fake_cluster_parser(s); a = p.parse_args(sys.argv[1:]);"
-        " sys.exit(b.run_fake_cluster(a))"
-    )
     proc = subprocess.Popen(
-        [sys.executable, "-c", code, "fake-cluster", "--address", "127.0.0.1:0"],
+        [sys.executable, "-m", "shellinfo_grpc.cli", "fake-cluster", "--address", "127.0.0.1:0"],
         stderr=subprocess.PIPE,
         text=True,
         env={**os.environ, "PYTHONWARNINGS": "error"},
@@ -257,11 +250,6 @@ def test_fake_cluster_command_serves_until_sigterm() -> None:
 
 # --- a running bridge and SIGTERM -----------------------------------------------------------------------
 
-_BRIDGE = (
-    "import argparse, sys; from shellinfo_grpc import _bridge_cli as b; p = argparse.ArgumentParser();"
-    " s = p.add_subparsers(); b.add_parser(s); a = p.parse_args(sys.argv[1:]); sys.exit(b.run(a))"
-)
-
 
 @aio_test
 async def test_a_running_bridge_publishes_as_runs_change_and_exits_0_on_sigterm(tmp_path: Path) -> None:
@@ -271,14 +259,15 @@ async def test_a_running_bridge_publishes_as_runs_change_and_exits_0_on_sigterm(
             run = cluster.add_run(cluster.add_job("vm"), timeline=[("kRunning", 0)])
             proc = await asyncio.create_subprocess_exec(
                 sys.executable,
-                *("-c", _BRIDGE, "bridge", "--cluster", cluster.url, "--source", "c1", "--username", "admin"),
+                *("-m", "shellinfo_grpc.cli", "bridge", "--cluster", cluster.url, "--source", "c1"),
+                *("--username", "admin"),
                 *("--interval", "0.1", "--address", f"127.0.0.1:{running.port}", "--log-level", "warning"),
                 stderr=asyncio.subprocess.PIPE,
                 env={**os.environ, "SHELLINFO_CLUSTER_PASSWORD": "admin"},
             )
             try:
                 assert proc.stderr is not None
-                lines = []
+                lines: list[str] = []
                 while not lines or "bridging" not in lines[-1]:
                     lines.append((await proc.stderr.readline()).decode())
                     assert lines[-1], lines

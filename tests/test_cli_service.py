@@ -32,6 +32,7 @@ import sys
 import termios
 import threading
 import time
+import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -326,15 +327,17 @@ def test_publish_get_list_and_watch_end_to_end(serve: ServeFactory, tmp_path: Pa
     assert result.returncode == 0, result.stderr
     rows = result.stdout.decode().splitlines()
     assert (
-        rows[0] == "REVISION  SOURCE  JOB RUN ID  RUN TYPE  STATUS    START                 END                   ERROR"
+        rows[0]
+        == "REVISION  SOURCE  JOB  JOB RUN ID  RUN TYPE  STATUS    START                 END                   ERROR"
     )
     assert rows[1:] == [
-        "       1  a                7  kFull     kRunning  2023-11-14T22:13:20Z  -",
-        "       6  a                8  -         kRunning  -                     -",
-        "       3  a                9  -         -         -                     -",
-        "       5  b                1  -         kFailure  -                     -                     disk full — ü",
-        "       4  b                7  kRegular  kSuccess  2023-11-14T22:13:20Z  2023-11-14T22:19:20Z",
-        "       7  c               10  -         kOnHold   -                     -",
+        "       1  a       -             7  kFull     kRunning  2023-11-14T22:13:20Z  -",
+        "       6  a       -             8  -         kRunning  -                     -",
+        "       3  a       -             9  -         -         -                     -",
+        "       5  b       -             1  -         kFailure  -                     - "
+        "                    disk full — ü",
+        "       4  b       -             7  kRegular  kSuccess  2023-11-14T22:13:20Z  2023-11-14T22:19:20Z",
+        "       7  c       -            10  -         kOnHold   -                     -",
     ]
 
     # watch: the history from revision 1, as JSON lines, then exit after --count updates.
@@ -359,9 +362,12 @@ def test_publish_get_list_and_watch_end_to_end(serve: ServeFactory, tmp_path: Pa
     result = cli("watch", *at, "--from-revision", "4", "--count", "2")
     assert result.returncode == 0, result.stderr
     assert result.stdout.decode().splitlines() == [
-        "REVISION  SOURCE        JOB RUN ID  RUN TYPE  STATUS       START                 END                   ERROR",
-        "       4  b                      7  kRegular  kSuccess     2023-11-14T22:13:20Z  2023-11-14T22:19:20Z",
-        "       5  b                      1  -         kFailure     -                     -                     disk"
+        "REVISION  SOURCE        JOB           JOB RUN ID  RUN TYPE  STATUS       START "
+        "                END                   ERROR",
+        "       4  b             -                      7  kRegular  kSuccess     2023-1"
+        "1-14T22:13:20Z  2023-11-14T22:19:20Z",
+        "       5  b             -                      1  -         kFailure     -     "
+        "                -                     disk"
         " full — ü",
     ]
 
@@ -375,6 +381,63 @@ def test_publish_get_list_and_watch_end_to_end(serve: ServeFactory, tmp_path: Pa
         live = json.loads(out.wait(3)[2])
         assert (live["revision"], live["source"], live["run"]) == (8, "c", {"jobRunId": 10, "status": "kSuccess"})
         assert err.text() == ""
+
+
+def test_jobs_publish_from_run_instances_and_show_in_list_and_watch(serve: ServeFactory) -> None:
+    """publish takes ProtectionRunInstance objects (run and job); list and watch show the job and filter by it."""
+    server = serve()
+    at = ("--address", server.address)
+    job = {"jobId": 7, "jobName": "vm-daily", "jobUid": {"clusterId": 1, "clusterIncarnationId": 2, "id": 7}}
+    instance = {**job, "protectionShellInfo": {"jobRunId": 1, "status": "kRunning"}, "backupRun": {"x": 1}}
+    bare = {"jobRunId": 2, "status": "kRunning"}
+    result = cli("publish", *at, "--source", "c1", stdin=json.dumps([instance, bare]).encode())
+    assert result.returncode == 0, result.stderr
+    # Later a bare run of job 7 again: it keeps its job.
+    result = cli("publish", *at, "--source", "c1", '{"jobRunId": 1, "status": "kSuccess"}')
+    assert result.returncode == 0, result.stderr
+
+    result = cli("list", *at, "--format", "jsonl", "--job-id", "7")
+    (only,) = [json.loads(text) for text in result.stdout.decode().splitlines()]
+    assert (only["revision"], only["run"], only["job"]) == (3, {"jobRunId": 1, "status": "kSuccess"}, job)
+    result = cli("list", *at, "--format", "jsonl")
+    assert ["job" in json.loads(text) for text in result.stdout.decode().splitlines()] == [True, False]
+    rows = cli("list", *at).stdout.decode().splitlines()
+    assert rows[0].split()[:4] == ["REVISION", "SOURCE", "JOB", "JOB"]
+    assert [row.split()[:4] for row in rows[1:]] == [["3", "c1", "vm-daily", "1"], ["2", "c1", "-", "2"]]
+
+    result = cli("watch", *at, "--format", "jsonl", "--from-revision", "1", "--count", "2", "--job-id", "7")
+    assert result.returncode == 0, result.stderr
+    watched = [json.loads(text) for text in result.stdout.decode().splitlines()]
+    assert [(w["revision"], w["job"]) for w in watched] == [(1, job), (3, job)]
+    result = cli("watch", *at, "--from-revision", "1", "--count", "1", "--job-id", "7")
+    assert "vm-daily" in result.stdout.decode().splitlines()[1]
+
+    # A bad job key is named, and nothing is published; a bad --job-id is a usage error.
+    bad = {"jobId": "seven", "protectionShellInfo": {"jobRunId": 5}}
+    result = cli("publish", *at, json.dumps(bad))
+    assert result.returncode == 2
+    assert "jobId" in result.stderr.decode()
+    assert cli("list", *at, "--job-id", "seven").returncode == 2
+    assert len(history(server.address, 3)) == 3
+
+
+def test_serve_metrics_address_serves_prometheus_metrics(serve: ServeFactory) -> None:
+    server = serve(args=("--metrics-address", "127.0.0.1:0"))
+    found = re.search(r"metrics on (http://127\.0\.0\.1:\d+/metrics)", server.err.wait(2)[1])
+    assert found, server.err.lines
+    at = ("--address", server.address)
+    assert cli("publish", *at, '{"jobRunId": 1, "status": "kSuccess"}').returncode == 0
+    assert cli("publish", *at, '{"jobRunId": 1, "status": "kRunning"}').returncode == 1
+    with urllib.request.urlopen(found[1], timeout=WAIT) as answer:  # loopback
+        text = answer.read().decode()
+    assert 'shellinfo_service_publishes_total{outcome="changed"} 1.0' in text
+    assert 'shellinfo_service_publishes_total{outcome="refused"} 1.0' in text
+    assert "shellinfo_service_head_revision 1.0" in text
+    assert "shellinfo_service_watchers 0.0" in text
+    assert "shellinfo_service_store_commit_seconds_count 2.0" in text
+    result = cli("serve", "--address", "127.0.0.1:0", "--metrics-address", "nowhere", "--store", "memory://")
+    assert result.returncode == 2
+    assert "--metrics-address" in one_line(result)
 
 
 def test_three_terminals(serve: ServeFactory) -> None:
@@ -441,12 +504,12 @@ def test_live_table_on_a_terminal(serve: ServeFactory) -> None:
     last = text.rpartition("\x1b[H")[2].replace("\x1b[K", "").replace("\x1b[J", "")
     lines = [row.rstrip() for row in last.replace("\r", "").split("\n") if row.strip() and "\x1b" not in row]
     assert lines[0] == f"shellinfo watch {server.address}  revision 4  3 runs  4 updates  [1 more not shown]"
-    assert lines[1].startswith("REVISION  SOURCE  JOB RUN ID  RUN TYPE  STATUS")
+    assert lines[1].startswith("REVISION  SOURCE  JOB  JOB RUN ID  RUN TYPE  STATUS")
     # Five lines: the status line, the header, two rows (the latest first; run 1 once, in its final
     # state) and the line the cursor rests on.
-    assert [row.split()[:5] for row in lines[2:]] == [
-        ["4", "a", "1", "-", "kSuccess"],
-        ["3", "a", "3", "-", "kRunning"],
+    assert [row.split()[:6] for row in lines[2:]] == [
+        ["4", "a", "-", "1", "-", "kSuccess"],
+        ["3", "a", "-", "3", "-", "kRunning"],
     ]
 
 

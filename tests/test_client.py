@@ -21,6 +21,7 @@ import pytest
 from certs import make_pki
 
 from shellinfo_grpc import ProtectionShellInfo, RestDecodeError, RunStatus, from_rest, to_rest
+from shellinfo_grpc._gen.shellinfo.v1.protection_job_pb2 import ProtectionJob
 from shellinfo_grpc.client import (
     AsyncRunUpdateClient,
     PublishResult,
@@ -30,6 +31,7 @@ from shellinfo_grpc.client import (
     WatchEvent,
 )
 from shellinfo_grpc.errors import ConfigurationError, HistoryExpired, RunRejected, ServiceError
+from shellinfo_grpc.run_instance import job_to_rest
 from shellinfo_grpc.server import RunningServer, ServerConfig, TlsConfig, create_server
 from shellinfo_grpc.stores import Retention, Store
 from shellinfo_grpc.stores.memory import MemoryStore
@@ -330,6 +332,72 @@ def test_invalid_list_and_watch_arguments_are_service_errors(client: RunUpdateCl
     with client.watch(start_revision=3, include_snapshot=True) as watch, pytest.raises(ServiceError) as info:
         next(watch)
     assert (info.value.code, info.value.field) == ("INVALID_ARGUMENT", "include_snapshot")
+
+
+# --- jobs ---------------------------------------------------------------------------------------
+
+
+DAILY = {"jobId": 7, "jobName": "vm-daily", "jobUid": {"clusterId": 1, "clusterIncarnationId": 2, "id": 7}}
+
+
+def test_publish_carries_the_job_and_keeps_it_when_a_publish_has_none(client: RunUpdateClient) -> None:
+    assert client.publish(run(1), source="c1", job=DAILY) == PublishResult(1, True)
+    assert job_to_rest(client.get(1, source="c1").job) == DAILY
+    # The same run without a job: no change, the job stays.
+    assert client.publish(run(1), source="c1") == PublishResult(1, False)
+    assert client.publish(run(1, "kSuccess"), source="c1") == PublishResult(2, True)
+    assert job_to_rest(client.get(1, source="c1").job) == DAILY
+    # A job message, and a whole ProtectionRunInstance as the job, both work.
+    renamed = ProtectionJob(job_id=7, job_name="vm-daily (renamed)")
+    assert client.publish(run(1, "kSuccess"), source="c1", job=renamed) == PublishResult(3, True)
+    instance = {**DAILY, "protectionShellInfo": run(2), "backupRun": {}}
+    assert client.publish(run(2), source="c1", job=instance) == PublishResult(4, True)
+    assert job_to_rest(client.get(2, source="c1").job) == DAILY
+    client.publish(run(3), source="c1")
+    assert not client.get(3, source="c1").HasField("job")
+
+
+@pytest.mark.parametrize(
+    ("job", "field"),
+    [
+        ({"jobId": "seven"}, "jobId"),
+        ({"jobUid": {"clusterId": 1.5}}, "jobUid.clusterId"),
+        ({"jobName": 7}, "jobName"),
+        (["jobId", 7], "job"),
+    ],
+)
+def test_a_bad_job_is_a_rest_decode_error_naming_the_key(client: RunUpdateClient, job: Any, field: str) -> None:
+    with pytest.raises(RestDecodeError) as info:
+        client.publish(run(1), job=job)
+    assert info.value.field == field
+    with pytest.raises(RestDecodeError) as info:
+        list(client.publish_many([("a", run(1), job)]))
+    assert info.value.field == field
+
+
+def test_publish_many_takes_triples_and_list_and_watch_filter_by_job(client: RunUpdateClient) -> None:
+    hourly = {"jobId": 8, "jobName": "db-hourly"}
+    items: list[Any] = [("a", run(1), DAILY), ("a", run(2), hourly), ("b", run(1), None), ("b", run(2)), run(3)]
+    assert [r.revision for r in client.publish_many(items, source="c") if isinstance(r, PublishResult)] == [
+        1,
+        2,
+        3,
+        4,
+        5,
+    ]
+    assert [(u.source, u.run.job_run_id) for u in client.list(job_ids=7)] == [("a", 1)]
+    assert [(u.source, u.run.job_run_id) for u in client.list(job_ids=[7, 8])] == [("a", 1), ("a", 2)]
+    assert list(client.list(job_ids=[9])) == []
+    with Collector(client.watch(start_revision=1, job_ids=[8])) as watch:
+        client.publish(run(2, "kSuccess"), source="a")  # revision 6, keeps job 8
+        client.publish(run(1, "kSuccess"), source="a")  # revision 7, job 7: filtered out
+        client.publish(run(9), source="z", job={"jobId": 8})  # revision 8
+        events = watch.take(3)
+    assert revisions(events) == [2, 6, 8]
+    assert all(e.update is not None and e.update.job.job_id == 8 for e in events)
+    with pytest.raises(RestDecodeError) as info:
+        client.list(job_ids=["7"])  # type: ignore[list-item]
+    assert info.value.field == "jobId"
 
 
 def test_an_unreachable_server_is_unavailable() -> None:

@@ -12,6 +12,10 @@ Node suite in interop/node runs the same file. Here each vector goes through
 * encode: bytes parsed, ``to_rest`` compared with ``rest_out`` the same way;
 * reject: ``from_rest`` raises ``RestDecodeError`` whose ``field`` is the
   vector's REST key;
+* run_instance: ``from_run_instance`` splits the ProtectionRunInstance text
+  into run and job bytes; ``job_to_rest`` of the job bytes gives ``job_out``;
+  run_instance_reject names the key; job_filter: ``compile_filter`` with
+  ``job_ids`` on an update with that job;
 * json_value: a message carrying the text as ``ExtraRestKey.json_value`` goes
   ``to_rest`` -> ``from_rest``; a valid text must come back as its canonical
   form, an invalid one must be refused with an error of the package's
@@ -29,6 +33,10 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from shellinfo_grpc import ProtectionShellInfo, RestDecodeError, ShellInfoError, from_rest, to_rest
+from shellinfo_grpc._gen.shellinfo.v1.protection_job_pb2 import ProtectionJob
+from shellinfo_grpc._gen.shellinfo.v1.run_update_service_pb2 import RunFilter, RunUpdate
+from shellinfo_grpc.rules import compile_filter
+from shellinfo_grpc.run_instance import from_run_instance, job_from_rest, job_to_rest
 
 VECTORS = json.loads((Path(__file__).parent / "golden" / "conformance.json").read_text(encoding="utf-8"))
 
@@ -62,7 +70,8 @@ def _equal_json(a: Any, b: Any) -> bool:
 def test_the_file_is_the_documented_format() -> None:
     assert VECTORS["format"] == "shellinfo-conformance"
     assert VECTORS["version"] == 1
-    names = [case["name"] for kind in ("decode", "encode", "reject", "json_value") for case in VECTORS[kind]]
+    kinds = ("decode", "encode", "reject", "json_value", "run_instance", "run_instance_reject", "job_filter")
+    names = [case["name"] for kind in kinds for case in VECTORS[kind]]
     assert len(names) == len(set(names)), "vector names are unique"
 
 
@@ -180,6 +189,41 @@ JSON_VALUES = st.recursive(
     lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=4), inner, max_size=4),
     max_leaves=12,
 )
+
+
+# --- jobs: ProtectionRunInstance and the job_ids filter ---------------------------------------------
+
+
+@pytest.mark.parametrize("case", _cases("run_instance"))
+def test_run_instance(case: dict[str, Any]) -> None:
+    for strict in (False, True):
+        run, job = from_run_instance(json.loads(case["rest_text"]), strict=strict)
+        assert run.SerializeToString().hex() == case["hex"]
+        assert (job.SerializeToString().hex() if job is not None else None) == case["job_hex"]
+    if case["job_hex"] is None:
+        assert case["job_out"] is None
+        return
+    parsed = ProtectionJob.FromString(bytes.fromhex(case["job_hex"]))
+    written = job_to_rest(parsed)
+    assert json.dumps(written, ensure_ascii=False, separators=(",", ":")) == case["job_out"]
+
+
+@pytest.mark.parametrize("case", _cases("run_instance_reject"))
+def test_run_instance_reject(case: dict[str, Any]) -> None:
+    with pytest.raises(RestDecodeError) as info:
+        from_run_instance(json.loads(case["rest_text"]))
+    assert info.value.field == case["field"]
+
+
+@pytest.mark.parametrize("case", _cases("job_filter"))
+def test_job_filter(case: dict[str, Any]) -> None:
+    update = RunUpdate(source="c1", run=ProtectionShellInfo(job_run_id=1), revision=1)
+    if case["job"] is not None:
+        job = job_from_rest(json.loads(case["job"]))
+        assert job is not None
+        update.job.CopyFrom(job)
+    matches = compile_filter(RunFilter(job_ids=case["job_ids"]))
+    assert matches(update) is case["matches"]
 
 
 def test_reference_writer_matches_the_listed_vectors() -> None:

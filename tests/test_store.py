@@ -24,8 +24,12 @@ from typing import Any, TypeVar
 import nats
 import nats.js.errors
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from nats_fixtures import NatsNode, single_server
 
+from shellinfo_grpc import rules
+from shellinfo_grpc._gen.shellinfo.v1 import protection_job_pb2 as job_pb
 from shellinfo_grpc._gen.shellinfo.v1 import protection_shell_info_pb2 as pb
 from shellinfo_grpc._gen.shellinfo.v1 import run_update_service_pb2 as svc
 from shellinfo_grpc.errors import ConfigurationError, HistoryExpired, RunRejected, StoreUnavailable
@@ -324,6 +328,117 @@ def test_listeners_see_every_committed_update_once_in_order(make_store: MakeStor
 
 
 # -- reading -----------------------------------------------------------------------
+
+
+def job(job_id: int | None, name: str | None = None, uid: tuple[int, int, int] | None = None) -> job_pb.ProtectionJob:
+    """A ProtectionJob with the given fields set (None leaves a field unset)."""
+    out = job_pb.ProtectionJob(job_id=job_id, job_name=name)
+    if uid is not None:
+        out.job_uid.CopyFrom(job_pb.UniversalId(cluster_id=uid[0], cluster_incarnation_id=uid[1], id=uid[2]))
+    return out
+
+
+def test_job_travels_with_the_run_and_is_kept_when_a_publish_has_none(make_store: MakeStore) -> None:
+    async def body(store: Store) -> None:
+        seen: list[svc.RunUpdate] = []
+        store.add_listener(seen.extend)
+        nightly = job(12, "Nightly", (1, 2, 12))
+        first = await store.publish("a", shell(1, S.RUN_STATUS_RUNNING), nightly)
+        assert first.changed
+        assert first.update.job == nightly
+        # No job: the run keeps the one it has, and an identical run is no change.
+        same = await store.publish("a", shell(1, S.RUN_STATUS_RUNNING))
+        assert (same.changed, same.update) == (False, first.update)
+        moved = await store.publish("a", shell(1, S.RUN_STATUS_SUCCESS, end_time_usecs=5))
+        assert moved.changed
+        assert moved.update.job == nightly
+        # The same job again is no change; another job (a rename) is one, even on a final run.
+        assert not (await store.publish("a", shell(1, S.RUN_STATUS_SUCCESS, end_time_usecs=5), nightly)).changed
+        renamed = job(12, "Nightly (renamed)", (1, 2, 12))
+        rename = await store.publish("a", shell(1, S.RUN_STATUS_SUCCESS, end_time_usecs=5), renamed)
+        assert rename.changed
+        assert rename.update.job == renamed
+        # The final-status rule still looks at the status alone.
+        with pytest.raises(RunRejected, match="final"):
+            await store.publish("a", shell(1, S.RUN_STATUS_RUNNING), renamed)
+        # A run never given a job has none; a job without a job id is kept as given.
+        bare = await publish_ok(store, "a", shell(2, S.RUN_STATUS_RUNNING))
+        assert not bare.update.HasField("job")
+        named = await store.publish("a", shell(2, S.RUN_STATUS_RUNNING), job(None, "only a name"))
+        assert named.changed
+        assert named.update.job == job(None, "only a name")
+        latest = await store.get("a", 1)
+        assert latest is not None
+        assert latest.job == renamed
+        history = await all_history(store)
+        assert [u.job for u in history] == [nightly, nightly, renamed, job(None), job(None, "only a name")]
+        assert [u.HasField("job") for u in history] == [True, True, True, False, True]
+        assert seen == history
+        wire = await store.history_wire(1, store.head_revision(), 100)
+        assert [svc.RunUpdate.FromString(data) for _, data in wire] == history
+
+    with_store(make_store, body)
+
+
+_STATUSES = [S.RUN_STATUS_RUNNING, S.RUN_STATUS_SUCCESS, S.RUN_STATUS_FAILURE]
+_JOBS = st.none() | st.builds(
+    job, st.none() | st.integers(0, 2), st.none() | st.sampled_from(["a", "b"]), st.none() | st.just((1, 2, 3))
+)
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(_STATUSES), st.sampled_from(["", "x"]), _JOBS), min_size=1, max_size=8))
+def test_the_state_of_a_run_is_its_run_and_job(publishes: list[tuple[int, str, Any]]) -> None:
+    """Against a model: a change of the run or of a given job is a change; no job keeps the stored one."""
+
+    async def body() -> None:
+        store = MemoryStore()
+        await store.start()
+        current: tuple[pb.ProtectionShellInfo, job_pb.ProtectionJob | None] | None = None
+        for status, error, given_job in publishes:
+            run = shell(1, status, error=error)
+            if current is not None and rules.is_final(current[0]) and current[0].status != status:
+                with pytest.raises(RunRejected):
+                    await store.publish("a", run, given_job)
+                continue
+            kept = given_job if given_job is not None else (current[1] if current is not None else None)
+            expected_change = current is None or current[0] != run or current[1] != kept
+            outcome = await store.publish("a", run, given_job)
+            assert outcome.changed is expected_change
+            assert outcome.update.run == run
+            assert (outcome.update.job if outcome.update.HasField("job") else None) == kept
+            current = (run, kept)
+
+    asyncio.run(body())
+
+
+def test_job_ids_filter_matches_the_job_of_each_run(make_store: MakeStore) -> None:
+    async def body(store: Store) -> None:
+        await store.publish_batch(
+            [
+                ("a", shell(1, S.RUN_STATUS_RUNNING), job(7, "seven")),
+                ("a", shell(2, S.RUN_STATUS_RUNNING), job(8, "eight")),
+                ("b", shell(1, S.RUN_STATUS_RUNNING), job(7, "seven")),
+                ("b", shell(2, S.RUN_STATUS_RUNNING), None),
+                ("b", shell(3, S.RUN_STATUS_RUNNING), job(None, "no id")),
+                ("c", shell(1, S.RUN_STATUS_RUNNING)),
+            ]
+        )
+        for ids, expected in (
+            ([7], [("a", 1), ("b", 1)]),
+            ([7, 8, 0], [("a", 1), ("a", 2), ("b", 1)]),
+            ([9], []),
+        ):
+            flt = svc.RunFilter(job_ids=ids)
+            listed = await store.list_runs(flt, None, 100)
+            assert [(u.source, u.run.job_run_id) for u in listed] == expected
+            snap, _ = await store.snapshot(flt)
+            assert sorted((u.source, u.run.job_run_id) for u in snap) == expected
+        both = svc.RunFilter(job_ids=[7], sources=["b"])
+        assert [(u.source, u.run.job_run_id) for u in await store.list_runs(both, None, 100)] == [("b", 1)]
+
+    with_store(make_store, body)
+
 
 RUNS: list[tuple[str, pb.ProtectionShellInfo]] = [
     ("b", shell(3, S.RUN_STATUS_RUNNING, RT.RUN_TYPE_REGULAR)),
@@ -812,3 +927,60 @@ def test_sqlite_history_wire_encodes_rows_stored_before_schema_2(tmp_path: Path)
         assert [svc.RunUpdate.FromString(data) for _, data in wire] == updates
 
     sqlite_run(path, read)
+
+
+def test_sqlite_migrates_a_schema_2_file_and_keeps_jobs(tmp_path: Path) -> None:
+    """A file written by schema version 2 (no job columns) opens, reads as runs without jobs, and takes jobs."""
+    path = tmp_path / "runs.sqlite3"
+    old = shell(1, S.RUN_STATUS_RUNNING)
+    old_update = svc.RunUpdate(source="a", run=old, revision=1, accepted_time_usecs=1_700_000_000_000_000)
+    blob = old.SerializeToString(deterministic=True)
+    with contextlib.closing(sqlite3.connect(path)) as conn, conn:
+        # Schema version 2 as that version wrote it.
+        conn.executescript(
+            """
+            CREATE TABLE meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL) WITHOUT ROWID;
+            INSERT INTO meta (key, value) VALUES ('head', 1), ('oldest', 1);
+            CREATE TABLE updates (revision INTEGER PRIMARY KEY, source TEXT NOT NULL, job_run_id INTEGER NOT NULL,
+                                  accepted_usecs INTEGER NOT NULL, run BLOB NOT NULL, wire BLOB);
+            CREATE TABLE runs (source TEXT NOT NULL, job_run_id INTEGER NOT NULL, revision INTEGER NOT NULL,
+                               accepted_usecs INTEGER NOT NULL, status INTEGER, run_type INTEGER,
+                               run BLOB NOT NULL, PRIMARY KEY (source, job_run_id)) WITHOUT ROWID;
+            PRAGMA application_id = 1397247049;
+            PRAGMA user_version = 2;
+            """
+        )
+        conn.execute(
+            "INSERT INTO updates (revision, source, job_run_id, accepted_usecs, run, wire) VALUES (1, 'a', 1, ?, ?, ?)",
+            (old_update.accepted_time_usecs, blob, old_update.SerializeToString()),
+        )
+        conn.execute(
+            "INSERT INTO runs (source, job_run_id, revision, accepted_usecs, status, run_type, run)"
+            " VALUES ('a', 1, 1, ?, ?, NULL, ?)",
+            (old_update.accepted_time_usecs, S.RUN_STATUS_RUNNING, blob),
+        )
+    nightly = job(12, "Nightly", (1, 2, 12))
+
+    async def migrate(store: SqliteStore) -> None:
+        assert await store.get("a", 1) == old_update
+        assert await all_history(store) == [old_update]
+        assert await store.list_runs(svc.RunFilter(job_ids=[12]), None, 10) == []
+        # The same run with its job now: a change, stored with the job.
+        outcome = await store.publish("a", old, nightly)
+        assert outcome.changed
+        assert outcome.update.job == nightly
+
+    sqlite_run(path, migrate)
+    with contextlib.closing(sqlite3.connect(path)) as conn:
+        assert conn.execute("PRAGMA user_version").fetchone() == (SCHEMA_VERSION,) == (3,)
+        assert conn.execute("SELECT job_id FROM runs").fetchall() == [(12,)]
+
+    async def reopen(store: SqliteStore) -> None:
+        latest = await store.get("a", 1)
+        assert latest is not None
+        assert latest.job == nightly
+        assert [u.HasField("job") for u in await all_history(store)] == [False, True]
+        listed = await store.list_runs(svc.RunFilter(job_ids=[12]), None, 10)
+        assert [(u.source, u.run.job_run_id) for u in listed] == [("a", 1)]
+
+    sqlite_run(path, reopen)

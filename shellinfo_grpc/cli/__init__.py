@@ -3,7 +3,8 @@
 Each command lives in a module of this package: ``convert`` and ``validate``
 (:mod:`~shellinfo_grpc.cli.convert`), ``serve`` (:mod:`~shellinfo_grpc.cli.serve`),
 ``publish``, ``get`` and ``list`` (:mod:`~shellinfo_grpc.cli.calls`), ``watch``
-(:mod:`~shellinfo_grpc.cli.watch`). What they share is in
+(:mod:`~shellinfo_grpc.cli.watch`), ``bridge`` and ``fake-cluster``
+(:mod:`~shellinfo_grpc.cli.bridge`). What they share is in
 :mod:`~shellinfo_grpc.cli._io` (streams, exit statuses, argparse types),
 :mod:`~shellinfo_grpc.cli.records` (reading and writing record streams) and
 :mod:`~shellinfo_grpc.cli._table` (how an update is shown).
@@ -43,6 +44,7 @@ from shellinfo_grpc.cli._io import (
     Subparsers,
     one_line,
 )
+from shellinfo_grpc.cli.bridge import add_bridge, add_fake_cluster
 from shellinfo_grpc.cli.calls import add_get, add_list, add_publish
 from shellinfo_grpc.cli.convert import add_convert, add_validate
 from shellinfo_grpc.cli.records import FORMATS
@@ -80,6 +82,8 @@ COMMANDS: Final[tuple[Callable[[Subparsers[argparse.ArgumentParser]], None], ...
     add_list,
     add_convert,
     add_validate,
+    add_bridge,
+    add_fake_cluster,
 )
 
 

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final
 
 from shellinfo_grpc.rest import to_rest
+from shellinfo_grpc.run_instance import job_to_rest
 
 if TYPE_CHECKING:
     from shellinfo_grpc._gen.shellinfo.v1.run_update_service_pb2 import RunUpdate
@@ -16,13 +17,20 @@ __all__ = ["COLUMNS", "cells", "clip", "row", "table", "update_dict"]
 
 
 def update_dict(update: RunUpdate) -> dict[str, Any]:
-    """One update as JSON: its revision, source, accepted time and the run in REST form."""
-    return {
+    """One update as JSON: its revision, source, accepted time, the run in REST form and its job, if any.
+
+    The job is ``"job": {"jobId", "jobName", "jobUid"}`` (the keys it has), absent for a run published
+    without one.
+    """
+    out: dict[str, Any] = {
         "revision": update.revision,
         "source": update.source,
         "acceptedTimeUsecs": update.accepted_time_usecs,
         "run": to_rest(update.run),
     }
+    if update.HasField("job"):
+        out["job"] = job_to_rest(update.job)
+    return out
 
 
 def _printable(text: str) -> str:
@@ -60,6 +68,7 @@ class _Column:
 COLUMNS: Final = (
     _Column("REVISION", 8, right=True),
     _Column("SOURCE", 12),
+    _Column("JOB", 12),
     _Column("JOB RUN ID", 10, right=True),
     _Column("RUN TYPE", 8),
     _Column("STATUS", 11),
@@ -76,12 +85,26 @@ _ERROR_WIDTH: Final = 60
 #: Longest source shown in a table.
 _SOURCE_WIDTH: Final = 24
 
+#: Longest job name shown in a table.
+_JOB_WIDTH: Final = 24
+
+
+def _job_cell(update: RunUpdate) -> str:
+    """The job's name; its id (``#7``) when it has no name; ``-`` without a job."""
+    job = update.job
+    if job.HasField("job_name") and job.job_name:
+        return clip(_printable(job.job_name), _JOB_WIDTH)
+    if job.HasField("job_id"):
+        return f"#{job.job_id}"
+    return "-"
+
 
 def cells(update: RunUpdate) -> list[str]:
     rest = to_rest(update.run)
     return [
         str(update.revision),
         clip(_printable(update.source), _SOURCE_WIDTH) or "-",
+        _job_cell(update),
         str(rest.get("jobRunId", "-")),
         _printable(str(rest.get("runType", "-"))),
         _printable(str(rest.get("status", "-"))),

@@ -105,6 +105,14 @@ def add_table_format(parser: argparse.ArgumentParser, description: str) -> None:
     parser.add_argument("--format", choices=("table", "jsonl"), default="table", help=description)
 
 
+def _job_id(text: str) -> int:
+    """An argparse type: a jobId, any int64 (the check of ``job_run_id``, naming jobId)."""
+    try:
+        return job_run_id(text)
+    except argparse.ArgumentTypeError as exc:
+        raise argparse.ArgumentTypeError(str(exc).replace("jobRunId", "jobId")) from None
+
+
 def add_filters(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("filters", "Each may be repeated (any of the values); different filters combine.")
     group.add_argument("--source", dest="sources", action="append", default=[], metavar="S", help="runs from source S")
@@ -117,6 +125,9 @@ def add_filters(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--run-type", dest="run_types", action="append", default=[], metavar="kX", help="run type, as in kFull"
     )
+    group.add_argument(
+        "--job-id", dest="job_ids", action="append", default=[], type=_job_id, metavar="N", help="runs of job N (jobId)"
+    )
 
 
 def filter_options(args: argparse.Namespace) -> dict[str, Any]:
@@ -128,6 +139,7 @@ def filter_options(args: argparse.Namespace) -> dict[str, Any]:
         "job_run_ids": args.job_run_ids,
         "statuses": args.statuses,
         "run_types": args.run_types,
+        "job_ids": args.job_ids,
     }
 
 
@@ -169,8 +181,10 @@ def _refusal(index: int, exc: ServiceError) -> str:
 
 
 def _cmd_publish(args: argparse.Namespace, io: Streams) -> int:
-    """Publish REST ProtectionShellInfo objects: each argument is one JSON object; without arguments,
-    standard input holds a JSON array, one object, or one object per line (JSONL). Every record is
+    """Publish REST ProtectionShellInfo objects, or ProtectionRunInstance objects (as GET protectionRuns
+    answers them: the run in protectionShellInfo, published with its job's jobId, jobName and jobUid):
+    each argument is one JSON object; without arguments, standard input holds a JSON array, one object,
+    or one object per line (JSONL). Every record is
     checked first: if any is bad, each bad one is reported and nothing is published (exit status 2).
     Then one line per record says its revision; a refused record is reported on standard error and
     makes the exit status 1.
@@ -192,7 +206,7 @@ def _cmd_publish(args: argparse.Namespace, io: Streams) -> int:
         io.report(f"{PROG} publish: no records: give REST JSON objects as arguments or on standard input")
         return EXIT_BAD_INPUT
 
-    runs = records.runs
+    runs, jobs = records.runs, records.jobs
     refused = 0
     with connect(args) as client:
 
@@ -217,14 +231,15 @@ def _cmd_publish(args: argparse.Namespace, io: Streams) -> int:
 
         if len(runs) == 1:
             try:
-                outcome: Any = client.publish(runs[0], source=args.source)
+                outcome: Any = client.publish(runs[0], source=args.source, job=jobs[0])
             except RunRejected as exc:
                 outcome = exc
             report(0, outcome)
         else:
             done = 0
             try:
-                for outcome in client.publish_many(runs, source=args.source):
+                items = ((args.source, run, job) for run, job in zip(runs, jobs, strict=True))
+                for outcome in client.publish_many(items):
                     report(done, outcome)
                     done += 1
             except ServiceError as exc:

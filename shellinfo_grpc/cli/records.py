@@ -13,11 +13,12 @@ from __future__ import annotations
 import io
 import json
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass
-from typing import BinaryIO, Final
+from dataclasses import dataclass, field
+from typing import Any, BinaryIO, Final, TypeVar
 
 from google.protobuf.unknown_fields import UnknownFieldSet
 
+from shellinfo_grpc._gen.shellinfo.v1.protection_job_pb2 import ProtectionJob
 from shellinfo_grpc._gen.shellinfo.v1.protection_shell_info_pb2 import ProtectionShellInfo
 from shellinfo_grpc.cli._io import COMPACT
 from shellinfo_grpc.errors import (
@@ -26,6 +27,7 @@ from shellinfo_grpc.errors import (
 )
 from shellinfo_grpc.framing import encode_delimited, iter_frames, write_all
 from shellinfo_grpc.rest import from_rest, rest_names, to_rest
+from shellinfo_grpc.run_instance import from_run_instance
 
 __all__ = [
     "FORMATS",
@@ -45,6 +47,7 @@ __all__ = [
 FORMATS: Final = ("json", "jsonl", "binary")
 
 
+_T = TypeVar("_T")
 _CHUNK: Final = 64 * 1024
 _BOM: Final = b"\xef\xbb\xbf"
 _JSON_BLANK: Final = b" \t\r"  # what JSON counts as whitespace, besides the newline that ends a line
@@ -116,8 +119,13 @@ def _not_utf8(exc: UnicodeDecodeError, where: str) -> str:
     return f"{where} is not valid UTF-8: {exc.reason} (byte 0x{exc.object[exc.start]:02x} at offset {exc.start})"
 
 
-def _read_json(source: Input, strict: bool) -> Iterator[Item]:
-    """Records of one JSON array; the whole input must be read before the first."""
+def _run(obj: Any, strict: bool) -> ProtectionShellInfo:
+    """A REST ProtectionShellInfo object as a record."""
+    return from_rest(obj, strict=strict)
+
+
+def _read_json(source: Input, strict: bool, decode: Callable[[Any, bool], _T] = _run) -> Iterator[_T | Bad]:  # type: ignore[assignment]
+    """Records of one JSON array (each object read by ``decode``); the whole input must be read before the first."""
     data = source.read_all()
     if data.startswith(_BOM):
         data = data[len(_BOM) :]
@@ -144,7 +152,7 @@ def _read_json(source: Input, strict: bool) -> Iterator[Item]:
         return
     for index, obj in enumerate(array):
         try:
-            yield from_rest(obj, strict=strict)
+            yield decode(obj, strict)
         except RestDecodeError as exc:
             yield Bad(f"record {index}: {exc}")
 
@@ -164,7 +172,13 @@ def _lines(read: Callable[[int], bytes]) -> Iterator[bytes]:
         yield bytes(buf)
 
 
-def _record(raw: bytes, index: int, strict: bool, where: str = "") -> Item:
+def _record(
+    raw: bytes,
+    index: int,
+    strict: bool,
+    where: str = "",
+    decode: Callable[[Any, bool], _T] = _run,  # type: ignore[assignment]
+) -> _T | Bad:
     """Record ``index`` from the JSON text ``raw``: the message, or what is wrong with it.
 
     ``where`` (`` (line N)``) ends every message, to say where the record stood.
@@ -180,19 +194,19 @@ def _record(raw: bytes, index: int, strict: bool, where: str = "") -> Item:
     except ValueError as exc:  # an integer with too many digits
         return Bad(f"record {index}: not usable JSON: {exc}{where}")
     try:
-        return from_rest(obj, strict=strict)
+        return decode(obj, strict)
     except RestDecodeError as exc:
         return Bad(f"record {index}: {exc}{where}")
 
 
-def _read_jsonl(source: Input, strict: bool) -> Iterator[Item]:
+def _read_jsonl(source: Input, strict: bool, decode: Callable[[Any, bool], _T] = _run) -> Iterator[_T | Bad]:  # type: ignore[assignment]
     """Records of one JSON object per line; blank lines are skipped."""
     index = 0
     for number, raw in enumerate(_lines(source.read), start=1):
         line = raw[len(_BOM) :] if number == 1 and raw.startswith(_BOM) else raw
         if not line.strip(_JSON_BLANK):
             continue
-        yield _record(line, index, strict, f" (line {number})")
+        yield _record(line, index, strict, f" (line {number})", decode)
         index += 1
 
 
@@ -265,19 +279,35 @@ READERS: Final[dict[str, Callable[[Input, bool], Iterator[Item]]]] = {
 
 @dataclass
 class Records:
-    """Records read for publishing, or the lines that say why some could not be."""
+    """Records read for publishing, or the lines that say why some could not be.
+
+    ``jobs[i]`` is the job of ``runs[i]``: given when the record was a
+    ``ProtectionRunInstance`` (``jobId``, ``jobName``, ``jobUid``), else ``None``.
+    """
 
     runs: list[ProtectionShellInfo]
     problems: list[str]  # one line per bad record
     unreadable: str | None = None  # the input as a whole cannot be read
+    jobs: list[ProtectionJob | None] = field(default_factory=list)
 
 
-def _collect(items: Iterable[Item]) -> Records:
-    """Sort records read into the runs and the problems; an unreadable input ends it."""
+_Published = tuple[ProtectionShellInfo, ProtectionJob | None]
+
+
+def _published(obj: Any, strict: bool) -> _Published:
+    """A record to publish: a ``ProtectionRunInstance`` (its run and job) or a bare ProtectionShellInfo."""
+    if isinstance(obj, dict) and "protectionShellInfo" in obj:
+        return from_run_instance(obj, strict=strict)
+    return from_rest(obj, strict=strict), None
+
+
+def _collect(items: Iterable[_Published | Bad]) -> Records:
+    """Sort records read into the runs (and jobs) and the problems; an unreadable input ends it."""
     records = Records([], [])
     for item in items:
-        if isinstance(item, ProtectionShellInfo):
-            records.runs.append(item)
+        if isinstance(item, tuple):
+            records.runs.append(item[0])
+            records.jobs.append(item[1])
         elif item.record:
             records.problems.append(item.message)
         else:
@@ -287,7 +317,10 @@ def _collect(items: Iterable[Item]) -> Records:
 
 def read_arguments(texts: Sequence[str], strict: bool) -> Records:
     """Records given as arguments, one JSON object each."""
-    return _collect(_record(text.encode("utf-8", "surrogateescape"), index, strict) for index, text in enumerate(texts))
+    return _collect(
+        _record(text.encode("utf-8", "surrogateescape"), index, strict, decode=_published)
+        for index, text in enumerate(texts)
+    )
 
 
 def read_publish_input(data: bytes, strict: bool) -> Records:
@@ -297,14 +330,14 @@ def read_publish_input(data: bytes, strict: bool) -> Records:
         return Records([], [])
     source = Input(io.BytesIO(data), nothing)
     if body.startswith(b"["):
-        return _collect(_read_json(source, strict))
+        return _collect(_read_json(source, strict, _published))
     try:
         json.loads(body)
     except RecursionError:
         return Records([], [], "input is not usable JSON: it is nested too deeply")
     except ValueError:  # not one JSON value: JSON Lines, or bad input that the line-by-line reading pinpoints
-        return _collect(_read_jsonl(source, strict))
-    return _collect([_record(body, 0, strict)])
+        return _collect(_read_jsonl(source, strict, _published))
+    return _collect([_record(body, 0, strict, decode=_published)])
 
 
 # --- writing ------------------------------------------------------------------

@@ -17,7 +17,7 @@ import asyncio
 import contextlib
 import logging
 import socket
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit, urlunsplit
@@ -158,18 +158,38 @@ def _cmd_serve(args: argparse.Namespace, io: Streams) -> int:
             Path(args.tls_client_ca) if args.tls_client_ca is not None else None,
         )
         tls.credentials()  # read the files now: a missing one is reported before the store is opened
-    config = ServerConfig(max_watch_queue=args.max_watch_queue, tokens=tokens, tls=tls)
+    metrics = None
+    if args.metrics_address is not None:
+        from shellinfo_grpc.metrics import ServiceMetrics, parse_metrics_address  # noqa: PLC0415
+
+        parse_metrics_address(args.metrics_address)  # a bad address is reported before anything starts
+        metrics = ServiceMetrics()
+    config = ServerConfig(max_watch_queue=args.max_watch_queue, tokens=tokens, tls=tls, metrics=metrics)
     store = open_store(url, retention=retention)
     _check_port(args.address, host, port)
+    stop_metrics: Callable[[], None] | None = None
+    metrics_line = ""
+    if metrics is not None:
+        from shellinfo_grpc.metrics import serve_metrics  # noqa: PLC0415
+
+        stop_metrics, metrics_port = serve_metrics(args.metrics_address, metrics.registry)
+        metrics_host = args.metrics_address.rpartition(":")[0]
+        metrics_line = f"{PROG}: metrics on http://{metrics_host}:{metrics_port}/metrics"
 
     def started(running: RunningServer) -> None:
         # serve() calls this once its SIGTERM and SIGINT handlers are in place:
         # a signal sent on seeing this line shuts the server down gracefully.
         io.report(f"{PROG}: serving on {host}:{running.port} (store {_shown_url(url)})")
+        if metrics_line:
+            io.report(metrics_line)
         io.stderr.flush()
 
-    with _logging_to(io.stderr, args.log_level):
-        asyncio.run(serve(args.address, store, config, on_started=started))
+    try:
+        with _logging_to(io.stderr, args.log_level):
+            asyncio.run(serve(args.address, store, config, on_started=started))
+    finally:
+        if stop_metrics is not None:
+            stop_metrics()
     return EXIT_OK
 
 
@@ -221,6 +241,12 @@ def add_serve(subparsers: Subparsers[argparse.ArgumentParser]) -> None:
         default=10_000,
         metavar="N",
         help="updates a watcher may fall behind before its stream is ended to resume (default %(default)s)",
+    )
+    parser.add_argument(
+        "--metrics-address",
+        metavar="HOST:PORT",
+        help="serve Prometheus metrics at http://HOST:PORT/metrics: publishes by outcome, watchers,"
+        " the head revision, store commit latency",
     )
     parser.add_argument(
         "--log-level",

@@ -21,17 +21,20 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+from shellinfo_grpc._gen.shellinfo.v1 import protection_job_pb2 as _job_pb
 from shellinfo_grpc._gen.shellinfo.v1 import protection_shell_info_pb2 as _pb
 from shellinfo_grpc._gen.shellinfo.v1 import run_update_service_pb2 as _svc
 from shellinfo_grpc.errors import ConfigurationError, RunRejected
 from shellinfo_grpc.rules import check_change, check_run
 
 __all__ = [
+    "Item",
     "Listener",
     "PublishOutcome",
     "Retention",
     "Store",
     "decide",
+    "new_update",
     "now_usecs",
 ]
 
@@ -39,6 +42,10 @@ _log = logging.getLogger("shellinfo_grpc.stores")
 
 #: Called with the updates of one commit, in revision order.
 Listener = Callable[[Sequence[_svc.RunUpdate]], None]
+
+#: One update to record: ``(source, run, job)``; ``job`` is ``None`` when the
+#: publisher gave none (the run then keeps the job it has).
+Item = tuple[str, _pb.ProtectionShellInfo, _job_pb.ProtectionJob | None]
 
 
 def now_usecs() -> int:
@@ -74,14 +81,19 @@ class PublishOutcome:
     changed: bool
 
 
-def decide(current: _svc.RunUpdate | None, run: _pb.ProtectionShellInfo) -> PublishOutcome | RunRejected | None:
-    """What a store does with ``run`` given the run's ``current`` update.
+def decide(
+    current: _svc.RunUpdate | None, run: _pb.ProtectionShellInfo, job: _job_pb.ProtectionJob | None = None
+) -> PublishOutcome | RunRejected | None:
+    """What a store does with ``run`` (and ``job``) given the run's ``current`` update.
 
     The outcome to answer without writing (identical state: the current
     update, unchanged; a rule refuses it: the :class:`RunRejected`), or
-    ``None`` when ``run`` is a change to record. Every store calls this inside
-    its atomic section, for runs that passed :func:`~shellinfo_grpc.rules.check_run`
-    in :meth:`Store.publish_batch`.
+    ``None`` when it is a change to record (build it with :func:`new_update`).
+    The state compared is the pair (run, job); a publish without a job keeps
+    the stored one, so it compares on the run alone. The final-status rule
+    looks at the status only: a final run may still gain or change its job.
+    Every store calls this inside its atomic section, for runs that passed
+    :func:`~shellinfo_grpc.rules.check_run` in :meth:`Store.publish_batch`.
     """
     try:
         changed = check_change(current.run if current is not None else None, run)
@@ -90,7 +102,27 @@ def decide(current: _svc.RunUpdate | None, run: _pb.ProtectionShellInfo) -> Publ
     if changed:
         return None
     assert current is not None
+    if job is not None and (not current.HasField("job") or current.job != job):
+        return None
     return PublishOutcome(current, changed=False)
+
+
+def new_update(
+    source: str,
+    run: _pb.ProtectionShellInfo,
+    job: _job_pb.ProtectionJob | None,
+    current: _svc.RunUpdate | None,
+    *,
+    revision: int = 0,
+    accepted_time_usecs: int = 0,
+) -> _svc.RunUpdate:
+    """The update a store records when :func:`decide` says to: ``job``, or else the job ``current`` has."""
+    update = _svc.RunUpdate(source=source, run=run, revision=revision, accepted_time_usecs=accepted_time_usecs)
+    if job is not None:
+        update.job.CopyFrom(job)
+    elif current is not None and current.HasField("job"):
+        update.job.CopyFrom(current.job)
+    return update
 
 
 class Store(abc.ABC):
@@ -114,10 +146,13 @@ class Store(abc.ABC):
         """Finish pending writes and release the backend."""
 
     async def publish_batch(
-        self, items: Sequence[tuple[str, _pb.ProtectionShellInfo]]
+        self,
+        items: Sequence[tuple[str, _pb.ProtectionShellInfo] | Item],
     ) -> list[PublishOutcome | RunRejected]:
-        """Apply updates ``(source, run)``, atomically each, updates of one run in order.
+        """Apply updates ``(source, run)`` or ``(source, run, job)``, atomically each, updates of one run in order.
 
+        ``job`` (a ``ProtectionJob`` or ``None``) is the job the run belongs
+        to; without one the run keeps the job it has (see :func:`decide`).
         Revisions follow request order within a run; across runs, a backend
         may assign them in another order (one that publishes runs
         concurrently), and outcomes always come back in request order.
@@ -131,37 +166,48 @@ class Store(abc.ABC):
 
         Runs that can never be accepted (:func:`~shellinfo_grpc.rules.check_run`)
         are refused here, without asking the backend; the others go to
-        :meth:`record_batch`.
+        :meth:`record_batch`, as ``(source, run, job)`` triples.
         """
         refused: dict[int, RunRejected] = {}
-        for index, (source, run) in enumerate(items):
-            if not isinstance(source, str) or not isinstance(run, _pb.ProtectionShellInfo):
-                raise TypeError(f"publish_batch takes (str, ProtectionShellInfo) pairs, not ({source!r}, {run!r})")
+        triples: list[Item] = []
+        for index, item in enumerate(items):
+            source, run = item[0], item[1]
+            job = item[2] if len(item) > 2 else None
+            if (
+                not isinstance(source, str)
+                or not isinstance(run, _pb.ProtectionShellInfo)
+                or not (job is None or isinstance(job, _job_pb.ProtectionJob))
+            ):
+                raise TypeError(
+                    f"publish_batch takes (str, ProtectionShellInfo[, ProtectionJob | None]) items, not {item!r}"
+                )
+            triples.append((source, run, job))
             try:
                 check_run(run)
             except RunRejected as exc:
                 refused[index] = exc
         if not refused:
-            return await self.record_batch(items)
-        valid = [item for index, item in enumerate(items) if index not in refused]
+            return await self.record_batch(triples)
+        valid = [item for index, item in enumerate(triples) if index not in refused]
         recorded = iter(await self.record_batch(valid) if valid else ())
-        return [refused[index] if index in refused else next(recorded) for index in range(len(items))]
+        return [refused[index] if index in refused else next(recorded) for index in range(len(triples))]
 
     @abc.abstractmethod
-    async def record_batch(
-        self, items: Sequence[tuple[str, _pb.ProtectionShellInfo]]
-    ) -> list[PublishOutcome | RunRejected]:
+    async def record_batch(self, items: Sequence[Item]) -> list[PublishOutcome | RunRejected]:
         """:meth:`publish_batch` for runs that passed :func:`~shellinfo_grpc.rules.check_run`.
 
-        For each item, in request order: :func:`decide` it against the run's
-        current update inside the backend's atomic section, and record it
-        when that says so. Returns once every recorded update is durable, and
-        after :meth:`notify_listeners` was called for them.
+        For each ``(source, run, job)`` item, in request order: :func:`decide`
+        it against the run's current update inside the backend's atomic
+        section, and record it (built by :func:`new_update`) when that says
+        so. Returns once every recorded update is durable, and after
+        :meth:`notify_listeners` was called for them.
         """
 
-    async def publish(self, source: str, run: _pb.ProtectionShellInfo) -> PublishOutcome:
+    async def publish(
+        self, source: str, run: _pb.ProtectionShellInfo, job: _job_pb.ProtectionJob | None = None
+    ) -> PublishOutcome:
         """Apply one update; raise :class:`RunRejected` if a rule refuses it."""
-        (outcome,) = await self.publish_batch([(source, run)])
+        (outcome,) = await self.publish_batch([(source, run, job)])
         if isinstance(outcome, RunRejected):
             raise outcome
         return outcome

@@ -5,11 +5,10 @@ from __future__ import annotations
 import bisect
 from collections.abc import Sequence
 
-from shellinfo_grpc._gen.shellinfo.v1 import protection_shell_info_pb2 as _pb
 from shellinfo_grpc._gen.shellinfo.v1 import run_update_service_pb2 as _svc
 from shellinfo_grpc.errors import HistoryExpired, RunRejected
 from shellinfo_grpc.rules import compile_filter
-from shellinfo_grpc.stores import PublishOutcome, Retention, Store, decide, now_usecs
+from shellinfo_grpc.stores import Item, PublishOutcome, Retention, Store, decide, new_update, now_usecs
 
 __all__ = ["MemoryStore"]
 
@@ -36,20 +35,18 @@ class MemoryStore(Store):
     async def close(self) -> None:
         """Nothing to release."""
 
-    async def record_batch(
-        self, items: Sequence[tuple[str, _pb.ProtectionShellInfo]]
-    ) -> list[PublishOutcome | RunRejected]:
+    async def record_batch(self, items: Sequence[Item]) -> list[PublishOutcome | RunRejected]:
         """Apply updates in order; each is atomic by running without an await."""
         outcomes: list[PublishOutcome | RunRejected] = []
         committed: list[_svc.RunUpdate] = []
-        for source, run in items:
+        for source, run, job in items:
             key = (source, run.job_run_id)
             current = self._runs.get(key)
-            outcome = decide(current, run)
+            outcome = decide(current, run, job)
             if outcome is not None:
                 outcomes.append(outcome)
                 continue
-            update = _svc.RunUpdate(source=source, run=run, revision=self._head + 1, accepted_time_usecs=now_usecs())
+            update = new_update(source, run, job, current, revision=self._head + 1, accepted_time_usecs=now_usecs())
             self._head = update.revision
             if current is None:
                 bisect.insort(self._keys, key)

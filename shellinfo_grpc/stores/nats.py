@@ -49,11 +49,12 @@ import nats.errors
 import nats.js.errors
 from nats.js import api
 
+from shellinfo_grpc._gen.shellinfo.v1 import protection_job_pb2 as _job_pb
 from shellinfo_grpc._gen.shellinfo.v1 import protection_shell_info_pb2 as _pb
 from shellinfo_grpc._gen.shellinfo.v1 import run_update_service_pb2 as _svc
 from shellinfo_grpc.errors import ConfigurationError, HistoryExpired, RunRejected, StoreUnavailable
 from shellinfo_grpc.rules import compile_filter
-from shellinfo_grpc.stores import PublishOutcome, Retention, Store, decide, now_usecs
+from shellinfo_grpc.stores import Item, PublishOutcome, Retention, Store, decide, new_update, now_usecs
 
 __all__ = ["NatsStore"]
 
@@ -310,7 +311,9 @@ class NatsStore(Store):
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(asyncio.shield(waiter), timeout=self._timeout)
 
-    async def _publish_one(self, source: str, run: _pb.ProtectionShellInfo) -> PublishOutcome | RunRejected:
+    async def _publish_one(
+        self, source: str, run: _pb.ProtectionShellInfo, job: _job_pb.ProtectionJob | None
+    ) -> PublishOutcome | RunRejected:
         subject = self._subject(source, run.job_run_id)
         # Publishes of one run through this replica take turns, so that only
         # other replicas can make the optimistic write of a run fail.
@@ -318,7 +321,7 @@ class NatsStore(Store):
         self._lock_users[subject] = self._lock_users.get(subject, 0) + 1
         try:
             async with lock:
-                outcome = await self._publish_locked(subject, source, run)
+                outcome = await self._publish_locked(subject, source, run, job)
         finally:
             self._lock_users[subject] -= 1
             if not self._lock_users[subject]:
@@ -328,17 +331,18 @@ class NatsStore(Store):
         return outcome
 
     async def _publish_locked(
-        self, subject: str, source: str, run: _pb.ProtectionShellInfo
+        self, subject: str, source: str, run: _pb.ProtectionShellInfo, job: _job_pb.ProtectionJob | None
     ) -> PublishOutcome | RunRejected:
         payload_run = run.SerializeToString(deterministic=True)
         for attempt in range(self._max_attempts):
             if attempt:
                 await asyncio.sleep(random.uniform(0, min(0.2, 0.005 * 2**attempt)))  # noqa: S311 - jitter
             last_seq, current = await self._last(subject)
-            outcome = decide(current, run)
+            outcome = decide(current, run, job)
             if outcome is not None:
                 return outcome
-            update = _svc.RunUpdate(source=source, accepted_time_usecs=now_usecs())
+            # The job travels inside the stored RunUpdate, as the run does.
+            update = new_update(source, _pb.ProtectionShellInfo(), job, current, accepted_time_usecs=now_usecs())
             update.run.MergeFromString(payload_run)
             headers = {_EXPECTED_LAST_SUBJECT_SEQ: str(last_seq)}
             try:
@@ -354,16 +358,14 @@ class NatsStore(Store):
             f"{self._max_attempts} attempts; try again"
         )
 
-    async def record_batch(
-        self, items: Sequence[tuple[str, _pb.ProtectionShellInfo]]
-    ) -> list[PublishOutcome | RunRejected]:
+    async def record_batch(self, items: Sequence[Item]) -> list[PublishOutcome | RunRejected]:
         """Apply updates: different runs concurrently, updates of one run in order.
 
         Outcomes come back in request order, but the revisions of different
         runs within one batch may not follow it (each run's do).
         """
         by_run: dict[tuple[str, int], list[int]] = {}
-        for index, (source, run) in enumerate(items):
+        for index, (source, run, _job) in enumerate(items):
             by_run.setdefault((source, run.job_run_id), []).append(index)
         outcomes: list[PublishOutcome | RunRejected | None] = [None] * len(items)
 

@@ -1,19 +1,20 @@
 """The embedded SQLite store (``sqlite:///PATH``): an update is acknowledged only once it is durable.
 
-Layout of the file (schema version 2, ``PRAGMA user_version``; the file is
+Layout of the file (schema version 3, ``PRAGMA user_version``; the file is
 marked with ``PRAGMA application_id``; :data:`_MIGRATIONS` brings a version 1
-file up to date on start):
+or 2 file up to date on start):
 
 * ``updates``: the history, one row per accepted update, keyed by
   ``revision``, with ``source``, ``job_run_id``, ``accepted_usecs``, ``run``
   (the run, deterministic protobuf bytes) and ``wire`` (the whole serialized
   ``RunUpdate``, which an unfiltered watch sends as it is; NULL in rows that
-  version 1 wrote, which are encoded when read). Trimmed from the oldest end
-  by the retention policy.
+  version 1 wrote, which are encoded when read) and ``job`` (the update's
+  ``ProtectionJob``, protobuf bytes; NULL when it has none, as in every row
+  written before version 3). Trimmed from the oldest end by the retention policy.
 * ``runs``: the latest update of every run, keyed by (``source``,
-  ``job_run_id``), with ``revision``, ``accepted_usecs`` and ``run``; never
-  trimmed. ``status`` and ``run_type`` are copied out of the message (NULL when
-  unset) so that filters run in SQL.
+  ``job_run_id``), with ``revision``, ``accepted_usecs``, ``run`` and ``job``;
+  never trimmed. ``status``, ``run_type`` and ``job_id`` are copied out of the
+  messages (NULL when unset) so that filters run in SQL.
 * ``meta``: ``head`` (the newest revision ever assigned) and ``oldest`` (the
   oldest revision a watch may start from), so that revisions are never reused,
   even when the whole history was trimmed and the process restarts.
@@ -47,11 +48,10 @@ from typing import Any, Final, TypeVar
 
 from google.protobuf.message import DecodeError
 
-from shellinfo_grpc._gen.shellinfo.v1 import protection_shell_info_pb2 as _pb
 from shellinfo_grpc._gen.shellinfo.v1 import run_update_service_pb2 as _svc
 from shellinfo_grpc.errors import ConfigurationError, HistoryExpired, RunRejected, StoreUnavailable
 from shellinfo_grpc.rules import compile_filter
-from shellinfo_grpc.stores import PublishOutcome, Retention, Store, decide, now_usecs
+from shellinfo_grpc.stores import Item, PublishOutcome, Retention, Store, decide, new_update, now_usecs
 
 __all__ = ["SqliteStore"]
 
@@ -62,7 +62,7 @@ _T = TypeVar("_T")
 #: "SHLI": marks a file as a shellinfo store (``PRAGMA application_id``).
 _APPLICATION_ID: Final = 0x5348_4C49
 #: The schema version this code writes (``PRAGMA user_version``).
-SCHEMA_VERSION: Final = 2
+SCHEMA_VERSION: Final = 3
 
 #: Statements that bring the schema from version ``n - 1`` to ``n``.
 _MIGRATIONS: Final[dict[int, tuple[str, ...]]] = {
@@ -90,6 +90,13 @@ _MIGRATIONS: Final[dict[int, tuple[str, ...]]] = {
     # Each update's serialized RunUpdate, so that a watch catches up by
     # passing stored bytes through (rows from version 1 have NULL here).
     2: ("ALTER TABLE updates ADD COLUMN wire BLOB",),
+    # The job each update was published with (RunUpdate.job), and its id
+    # copied out for the job_ids filter; NULL in older rows (no job).
+    3: (
+        "ALTER TABLE updates ADD COLUMN job BLOB",
+        "ALTER TABLE runs ADD COLUMN job BLOB",
+        "ALTER TABLE runs ADD COLUMN job_id INTEGER",
+    ),
 }
 
 _SYNCHRONOUS: Final = frozenset({"NORMAL", "FULL", "EXTRA"})
@@ -101,7 +108,6 @@ _MAX_SQL_IN: Final = 500
 _INT64_MIN: Final = -(2**63)
 _INT64_MAX: Final = 2**63 - 1
 
-_Item = tuple[str, _pb.ProtectionShellInfo]
 _Key = tuple[str, int]
 _Change = tuple[_svc.RunUpdate, bytes]  # an accepted update and its run's stored bytes
 _BatchResult = list[PublishOutcome | RunRejected] | Exception
@@ -111,14 +117,21 @@ def _clamp64(value: int) -> int:
     return min(max(value, _INT64_MIN), _INT64_MAX)
 
 
-def _decode(source: str, revision: int, accepted_usecs: int, blob: bytes) -> _svc.RunUpdate:
+def _decode(source: str, revision: int, accepted_usecs: int, blob: bytes, job: bytes | None) -> _svc.RunUpdate:
     update = _svc.RunUpdate(source=source, revision=revision, accepted_time_usecs=accepted_usecs)
     update.run.SetInParent()
     try:
         update.run.MergeFromString(blob)
+        if job is not None:
+            update.job.MergeFromString(job)
     except DecodeError as exc:
         raise StoreUnavailable(f"the stored update with revision {revision} is corrupt: {exc}") from exc
     return update
+
+
+def _job(update: _svc.RunUpdate) -> bytes | None:
+    """The stored form of an update's job: deterministic protobuf bytes, or NULL for none."""
+    return update.job.SerializeToString(deterministic=True) if update.HasField("job") else None
 
 
 def _filter_sql(flt: _svc.RunFilter | None) -> tuple[str, list[Any]]:
@@ -132,6 +145,7 @@ def _filter_sql(flt: _svc.RunFilter | None) -> tuple[str, list[Any]]:
         ("job_run_id", flt.job_run_ids),
         ("status", flt.statuses),
         ("run_type", flt.run_types),
+        ("job_id", flt.job_ids),
     )
     for column, values in columns:
         unique = sorted(set(values))
@@ -145,7 +159,7 @@ def _filter_sql(flt: _svc.RunFilter | None) -> tuple[str, list[Any]]:
 class _Pending:
     """One caller's batch waiting for the writer."""
 
-    items: list[_Item]
+    items: list[Item]
     future: asyncio.Future[list[PublishOutcome | RunRejected]]
 
 
@@ -340,9 +354,7 @@ class SqliteStore(Store):
 
     # -- writing ---------------------------------------------------------------
 
-    async def record_batch(
-        self, items: Sequence[tuple[str, _pb.ProtectionShellInfo]]
-    ) -> list[PublishOutcome | RunRejected]:
+    async def record_batch(self, items: Sequence[Item]) -> list[PublishOutcome | RunRejected]:
         """Queue the batch for the next group commit; return once it is committed and durable."""
         batch = list(items)
         if self._closing or self._writer is None:
@@ -418,7 +430,7 @@ class SqliteStore(Store):
         error.__cause__ = exc
         return error
 
-    def _commit_group(self, batches: list[list[_Item]]) -> _GroupResult:
+    def _commit_group(self, batches: list[list[Item]]) -> _GroupResult:
         """Writer thread: apply every batch in one transaction.
 
         The rules see the runs as changed by the earlier items of the same
@@ -472,7 +484,7 @@ class SqliteStore(Store):
     def _apply(
         self,
         conn: sqlite3.Connection,
-        batch: list[_Item],
+        batch: list[Item],
         *,
         head: int,
         now: int,
@@ -482,24 +494,24 @@ class SqliteStore(Store):
     ) -> list[PublishOutcome | RunRejected]:
         """Check one batch; put its new latest states in ``changes`` and its updates in ``recorded``."""
         outcomes: list[PublishOutcome | RunRejected] = []
-        for source, run in batch:
+        for source, run, job in batch:
             key = (source, run.job_run_id)
             change = changes.get(key) or latest.get(key)
             if change is not None:
                 current: _svc.RunUpdate | None = change[0]
             elif run.HasField("job_run_id"):
                 row = conn.execute(
-                    "SELECT revision, accepted_usecs, run FROM runs WHERE source = ? AND job_run_id = ?", key
+                    "SELECT revision, accepted_usecs, run, job FROM runs WHERE source = ? AND job_run_id = ?", key
                 ).fetchone()
-                current = _decode(source, row[0], row[1], row[2]) if row is not None else None
+                current = _decode(source, *row) if row is not None else None
             else:
                 current = None
-            outcome = decide(current, run)
+            outcome = decide(current, run, job)
             if outcome is not None:
                 outcomes.append(outcome)
                 continue
             head += 1
-            update = _svc.RunUpdate(source=source, run=run, revision=head, accepted_time_usecs=now)
+            update = new_update(source, run, job, current, revision=head, accepted_time_usecs=now)
             change = (update, update.run.SerializeToString(deterministic=True))
             changes[key] = change
             recorded.append(change)
@@ -510,15 +522,17 @@ class SqliteStore(Store):
     def _write(conn: sqlite3.Connection, history: list[_Change], latest: dict[_Key, _Change], head: int) -> None:
         """Inside a write transaction: record the new updates and latest states, and the head."""
         conn.executemany(
-            "INSERT INTO updates (revision, source, job_run_id, accepted_usecs, run, wire) VALUES (?, ?, ?, ?, ?, ?)",
+            "INSERT INTO updates (revision, source, job_run_id, accepted_usecs, run, wire, job)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?)",
             [
-                (u.revision, u.source, u.run.job_run_id, u.accepted_time_usecs, blob, u.SerializeToString())
+                (u.revision, u.source, u.run.job_run_id, u.accepted_time_usecs, blob, u.SerializeToString(), _job(u))
                 for u, blob in history
             ],
         )
         conn.executemany(
-            "INSERT OR REPLACE INTO runs (source, job_run_id, revision, accepted_usecs, status, run_type, run)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?)",
+            "INSERT OR REPLACE INTO runs"
+            " (source, job_run_id, revision, accepted_usecs, status, run_type, run, job, job_id)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
             [
                 (
                     u.source,
@@ -528,6 +542,8 @@ class SqliteStore(Store):
                     u.run.status if u.run.HasField("status") else None,
                     u.run.run_type if u.run.HasField("run_type") else None,
                     blob,
+                    _job(u),
+                    u.job.job_id if u.job.HasField("job_id") else None,
                 )
                 for u, blob in latest.values()
             ],
@@ -608,10 +624,10 @@ class SqliteStore(Store):
 
         def read(conn: sqlite3.Connection) -> _svc.RunUpdate | None:
             row = conn.execute(
-                "SELECT revision, accepted_usecs, run FROM runs WHERE source = ? AND job_run_id = ?",
+                "SELECT revision, accepted_usecs, run, job FROM runs WHERE source = ? AND job_run_id = ?",
                 (source, job_run_id),
             ).fetchone()
-            return _decode(source, row[0], row[1], row[2]) if row is not None else None
+            return _decode(source, *row) if row is not None else None
 
         return await self._read(read)
 
@@ -632,7 +648,11 @@ class SqliteStore(Store):
                 where += " AND (source > ? OR (source = ? AND job_run_id > ?))"
                 params.extend((source, source, _clamp64(job_run_id)))
         # Only constant SQL and "?" placeholders are joined here; the values are parameters.
-        sql = "SELECT source, revision, accepted_usecs, run FROM runs WHERE 1" + where + " ORDER BY source, job_run_id"  # noqa: S608
+        sql = (
+            "SELECT source, revision, accepted_usecs, run, job FROM runs WHERE 1"  # noqa: S608
+            + where
+            + " ORDER BY source, job_run_id"
+        )
 
         def read(conn: sqlite3.Connection) -> list[_svc.RunUpdate]:
             out: list[_svc.RunUpdate] = []
@@ -674,7 +694,7 @@ class SqliteStore(Store):
         end_revision: int,
         limit: int,
         convert: Callable[[tuple[Any, ...]], _T],
-        columns: str = "source, revision, accepted_usecs, run",
+        columns: str = "source, revision, accepted_usecs, run, job",
     ) -> list[_T]:
         max_age = self._retention.max_age_seconds
 
@@ -711,7 +731,7 @@ class SqliteStore(Store):
         """
         matches = compile_filter(flt)
         where, params = _filter_sql(flt)
-        sql = "SELECT source, revision, accepted_usecs, run FROM runs WHERE 1" + where + " ORDER BY revision"  # noqa: S608
+        sql = "SELECT source, revision, accepted_usecs, run, job FROM runs WHERE 1" + where + " ORDER BY revision"  # noqa: S608
 
         def read(conn: sqlite3.Connection) -> tuple[list[_svc.RunUpdate], int]:
             (head,) = conn.execute("SELECT value FROM meta WHERE key = 'head'").fetchone()

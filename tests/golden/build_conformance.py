@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from shellinfo_grpc import ProtectionShellInfo
+from shellinfo_grpc._gen.shellinfo.v1.protection_job_pb2 import ProtectionJob, UniversalId
 
 HERE = Path(__file__).parent
 OUT = HERE / "conformance.json"
@@ -423,6 +424,96 @@ JSON_VALUE: list[tuple[str, str, str | None, str]] = [
 ]
 
 
+# --- run_instance: a ProtectionRunInstance -> (run bytes, job bytes) -> job REST text -------------
+# (name, rest_text, run fields, job fields or None for no job, job rest_out or None)
+_UID_7 = {"job_uid": UniversalId(cluster_id=1, cluster_incarnation_id=2, id=7)}
+RUN_INSTANCE: list[tuple[str, str, dict[str, Any], dict[str, Any] | None, str | None]] = [
+    (
+        "full-instance-other-keys-ignored",
+        '{"jobId":7,"jobName":"vm-daily","jobUid":{"clusterId":1,"clusterIncarnationId":2,"id":7},'
+        '"protectionShellInfo":{"jobRunId":9,"status":"kRunning"},"backupRun":{"x":1},"viewBoxId":5}',
+        {"job_run_id": 9, "status": 2},
+        {"job_id": 7, "job_name": "vm-daily", **_UID_7},
+        '{"jobId":7,"jobName":"vm-daily","jobUid":{"clusterId":1,"clusterIncarnationId":2,"id":7}}',
+    ),
+    ("no-job-keys", '{"protectionShellInfo":{"jobRunId":1}}', {"job_run_id": 1}, None, None),
+    (
+        "null-job-keys-mean-unset",
+        '{"jobId":null,"jobName":null,"jobUid":null,"protectionShellInfo":{"jobRunId":1}}',
+        {"job_run_id": 1},
+        None,
+        None,
+    ),
+    (
+        "name-only",
+        '{"jobName":"_DELETED_vm-daily","protectionShellInfo":{}}',
+        {},
+        {"job_name": "_DELETED_vm-daily"},
+        '{"jobName":"_DELETED_vm-daily"}',
+    ),
+    (
+        "int64-extremes-and-partial-uid",
+        '{"jobId":9223372036854775807,"jobUid":{"clusterIncarnationId":-9223372036854775808},'
+        '"protectionShellInfo":{"jobRunId":2}}',
+        {"job_run_id": 2},
+        {"job_id": 2**63 - 1, "job_uid": UniversalId(cluster_incarnation_id=-(2**63))},
+        '{"jobId":9223372036854775807,"jobUid":{"clusterIncarnationId":-9223372036854775808}}',
+    ),
+    (
+        "empty-uid-is-present",
+        '{"jobUid":{},"protectionShellInfo":{"jobRunId":3}}',
+        {"job_run_id": 3},
+        {"job_uid": UniversalId()},
+        '{"jobUid":{}}',
+    ),
+    (
+        "zero-id-and-empty-name-are-values",
+        '{"jobId":0,"jobName":"","protectionShellInfo":{"jobRunId":4}}',
+        {"job_run_id": 4},
+        {"job_id": 0, "job_name": ""},
+        '{"jobId":0,"jobName":""}',
+    ),
+    (
+        "unicode-name",
+        '{"jobId":8,"jobName":"sauvegarde \\u00e9t\\u00e9 \\ud83d\\ude00","protectionShellInfo":{"jobRunId":5}}',
+        {"job_run_id": 5},
+        {"job_id": 8, "job_name": "sauvegarde \u00e9t\u00e9 \U0001f600"},
+        '{"jobId":8,"jobName":"sauvegarde \u00e9t\u00e9 \U0001f600"}',
+    ),
+]
+
+# (name, rest_text, field)
+RUN_INSTANCE_REJECT: list[tuple[str, str, str | None]] = [
+    ("job-id-string", '{"jobId":"7","protectionShellInfo":{"jobRunId":1}}', "jobId"),
+    ("job-id-fraction", '{"jobId":1.5,"protectionShellInfo":{"jobRunId":1}}', "jobId"),
+    ("job-id-beyond-int64", '{"jobId":9223372036854775808,"protectionShellInfo":{"jobRunId":1}}', "jobId"),
+    ("job-id-boolean", '{"jobId":true,"protectionShellInfo":{"jobRunId":1}}', "jobId"),
+    ("job-name-number", '{"jobName":5,"protectionShellInfo":{"jobRunId":1}}', "jobName"),
+    ("job-uid-not-object", '{"jobUid":[1,2,3],"protectionShellInfo":{"jobRunId":1}}', "jobUid"),
+    ("job-uid-member-string", '{"jobUid":{"clusterId":"1"},"protectionShellInfo":{"jobRunId":1}}', "jobUid.clusterId"),
+    ("no-shell-info", '{"jobId":7}', "protectionShellInfo"),
+    ("shell-info-not-object", '{"jobId":7,"protectionShellInfo":[]}', "protectionShellInfo"),
+    ("bad-key-inside-shell-info", '{"jobId":7,"protectionShellInfo":{"jobRunId":"x"}}', "jobRunId"),
+    ("not-an-object", "[]", None),
+]
+
+# --- job_filter: RunFilter.job_ids against RunUpdate.job -------------------------------------------
+# (name, job_ids, the update's job as REST text or None for no job, matches)
+JOB_FILTER: list[tuple[str, list[int], str | None, bool]] = [
+    ("empty-list-matches-every-run", [], None, True),
+    ("empty-list-matches-a-run-with-a-job", [], '{"jobId":7}', True),
+    ("id-in-list", [3, 7], '{"jobId":7,"jobName":"vm"}', True),
+    ("id-not-in-list", [3], '{"jobId":7}', False),
+    ("no-job-matches-none", [7], None, False),
+    ("job-without-id-matches-none", [0, 7], '{"jobName":"vm"}', False),
+    ("zero-id-is-an-id", [0], '{"jobId":0}', True),
+]
+
+
+def _job_hex(fields: dict[str, Any] | None) -> str | None:
+    return None if fields is None else ProtectionJob(**fields).SerializeToString().hex()
+
+
 def build() -> dict[str, Any]:
     """The whole vector file as a JSON-ready dictionary."""
     decode = [
@@ -450,6 +541,16 @@ def build() -> dict[str, Any]:
         "json_value": [
             {"name": n, "input": i, "canonical": c} if c is not None else {"name": n, "input": i, "invalid": why}
             for n, i, c, why in JSON_VALUE
+        ],
+        "run_instance": [
+            {"name": n, "rule": "run-instance", "rest_text": t, "hex": _hex(r), "job_hex": _job_hex(j), "job_out": o}
+            for n, t, r, j, o in RUN_INSTANCE
+        ],
+        "run_instance_reject": [
+            {"name": n, "rule": "run-instance", "rest_text": t, "field": f} for n, t, f in RUN_INSTANCE_REJECT
+        ],
+        "job_filter": [
+            {"name": n, "rule": "job-filter", "job_ids": ids, "job": j, "matches": m} for n, ids, j, m in JOB_FILTER
         ],
     }
 

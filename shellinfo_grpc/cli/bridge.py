@@ -44,10 +44,9 @@ bridge runs until SIGTERM or SIGINT, finishes the publish in flight, and exits
 with a few jobs whose runs progress in real time, for trying the bridge and
 testing consumers.
 
-The lead plugs these in: ``add_parser(subparsers)`` and
-``add_fake_cluster_parser(subparsers)`` declare the commands and set
-``handler`` to a function of ``(args, io)`` as the other commands do;
-:func:`run` and :func:`run_fake_cluster` do the work and raise
+:func:`add_bridge` and :func:`add_fake_cluster` declare the commands (listed in
+``COMMANDS`` of :mod:`shellinfo_grpc.cli`); :func:`run` and
+:func:`run_fake_cluster` do the work and raise
 :class:`~shellinfo_grpc.errors.ConfigurationError` for settings that cannot
 work (one line, exit status 2, from the command line's ``main``).
 """
@@ -67,12 +66,13 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any, Final, TextIO
 
+from shellinfo_grpc.cli._io import DEFAULT_ADDRESS as _DEFAULT_ADDRESS
+from shellinfo_grpc.cli._io import PROG as _PROG
+from shellinfo_grpc.cli._io import Streams, Subparsers
 from shellinfo_grpc.errors import ConfigurationError
 
-__all__ = ["add_fake_cluster_parser", "add_parser", "load_config", "run", "run_fake_cluster"]
+__all__ = ["add_bridge", "add_fake_cluster", "load_config", "run", "run_fake_cluster"]
 
-_PROG: Final = "shellinfo"
-_DEFAULT_ADDRESS: Final = "127.0.0.1:50051"
 _PASSWORD_ENV: Final = "SHELLINFO_CLUSTER_PASSWORD"  # noqa: S105 - the variable's name, not a password
 _API_KEY_ENV: Final = "SHELLINFO_CLUSTER_API_KEY"
 _HOUR: Final = 3600.0
@@ -360,7 +360,7 @@ def run(args: argparse.Namespace, *, stderr: TextIO | None = None) -> int:
             stop_metrics()
 
 
-def _handler(args: argparse.Namespace, io: Any) -> int:
+def _cmd_bridge(args: argparse.Namespace, io: Streams) -> int:
     return run(args, stderr=io.stderr)
 
 
@@ -384,7 +384,7 @@ def _count(text: str) -> int:
     return value
 
 
-def add_parser(subparsers: Any) -> argparse.ArgumentParser:
+def add_bridge(subparsers: Subparsers[argparse.ArgumentParser]) -> None:
     """Declare ``shellinfo bridge`` on ``subparsers``; its ``handler`` is ``(args, io) -> int``."""
     parser: argparse.ArgumentParser = subparsers.add_parser(
         "bridge",
@@ -434,8 +434,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     service.add_argument("--tls-ca", metavar="FILE", help="use TLS, trusting the service certificates this CA signs")
     service.add_argument("--tls-cert", metavar="FILE", help="client certificate for mutual TLS (PEM)")
     service.add_argument("--tls-key", metavar="FILE", help="the private key of --tls-cert (PEM)")
-    parser.set_defaults(handler=_handler)
-    return parser
+    parser.set_defaults(handler=_cmd_bridge)
 
 
 # --- fake-cluster ------------------------------------------------------------------------------------
@@ -463,8 +462,8 @@ def run_fake_cluster(args: argparse.Namespace, *, stderr: TextIO | None = None) 
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
         # Only now: a signal sent on seeing this line stops the cluster cleanly.
-        user = args.username if args.password_file else "admin (password admin)"
-        print(f"{_PROG}: fake cluster on {cluster.url} (user {user})", file=err)
+        user = f"user {args.username}" if args.password_file else "user admin, password admin"
+        print(f"{_PROG}: fake cluster on {cluster.url} ({user})", file=err)
         err.flush()
         last, number = time.time(), 0
         timelines = (
@@ -490,11 +489,11 @@ def run_fake_cluster(args: argparse.Namespace, *, stderr: TextIO | None = None) 
     return 0
 
 
-def _fake_handler(args: argparse.Namespace, io: Any) -> int:
+def _cmd_fake_cluster(args: argparse.Namespace, io: Streams) -> int:
     return run_fake_cluster(args, stderr=io.stderr)
 
 
-def add_fake_cluster_parser(subparsers: Any) -> argparse.ArgumentParser:
+def add_fake_cluster(subparsers: Subparsers[argparse.ArgumentParser]) -> None:
     """Declare ``shellinfo fake-cluster`` on ``subparsers``."""
     parser: argparse.ArgumentParser = subparsers.add_parser(
         "fake-cluster",
@@ -505,5 +504,4 @@ def add_fake_cluster_parser(subparsers: Any) -> argparse.ArgumentParser:
     parser.add_argument("--address", default="127.0.0.1:8080", metavar="HOST:PORT", help="(default %(default)s)")
     parser.add_argument("--username", default="admin", help="the user to accept (default %(default)s)")
     parser.add_argument("--password-file", metavar="FILE", help="that user's password (default: admin)")
-    parser.set_defaults(handler=_fake_handler)
-    return parser
+    parser.set_defaults(handler=_cmd_fake_cluster)
