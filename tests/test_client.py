@@ -325,11 +325,11 @@ def test_get_of_a_missing_run_is_not_found(client: RunUpdateClient) -> None:
 def test_invalid_list_and_watch_arguments_are_service_errors(client: RunUpdateClient) -> None:
     with pytest.raises(ServiceError) as info:
         list(client.list(page_size=-1))
-    assert (info.value.code, info.value.field) == ("INVALID_ARGUMENT", "page_size")
+    assert (info.value.code, info.value.field) == ("INVALID_ARGUMENT", "pageSize")
     assert not isinstance(info.value, RunRejected)
     with client.watch(start_revision=3, include_snapshot=True) as watch, pytest.raises(ServiceError) as info:
         next(watch)
-    assert (info.value.code, info.value.field) == ("INVALID_ARGUMENT", "include_snapshot")
+    assert (info.value.code, info.value.field) == ("INVALID_ARGUMENT", "includeSnapshot")
 
 
 def test_an_unreachable_server_is_unavailable() -> None:
