@@ -304,10 +304,11 @@ def _violation_field(path: Sequence[tuple[descriptor.FieldDescriptor, bytes]]) -
         if known is not None:  # unrecognized.status, unrecognized.run_type: that REST key
             return known.json_name
         # An extra key: named by the key itself when that much is readable.
-        with contextlib.suppress(DecodeError, UnicodeDecodeError):
-            key = _pb.ExtraRestKey.FromString(path[2][1]).key
-            if key:
-                return key
+        key_number = _pb.ExtraRestKey.DESCRIPTOR.fields_by_name["key"].number
+        with contextlib.suppress(ValueError):  # UnicodeDecodeError is one
+            keys = [p.decode("utf-8") for n, _, p in _fields(path[2][1]) if n == key_number]
+            if keys and keys[-1]:
+                return keys[-1]
         return "run"
     return ".".join(fd.json_name for fd in fields)
 
