@@ -29,7 +29,7 @@ from shellinfo_grpc.client import (
     RunWatch,
     WatchEvent,
 )
-from shellinfo_grpc.errors import ConfigurationError, HistoryExpired, RunRejected, ServiceError
+from shellinfo_grpc.errors import ConfigurationError, HistoryExpired, RevisionInFuture, RunRejected, ServiceError
 from shellinfo_grpc.server import RunningServer, ServerConfig, TlsConfig, create_server
 from shellinfo_grpc.stores import Retention, Store
 from shellinfo_grpc.stores.memory import MemoryStore
@@ -465,6 +465,45 @@ def test_watch_raises_history_expired_for_a_trimmed_history(host: ServerHost) ->
         assert watch.reconnects == 0
         with Collector(client.watch(start_revision=error.oldest_revision)) as ok:
             assert revisions(ok.take(10)) == list(range(21, 31))
+
+
+def test_watch_beyond_the_head_raises_revision_in_future(host: ServerHost) -> None:
+    store = MemoryStore()
+    host.publish_direct(store, [("a", run(i)) for i in range(1, 4)])
+    server = host.start(store)
+    with RunUpdateClient(f"127.0.0.1:{server.port}", timeout=WAIT) as client:
+        watch = client.watch(start_revision=9)
+        with pytest.raises(RevisionInFuture) as info:
+            next(watch)
+    error = info.value
+    assert isinstance(error, ServiceError)
+    assert (error.code, error.reason, error.requested, error.head_revision) == (
+        "OUT_OF_RANGE",
+        "REVISION_IN_FUTURE",
+        9,
+        3,
+    )
+    assert error.metadata["head_revision"] == "3"
+    assert watch.reconnects == 0
+
+
+def test_a_resume_against_a_reset_store_raises_instead_of_restarting(host: ServerHost) -> None:
+    """The server comes back on the same port with an empty store: the watch must not wait at revision 4."""
+    first = host.start(MemoryStore())
+    port = first.port
+    address = f"127.0.0.1:{port}"
+    with RunUpdateClient(address, timeout=WAIT) as client:
+        for i in range(1, 4):
+            client.publish(run(i), source="a")
+        watch = client.watch(start_revision=1, progress_interval_ms=100, reconnect=ReconnectPolicy(timeout=WAIT))
+        with Collector(watch) as collector:
+            assert revisions(collector.take(3)) == [1, 2, 3]
+            host.stop(first)  # the watch ends with UNAVAILABLE and resumes from 4 ...
+            host.start(MemoryStore(), port=port)  # ... against a store whose head is 0
+            with pytest.raises(RevisionInFuture) as info:
+                collector.take(1)
+    assert (info.value.requested, info.value.head_revision) == (4, 0)
+    assert watch.reconnects >= 1
 
 
 def test_watch_resumes_after_a_server_restart_on_the_same_store(host: ServerHost) -> None:
