@@ -53,6 +53,7 @@ from shellinfo_grpc._status import (
     REASON_INVALID_RUN,
     REASON_RUN_NOT_FOUND,
     REASON_RUN_TOO_LARGE,
+    REASON_SERVER_SHUTTING_DOWN,
     code_name,
     details,
     error_status,
@@ -97,8 +98,8 @@ _MAX_TOKEN_CHARS: Final = 4096
 
 _MAX_PAGE: Final = 1000
 #: How long a watch beyond the head + 1 waits for the head before REVISION_IN_FUTURE.
-_HEAD_WAIT_SECONDS: Final = 1.0
-_HEAD_WAIT_STEPS: Final = 20
+_HEAD_WAIT_SECONDS: Final = 0.25
+_HEAD_WAIT_STEPS: Final = 5
 _DEFAULT_PAGE: Final = 100
 _DEFAULT_PROGRESS_MS: Final = 5000
 _MIN_PROGRESS_MS: Final = 100
@@ -204,9 +205,12 @@ def _log_refusal(context: grpc.aio.ServicerContext[Any, Any], code: str, reason:
     log.info("refused %s from %s: %s %s", _METHOD.get(), context.peer(), code, reason or "-")
 
 
-async def _abort(context: grpc.aio.ServicerContext[Any, Any], proto: status_pb2.Status) -> NoReturn:
-    """End the call with ``proto``: its code, message and google.rpc details."""
-    _log_refusal(context, code_name(proto.code), details(proto).reason)
+async def _abort(
+    context: grpc.aio.ServicerContext[Any, Any], proto: status_pb2.Status, *, logged: bool = True
+) -> NoReturn:
+    """End the call with ``proto``: its code, message and google.rpc details (and a log line unless not ``logged``)."""
+    if logged:
+        _log_refusal(context, code_name(proto.code), details(proto).reason)
     status = rpc_status.to_status(proto)
     await context.abort(status.code, status.details, status.trailing_metadata)
     raise AssertionError("unreachable")  # pragma: no cover - abort raises
@@ -629,7 +633,8 @@ class RunUpdateServicer(_svc_grpc.RunUpdateServiceServicer):
             async for response in stream:
                 yield response
         except ServiceError as exc:  # the store failed, the history is gone, shutdown, too slow
-            await _abort(context, error_status(exc))
+            # Shutdown ends every watch: the stop line says how many, not one line each.
+            await _abort(context, error_status(exc), logged=exc.reason != REASON_SERVER_SHUTTING_DOWN)
 
 
 # --- authentication -------------------------------------------------------------
