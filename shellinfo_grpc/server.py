@@ -14,7 +14,15 @@ Guarantees (README.md, "Guarantees", says the same for users):
   with RESOURCE_EXHAUSTED and the last revision it was sent, so it resumes
   without blocking publishers or other watchers;
 * on shutdown, health turns NOT_SERVING, watchers end with UNAVAILABLE and
-  in-flight publishes finish.
+  in-flight publishes finish;
+* a bad request, whatever its bytes, is INVALID_ARGUMENT naming the field at
+  fault (an item of a PublishRuns stream is acknowledged with that error and
+  the stream goes on), never UNKNOWN or INTERNAL;
+* every accepted update, with all that is stored with it, fits what a client
+  with gRPC's default 4 MiB receive limit can read back.
+
+Refused and failed calls are logged at info, one line each (method, peer,
+code, reason; never the request or a token), and so is stopping, with why.
 """
 
 from __future__ import annotations
@@ -325,7 +333,7 @@ def _unparsable(data: bytes, message: descriptor.Descriptor) -> ServiceError:
         description = "is not valid UTF-8"
     else:
         description = "is not a valid protobuf message"
-    in_run = bool(path) and path[0][0].name == "run" and message is not _svc.GetRunRequest.DESCRIPTOR
+    in_run = bool(path) and path[0][0].name == "run"
     reason = REASON_INVALID_RUN if in_run else REASON_INVALID_REQUEST
     if not name:
         return ServiceError("INVALID_ARGUMENT", reason, f"the request {description}")
