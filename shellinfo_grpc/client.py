@@ -275,6 +275,13 @@ def _run_filter(
     )
 
 
+#: The OUT_OF_RANGE reasons of a watch start, their error class and the metadata key of the revision it names.
+_REVISION_ERRORS: Final[dict[str, tuple[type[HistoryExpired] | type[RevisionInFuture], str]]] = {
+    REASON_HISTORY_EXPIRED: (HistoryExpired, KEY_OLDEST_REVISION),
+    REASON_REVISION_IN_FUTURE: (RevisionInFuture, KEY_HEAD_REVISION),
+}
+
+
 def _service_error(exc: grpc.RpcError, *, publish: bool = False, start_revision: int = 0) -> ServiceError:
     """Turn a gRPC error into the error hierarchy, decoding its google.rpc details.
 
@@ -299,22 +306,15 @@ def _service_error(exc: grpc.RpcError, *, publish: bool = False, start_revision:
         message = status.message or message
         found = details(status)
         reason, metadata, violations = found.reason, found.metadata or {}, list(found.violations)
-    if code == "OUT_OF_RANGE" and reason == REASON_HISTORY_EXPIRED:
+    if code == "OUT_OF_RANGE" and reason in _REVISION_ERRORS:
+        error_class, key = _REVISION_ERRORS[reason]
         try:
-            oldest = int(metadata[KEY_OLDEST_REVISION])
+            revision = int(metadata[key])
             requested = int(metadata.get(KEY_REQUESTED_REVISION, start_revision))
         except (KeyError, ValueError):
             pass  # malformed metadata: fall back to a plain ServiceError
         else:
-            return HistoryExpired(requested, oldest)
-    if code == "OUT_OF_RANGE" and reason == REASON_REVISION_IN_FUTURE:
-        try:
-            head = int(metadata[KEY_HEAD_REVISION])
-            requested = int(metadata.get(KEY_REQUESTED_REVISION, start_revision))
-        except (KeyError, ValueError):
-            pass  # malformed metadata: fall back to a plain ServiceError
-        else:
-            return RevisionInFuture(requested, head)
+            return error_class(requested, revision)
     if publish and code in REFUSED_CODES:
         return RunRejected(code, reason, message, violations, metadata)
     return ServiceError(code, reason, message, violations, metadata)

@@ -42,8 +42,9 @@ from pathlib import Path
 from typing import Any, Final, NoReturn
 
 import grpc
-from google.protobuf import descriptor, descriptor_pb2, descriptor_pool, message_factory
+from google.protobuf import descriptor, descriptor_pb2, descriptor_pool, empty_pb2, message_factory
 from google.protobuf.message import DecodeError, Message
+from google.protobuf.unknown_fields import UnknownFieldSet
 from google.rpc import status_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio  # type: ignore[attr-defined]
@@ -240,53 +241,27 @@ def _invalid(field_name: str, description: str) -> status_pb2.Status:
 # cannot deserialize (invalid UTF-8 in a string field, garbage) would end the
 # call with INTERNAL, and in a PublishRuns stream end the whole stream.
 
-_WIRE_VARINT, _WIRE_FIXED64, _WIRE_LEN, _WIRE_FIXED32 = 0, 1, 2, 5
+_WIRE_LEN: Final = 2  # the wire type of strings and messages
 
 
-def _varint(data: bytes, pos: int) -> tuple[int, int]:
-    """The varint at ``pos`` and the position after it; ValueError when truncated or too long."""
-    value = shift = 0
-    while shift < 70:
-        if pos >= len(data):
-            raise ValueError("truncated")
-        byte = data[pos]
-        pos += 1
-        value |= (byte & 0x7F) << shift
-        if byte < 0x80:
-            return value, pos
-        shift += 7
-    raise ValueError("varint too long")
+def _fields(data: bytes) -> list[tuple[int, bytes]]:
+    """(field number, payload) of each length-delimited field of ``data``; DecodeError when malformed.
 
-
-def _fields(data: bytes) -> list[tuple[int, int, bytes]]:
-    """(field number, wire type, length-delimited payload or b"") of each field; ValueError if malformed."""
-    out: list[tuple[int, int, bytes]] = []
-    pos = 0
-    while pos < len(data):
-        tag, pos = _varint(data, pos)
-        number, wire = tag >> 3, tag & 7
-        if wire == _WIRE_VARINT:
-            _, pos = _varint(data, pos)
-        elif wire in (_WIRE_FIXED64, _WIRE_FIXED32):
-            pos += 8 if wire == _WIRE_FIXED64 else 4
-        elif wire == _WIRE_LEN:
-            size, pos = _varint(data, pos)
-            out.append((number, wire, data[pos : pos + size]))
-            pos += size
-        else:
-            raise ValueError(f"wire type {wire}")
-        if pos > len(data):
-            raise ValueError("truncated")
-    return out
+    Read as fields of an empty message, all unknown, so that nothing is
+    checked yet (strings stay bytes).
+    """
+    fields = UnknownFieldSet(empty_pb2.Empty.FromString(data))
+    found = (fields[i] for i in range(len(fields)))
+    return [(f.field_number, f.data) for f in found if f.wire_type == _WIRE_LEN]
 
 
 def _fault(data: bytes, message: descriptor.Descriptor) -> list[tuple[descriptor.FieldDescriptor, bytes]]:
     """The path of fields down to the one that makes ``data`` unparsable, as far as it can be told."""
     try:
         fields = _fields(data)
-    except ValueError:
+    except (DecodeError, RecursionError):
         return []
-    for number, _, payload in fields:
+    for number, payload in fields:
         fd = message.fields_by_number.get(number)
         if fd is None:
             continue
@@ -317,8 +292,8 @@ def _violation_field(path: Sequence[tuple[descriptor.FieldDescriptor, bytes]]) -
             return known.json_name
         # An extra key: named by the key itself when that much is readable.
         key_number = _pb.ExtraRestKey.DESCRIPTOR.fields_by_name["key"].number
-        with contextlib.suppress(ValueError):  # UnicodeDecodeError is one
-            keys = [p.decode("utf-8") for n, _, p in _fields(path[2][1]) if n == key_number]
+        with contextlib.suppress(DecodeError, UnicodeDecodeError):
+            keys = [p.decode("utf-8") for n, p in _fields(path[2][1]) if n == key_number]
             if keys and keys[-1]:
                 return keys[-1]
         return "run"

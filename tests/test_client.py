@@ -489,17 +489,15 @@ def test_watch_beyond_the_head_raises_revision_in_future(host: ServerHost) -> No
 
 def test_a_resume_against_a_reset_store_raises_instead_of_restarting(host: ServerHost) -> None:
     """The server comes back on the same port with an empty store: the watch must not wait at revision 4."""
-    first = host.start(MemoryStore())
-    port = first.port
-    address = f"127.0.0.1:{port}"
-    with RunUpdateClient(address, timeout=WAIT) as client:
-        for i in range(1, 4):
-            client.publish(run(i), source="a")
-        watch = client.watch(start_revision=1, progress_interval_ms=100, reconnect=ReconnectPolicy(timeout=WAIT))
+    store = MemoryStore()
+    host.publish_direct(store, [("a", run(i)) for i in range(1, 4)])
+    first = host.start(store)
+    with RunUpdateClient(f"127.0.0.1:{first.port}", timeout=WAIT) as client:
+        watch = client.watch(start_revision=1, reconnect=ReconnectPolicy(timeout=WAIT))
         with Collector(watch) as collector:
             assert revisions(collector.take(3)) == [1, 2, 3]
             host.stop(first)  # the watch ends with UNAVAILABLE and resumes from 4 ...
-            host.start(MemoryStore(), port=port)  # ... against a store whose head is 0
+            host.start(MemoryStore(), port=first.port)  # ... against a store whose head is 0
             with pytest.raises(RevisionInFuture) as info:
                 collector.take(1)
     assert (info.value.requested, info.value.head_revision) == (4, 0)
