@@ -209,9 +209,13 @@ def load_tokens(path: Path) -> frozenset[str]:
 _METHOD: Final[contextvars.ContextVar[str]] = contextvars.ContextVar("shellinfo_method", default="?")
 
 
-def _log_refusal(context: grpc.aio.ServicerContext[Any, Any], code: str, reason: str) -> None:
-    """One info line per refused or failed call: method, peer, code, reason (never the request)."""
-    log.info("refused %s from %s: %s %s", _METHOD.get(), context.peer(), code, reason or "-")
+def _log_refusal(
+    context: grpc.aio.ServicerContext[Any, Any], code: str, reason: str, *, item: int | None = None
+) -> None:
+    """One info line per refused call (or refused ``item`` of a PublishRuns stream):
+    method, peer, code, reason; never the request."""
+    method = _METHOD.get() if item is None else f"{_METHOD.get()} item {item}"
+    log.info("refused %s from %s: %s %s", method, context.peer(), code, reason or "-")
 
 
 async def _abort(
@@ -526,6 +530,8 @@ class RunUpdateServicer(_svc_grpc.RunUpdateServiceServicer):
                 index += len(requests)
                 for ack in acks:
                     assert ack is not None
+                    if ack.HasField("error"):
+                        _log_refusal(context, code_name(ack.error.code), ack.error.reason, item=ack.index)
                     yield ack
             # The stream ended: if reading it failed (a request that does not
             # parse, say), the call fails too instead of ending with OK.

@@ -593,6 +593,9 @@ def test_refused_calls_and_the_shutdown_are_logged_one_line_each(caplog: pytest.
                 stub.ListRuns(svc.ListRunsRequest(page_size=-1), metadata=good)
             with pytest.raises(grpc.RpcError):
                 stub.GetRun(svc.GetRunRequest(job_run_id=1), metadata=(("authorization", "Bearer wrong-secret"),))
+            bad_item = svc.PublishRunsRequest(source="s" * 300, run=from_rest({"jobRunId": 1}))
+            (ack,) = stub.PublishRuns(iter([bad_item]), metadata=good)
+            assert ack.HasField("error")
         host.stop(running)
     finally:
         host.close()
@@ -601,5 +604,31 @@ def test_refused_calls_and_the_shutdown_are_logged_one_line_each(caplog: pytest.
     refused = [line for line in lines if line.startswith("refused")]
     assert any("ListRuns" in x and "127.0.0.1" in x and "INVALID_ARGUMENT INVALID_REQUEST" in x for x in refused)
     assert any("GetRun" in x and "127.0.0.1" in x and "UNAUTHENTICATED" in x for x in refused)
+    assert any("PublishRuns item 0" in x and "INVALID_ARGUMENT INVALID_REQUEST" in x for x in refused)
     assert any(line.startswith("stopping (asked to stop)") for line in lines)
     assert any(line.startswith("stopped (asked to stop)") for line in lines)
+
+
+class _BrokenStore(MemoryStore):
+    """A store with a fault of its own: reading a run raises what no caller expects."""
+
+    async def get(self, source: str, job_run_id: int) -> svc.RunUpdate | None:
+        raise RuntimeError("disk on fire: secret detail")
+
+
+def test_a_failed_call_is_logged_one_line_without_the_details(caplog: pytest.LogCaptureFixture) -> None:
+    host = ServerHost()
+    caplog.set_level(logging.INFO, logger="shellinfo_grpc.server")
+    try:
+        running = host.start(_BrokenStore())
+        with grpc.insecure_channel(f"127.0.0.1:{running.port}") as channel:
+            with pytest.raises(grpc.RpcError) as caught:
+                svc_grpc.RunUpdateServiceStub(channel).GetRun(svc.GetRunRequest(job_run_id=1))
+            assert caught.value.code() == grpc.StatusCode.UNKNOWN
+    finally:
+        host.close()
+    failed = [r.getMessage() for r in caplog.records if r.getMessage().startswith("failed")]
+    assert len(failed) == 1
+    assert "GetRun" in failed[0]
+    assert "UNKNOWN RuntimeError" in failed[0]
+    assert "secret" not in failed[0]
