@@ -734,8 +734,10 @@ def _wrap(method: descriptor.MethodDescriptor, impl: Callable[..., Any]) -> Call
         async def stream_handler(data: Any, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
             _METHOD.set(name)
             try:
-                async for response in impl(await request_of(data, context), context):
-                    yield response
+                # Closed at once when the call ends (a cancelled watch unregisters now, not when collected).
+                async with contextlib.aclosing(impl(await request_of(data, context), context)) as responses:
+                    async for response in responses:
+                        yield response
             except grpc.aio.AbortError:
                 raise
             except Exception as exc:
