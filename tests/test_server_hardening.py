@@ -18,8 +18,11 @@ import asyncio
 import base64
 import json
 import logging
+import subprocess
+import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -632,3 +635,69 @@ def test_a_failed_call_is_logged_one_line_without_the_details(caplog: pytest.Log
     assert "GetRun" in failed[0]
     assert "UNKNOWN RuntimeError" in failed[0]
     assert "secret" not in failed[0]
+
+
+_SERVER_PROCESS = """
+import asyncio
+from shellinfo_grpc.server import create_server
+from shellinfo_grpc.stores.memory import MemoryStore
+
+async def main():
+    running = await create_server("127.0.0.1:0", MemoryStore())
+    print(running.port, flush=True)
+    await asyncio.Event().wait()
+
+asyncio.run(main())
+"""
+
+
+def _rss_mib(pid: int) -> float:
+    with open(f"/proc/{pid}/status", encoding="ascii") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    raise AssertionError("no VmRSS")
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads the server's RSS from /proc")
+def test_server_memory_stays_bounded_while_a_publisher_does_not_read_its_acks() -> None:
+    """The server in a process of its own: its RSS grows by the updates it stored, not by what it was sent."""
+    server = subprocess.Popen([sys.executable, "-c", _SERVER_PROCESS], stdout=subprocess.PIPE, text=True)
+    try:
+        assert server.stdout is not None
+        port = int(server.stdout.readline())
+        before = _rss_mib(server.pid)
+        run = {"error": "x" * 1000}
+
+        async def publish_without_reading() -> tuple[int, int]:
+            channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=SMALL_WINDOW)
+            written = 0
+
+            async def requests() -> Any:
+                nonlocal written
+                for n in range(100_000):  # 100 MB, if the server took it all
+                    yield svc.PublishRunsRequest(source="m", run=from_rest({"jobRunId": n + 1, **run}))
+                    written += 1
+
+            try:
+                call = svc_grpc.RunUpdateServiceStub(channel).PublishRuns(requests())
+                seen = [-1, -2]
+                while seen[-1] != seen[-2]:  # until the writes wait
+                    await asyncio.sleep(0.5)
+                    seen.append(written)
+                head = await svc_grpc.RunUpdateServiceStub(channel).WatchRuns(svc.WatchRunsRequest()).read()
+                call.cancel()
+                return written, head.revision
+            finally:
+                await channel.close()
+
+        written, stored = asyncio.run(publish_without_reading())
+        grown = _rss_mib(server.pid) - before
+    finally:
+        server.terminate()
+        server.wait(10)
+        if server.stdout is not None:
+            server.stdout.close()
+    assert stored < written < 100_000
+    # What it stored (about 1 KiB each) and the read-ahead, not the 100 MB it was offered.
+    assert grown < 64 + stored / 1024, f"server RSS grew {grown:.0f} MiB with {stored} updates stored"
