@@ -27,6 +27,7 @@ from shellinfo_grpc._gen.shellinfo.v1 import run_update_service_pb2 as _svc
 
 __all__ = [
     "DOMAIN",
+    "KEY_HEAD_REVISION",
     "KEY_JOB_RUN_ID",
     "KEY_LAST_REVISION",
     "KEY_OLDEST_REVISION",
@@ -35,6 +36,7 @@ __all__ = [
     "REASON_HISTORY_EXPIRED",
     "REASON_INVALID_REQUEST",
     "REASON_INVALID_RUN",
+    "REASON_REVISION_IN_FUTURE",
     "REASON_RUN_FINAL",
     "REASON_RUN_NOT_FOUND",
     "REASON_RUN_TOO_LARGE",
@@ -69,6 +71,8 @@ REASON_RUN_FINAL: Final = "RUN_FINAL"
 REASON_RUN_NOT_FOUND: Final = "RUN_NOT_FOUND"
 #: OUT_OF_RANGE: a watch starts before the oldest retained revision.
 REASON_HISTORY_EXPIRED: Final = "HISTORY_EXPIRED"
+#: OUT_OF_RANGE: a watch starts beyond the head + 1 (the store was replaced or reset).
+REASON_REVISION_IN_FUTURE: Final = "REVISION_IN_FUTURE"
 #: UNAVAILABLE: the store cannot be reached now.
 REASON_STORE_UNAVAILABLE: Final = "STORE_UNAVAILABLE"
 #: UNAVAILABLE: the server is shutting down; a watch resumes elsewhere.
@@ -84,6 +88,8 @@ KEY_LAST_REVISION: Final = "last_revision"
 KEY_OLDEST_REVISION: Final = "oldest_revision"
 #: The revision the watch asked for (HISTORY_EXPIRED).
 KEY_REQUESTED_REVISION: Final = "requested_revision"
+#: The newest revision the service has (REVISION_IN_FUTURE).
+KEY_HEAD_REVISION: Final = "head_revision"
 #: The run GetRun did not find (RUN_NOT_FOUND).
 KEY_SOURCE: Final = "source"
 KEY_JOB_RUN_ID: Final = "job_run_id"

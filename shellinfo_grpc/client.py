@@ -14,6 +14,10 @@ violations (REST keys), with the gRPC error as ``__cause__``:
   (``INVALID_ARGUMENT`` or ``FAILED_PRECONDITION``);
 * a watch that starts before the retained history is
   :class:`~shellinfo_grpc.errors.HistoryExpired` (``OUT_OF_RANGE``);
+* a watch (or its resume) beyond the newest revision + 1, which means the
+  store was replaced or reset, is
+  :class:`~shellinfo_grpc.errors.RevisionInFuture` (``OUT_OF_RANGE``): the
+  watch ends with it rather than silently starting over;
 * anything else, ``NOT_FOUND``, ``UNAUTHENTICATED`` and ``UNAVAILABLE``
   included, is a plain :class:`~shellinfo_grpc.errors.ServiceError`.
 
@@ -67,16 +71,25 @@ from shellinfo_grpc._gen.shellinfo.v1 import protection_shell_info_pb2 as _pb
 from shellinfo_grpc._gen.shellinfo.v1 import run_update_service_pb2 as _svc
 from shellinfo_grpc._gen.shellinfo.v1 import run_update_service_pb2_grpc as _svc_grpc
 from shellinfo_grpc._status import (
+    KEY_HEAD_REVISION,
     KEY_LAST_REVISION,
     KEY_OLDEST_REVISION,
     KEY_REQUESTED_REVISION,
     REASON_HISTORY_EXPIRED,
+    REASON_REVISION_IN_FUTURE,
     REASON_WATCHER_TOO_SLOW,
     REFUSED_CODES,
     code_name,
     details,
 )
-from shellinfo_grpc.errors import ConfigurationError, HistoryExpired, RestDecodeError, RunRejected, ServiceError
+from shellinfo_grpc.errors import (
+    ConfigurationError,
+    HistoryExpired,
+    RestDecodeError,
+    RevisionInFuture,
+    RunRejected,
+    ServiceError,
+)
 from shellinfo_grpc.rest import from_rest, rest_names
 from shellinfo_grpc.run_instance import job_from_rest
 
@@ -282,6 +295,13 @@ def _run_filter(
     )
 
 
+#: The OUT_OF_RANGE reasons of a watch start, their error class and the metadata key of the revision it names.
+_REVISION_ERRORS: Final[dict[str, tuple[type[HistoryExpired] | type[RevisionInFuture], str]]] = {
+    REASON_HISTORY_EXPIRED: (HistoryExpired, KEY_OLDEST_REVISION),
+    REASON_REVISION_IN_FUTURE: (RevisionInFuture, KEY_HEAD_REVISION),
+}
+
+
 def _service_error(exc: grpc.RpcError, *, publish: bool = False, start_revision: int = 0) -> ServiceError:
     """Turn a gRPC error into the error hierarchy, decoding its google.rpc details.
 
@@ -306,14 +326,15 @@ def _service_error(exc: grpc.RpcError, *, publish: bool = False, start_revision:
         message = status.message or message
         found = details(status)
         reason, metadata, violations = found.reason, found.metadata or {}, list(found.violations)
-    if code == "OUT_OF_RANGE" and reason == REASON_HISTORY_EXPIRED:
+    if code == "OUT_OF_RANGE" and reason in _REVISION_ERRORS:
+        error_class, key = _REVISION_ERRORS[reason]
         try:
-            oldest = int(metadata[KEY_OLDEST_REVISION])
+            revision = int(metadata[key])
             requested = int(metadata.get(KEY_REQUESTED_REVISION, start_revision))
         except (KeyError, ValueError):
             pass  # malformed metadata: fall back to a plain ServiceError
         else:
-            return HistoryExpired(requested, oldest)
+            return error_class(requested, revision)
     if publish and code in REFUSED_CODES:
         return RunRejected(code, reason, message, violations, metadata)
     return ServiceError(code, reason, message, violations, metadata)
@@ -940,9 +961,12 @@ class _ClientBase(Generic[_Watch, _Pages]):
         is delivered once, in revision order, across reconnects; a start
         older than the retained history raises
         :class:`~shellinfo_grpc.errors.HistoryExpired` (also on a reconnect),
-        never skips. ``progress_interval_ms`` is how often the server reports
-        progress while idle (0: every 5 s); it moves the resume point past
-        updates the filter skips. A server that cannot be reached when the
+        never skips; a resume against a server whose store was replaced or
+        reset (its newest revision below where the watch left off) raises
+        :class:`~shellinfo_grpc.errors.RevisionInFuture`, never restarts.
+        ``progress_interval_ms`` is how often the server reports progress
+        while idle (0: every 5 s); it moves the resume point past updates the
+        filter skips. A server that cannot be reached when the
         watch starts is retried like a lost connection, as ``reconnect`` (or
         the client's policy) says. Caveat: a watch from now whose connection
         is lost before the server's first response (an update or progress)

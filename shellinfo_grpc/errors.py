@@ -10,9 +10,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from shellinfo_grpc._status import (
+    KEY_HEAD_REVISION,
     KEY_OLDEST_REVISION,
     KEY_REQUESTED_REVISION,
     REASON_HISTORY_EXPIRED,
+    REASON_REVISION_IN_FUTURE,
     REASON_STORE_UNAVAILABLE,
 )
 
@@ -25,6 +27,7 @@ __all__ = [
     "FramingError",
     "HistoryExpired",
     "RestDecodeError",
+    "RevisionInFuture",
     "RunRejected",
     "ServiceError",
     "ShellInfoError",
@@ -128,6 +131,29 @@ class HistoryExpired(ServiceError):
 
     def __reduce__(self) -> tuple[type[ServiceError], tuple[object, ...]]:
         return (type(self), (self.requested, self.oldest_revision))
+
+
+class RevisionInFuture(ServiceError):
+    """A watch asked to start beyond the newest revision + 1.
+
+    The store behind the service was replaced or reset, so the revisions the
+    watcher waits for would be handed out again for other updates: it must not
+    silently start over. ``head_revision`` is the newest revision the service has.
+    """
+
+    def __init__(self, requested: int, head_revision: int) -> None:
+        self.requested = requested
+        self.head_revision = head_revision
+        super().__init__(
+            "OUT_OF_RANGE",
+            REASON_REVISION_IN_FUTURE,
+            f"revision {requested} is beyond the newest revision {head_revision} + 1: the store was replaced or reset",
+            [("startRevision", f"at most {head_revision + 1}")],
+            metadata={KEY_HEAD_REVISION: str(head_revision), KEY_REQUESTED_REVISION: str(requested)},
+        )
+
+    def __reduce__(self) -> tuple[type[ServiceError], tuple[object, ...]]:
+        return (type(self), (self.requested, self.head_revision))
 
 
 class StoreUnavailable(ServiceError):

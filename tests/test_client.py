@@ -30,7 +30,7 @@ from shellinfo_grpc.client import (
     RunWatch,
     WatchEvent,
 )
-from shellinfo_grpc.errors import ConfigurationError, HistoryExpired, RunRejected, ServiceError
+from shellinfo_grpc.errors import ConfigurationError, HistoryExpired, RevisionInFuture, RunRejected, ServiceError
 from shellinfo_grpc.run_instance import job_to_rest
 from shellinfo_grpc.server import RunningServer, ServerConfig, TlsConfig, create_server
 from shellinfo_grpc.stores import Retention, Store
@@ -327,11 +327,11 @@ def test_get_of_a_missing_run_is_not_found(client: RunUpdateClient) -> None:
 def test_invalid_list_and_watch_arguments_are_service_errors(client: RunUpdateClient) -> None:
     with pytest.raises(ServiceError) as info:
         list(client.list(page_size=-1))
-    assert (info.value.code, info.value.field) == ("INVALID_ARGUMENT", "page_size")
+    assert (info.value.code, info.value.field) == ("INVALID_ARGUMENT", "pageSize")
     assert not isinstance(info.value, RunRejected)
     with client.watch(start_revision=3, include_snapshot=True) as watch, pytest.raises(ServiceError) as info:
         next(watch)
-    assert (info.value.code, info.value.field) == ("INVALID_ARGUMENT", "include_snapshot")
+    assert (info.value.code, info.value.field) == ("INVALID_ARGUMENT", "includeSnapshot")
 
 
 # --- jobs ---------------------------------------------------------------------------------------
@@ -533,6 +533,43 @@ def test_watch_raises_history_expired_for_a_trimmed_history(host: ServerHost) ->
         assert watch.reconnects == 0
         with Collector(client.watch(start_revision=error.oldest_revision)) as ok:
             assert revisions(ok.take(10)) == list(range(21, 31))
+
+
+def test_watch_beyond_the_head_raises_revision_in_future(host: ServerHost) -> None:
+    store = MemoryStore()
+    host.publish_direct(store, [("a", run(i)) for i in range(1, 4)])
+    server = host.start(store)
+    with RunUpdateClient(f"127.0.0.1:{server.port}", timeout=WAIT) as client:
+        watch = client.watch(start_revision=9)
+        with pytest.raises(RevisionInFuture) as info:
+            next(watch)
+    error = info.value
+    assert isinstance(error, ServiceError)
+    assert (error.code, error.reason, error.requested, error.head_revision) == (
+        "OUT_OF_RANGE",
+        "REVISION_IN_FUTURE",
+        9,
+        3,
+    )
+    assert error.metadata["head_revision"] == "3"
+    assert watch.reconnects == 0
+
+
+def test_a_resume_against_a_reset_store_raises_instead_of_restarting(host: ServerHost) -> None:
+    """The server comes back on the same port with an empty store: the watch must not wait at revision 4."""
+    store = MemoryStore()
+    host.publish_direct(store, [("a", run(i)) for i in range(1, 4)])
+    first = host.start(store)
+    with RunUpdateClient(f"127.0.0.1:{first.port}", timeout=WAIT) as client:
+        watch = client.watch(start_revision=1, reconnect=ReconnectPolicy(timeout=WAIT))
+        with Collector(watch) as collector:
+            assert revisions(collector.take(3)) == [1, 2, 3]
+            host.stop(first)  # the watch ends with UNAVAILABLE and resumes from 4 ...
+            host.start(MemoryStore(), port=first.port)  # ... against a store whose head is 0
+            with pytest.raises(RevisionInFuture) as info:
+                collector.take(1)
+    assert (info.value.requested, info.value.head_revision) == (4, 0)
+    assert watch.reconnects >= 1
 
 
 def test_watch_resumes_after_a_server_restart_on_the_same_store(host: ServerHost) -> None:
