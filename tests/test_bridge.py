@@ -36,6 +36,7 @@ from hypothesis import strategies as st
 
 from shellinfo_grpc import REST_KEYS, RestDecodeError, to_rest
 from shellinfo_grpc._cluster_api import Credentials, RetryPolicy
+from shellinfo_grpc._jsonvalue import encode as canonical_json
 from shellinfo_grpc.bridge import Bridge, ClusterConfig, ServiceConfig
 from shellinfo_grpc.client import AsyncRunUpdateClient
 from shellinfo_grpc.errors import ConfigurationError
@@ -679,7 +680,9 @@ def test_a_run_with_odd_values_never_fails_the_poll_nor_holds_up_the_others(key:
                 # (a known key's null means unset; an unknown key's null is kept)
                 expected = {k: v for k, v in odd_state.items() if v is not None or k not in REST_KEYS}
                 expected["job"] = cluster.job_of(odd)
-                assert published[("c1", odd)][-1] == expected
+                # Compared as canonical JSON (docs/contract.md): a double such as 6.570521757652651e16 is
+                # written 65705217576526510 and reads back as that integer, the same JSON value.
+                assert canonical_json(published[("c1", odd)][-1]) == canonical_json(expected)
             else:  # refused by from_rest, or by the service (an end before the start, say): skipped
                 assert key != "brandNew"
 
