@@ -18,6 +18,24 @@ file up to date on start):
   oldest revision a watch may start from), so that revisions are never reused,
   even when the whole history was trimmed and the process restarts.
 
+On start the file is checked before anything is served: it must be this
+application's (``application_id``) at a schema version this code knows, with
+every table and column, both ``meta`` rows as integers, and a head at or
+beyond every revision in ``updates`` and ``runs`` (otherwise revisions would
+be handed out twice), and a history from ``oldest`` to the head. Anything
+else is a one-line
+:class:`~shellinfo_grpc.errors.ConfigurationError`: the store does not start.
+
+One file, one server: the store holds an exclusive ``fcntl.flock`` on
+``PATH.lock`` (which holds the owner's process id) from start to close, so
+a second store on the same file, in this process or another, refuses to
+start. As a second line of defence, each write transaction checks that the
+head in the file is the one this store last wrote.
+
+Writes that fail for a reason of the file (disk full, read-only, I/O error)
+are reported through :meth:`~shellinfo_grpc.stores.Store.report_writable`,
+and again once a write succeeds: the server turns its health accordingly.
+
 Concurrency: the event loop never touches SQLite. One thread owns the writing
 connection, another the reading one (WAL lets readers run beside the writer).
 Concurrent :meth:`SqliteStore.record_batch` calls are queued; a writer task
@@ -36,8 +54,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import functools
 import logging
+import os
 import sqlite3
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -92,6 +112,13 @@ _MIGRATIONS: Final[dict[int, tuple[str, ...]]] = {
     2: ("ALTER TABLE updates ADD COLUMN wire BLOB",),
 }
 
+#: The columns of each table at :data:`SCHEMA_VERSION`, checked on start.
+_COLUMNS: Final[dict[str, frozenset[str]]] = {
+    "meta": frozenset({"key", "value"}),
+    "updates": frozenset({"revision", "source", "job_run_id", "accepted_usecs", "run", "wire"}),
+    "runs": frozenset({"source", "job_run_id", "revision", "accepted_usecs", "status", "run_type", "run"}),
+}
+
 _SYNCHRONOUS: Final = frozenset({"NORMAL", "FULL", "EXTRA"})
 _BUSY_TIMEOUT_MS: Final = 10_000
 #: Most items committed in one transaction; the rest wait for the next one.
@@ -107,6 +134,12 @@ _Change = tuple[_svc.RunUpdate, bytes]  # an accepted update and its run's store
 _BatchResult = list[PublishOutcome | RunRejected] | Exception
 
 
+def _said(exc: BaseException) -> str:
+    """What an error says, on one line and bounded (SQLite quotes damaged schema text, newlines and all)."""
+    text = " ".join(str(exc).split())
+    return text if len(text) <= 200 else text[:199] + "…"
+
+
 def _clamp64(value: int) -> int:
     return min(max(value, _INT64_MIN), _INT64_MAX)
 
@@ -117,7 +150,7 @@ def _decode(source: str, revision: int, accepted_usecs: int, blob: bytes) -> _sv
     try:
         update.run.MergeFromString(blob)
     except DecodeError as exc:
-        raise StoreUnavailable(f"the stored update with revision {revision} is corrupt: {exc}") from exc
+        raise StoreUnavailable(f"the stored update with revision {revision} is corrupt: {_said(exc)}") from exc
     return update
 
 
@@ -175,7 +208,7 @@ class SqliteStore(Store):
     connection: ``"FULL"`` (the default) makes every acknowledged update
     survive a power loss; ``"NORMAL"`` survives a crash of the process but may
     lose the last commits on a power loss; ``"EXTRA"`` also syncs the
-    directory. Only one process may write a file at a time.
+    directory. One store serves a file at a time (``PATH.lock``, see the module docstring).
     """
 
     def __init__(self, path: Path, *, retention: Retention | None = None, synchronous: str = "FULL") -> None:
@@ -195,6 +228,7 @@ class SqliteStore(Store):
         self._closed = asyncio.Event()
         # Owned by the writer thread.
         self._wconn: sqlite3.Connection | None = None
+        self._lock_fd: int | None = None
         self._w_head = 0
         self._w_oldest = 1
         # Owned by the reader thread.
@@ -226,16 +260,24 @@ class SqliteStore(Store):
         try:
             conn = sqlite3.connect(self._path, isolation_level=None, timeout=_BUSY_TIMEOUT_MS / 1000)
         except sqlite3.Error as exc:
-            raise ConfigurationError(f"store {self._path}: cannot open the SQLite file: {exc}") from exc
+            raise ConfigurationError(f"store {self._path}: cannot open the SQLite file: {_said(exc)}") from exc
         return conn
 
     def _open_writer(self) -> int:
         try:
             self._path.parent.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
-            raise ConfigurationError(f"store {self._path}: cannot create its directory: {exc}") from exc
+            raise ConfigurationError(f"store {self._path}: cannot create its directory: {_said(exc)}") from exc
         if self._path.is_dir():
             raise ConfigurationError(f"store {self._path}: is a directory; give the path of a file")
+        self._lock()
+        with contextlib.suppress(OSError):
+            if self._path.stat().st_size == 0:
+                # A file SQLite would take for a new, empty store: one truncated by
+                # accident would start handing out revision 1 again.
+                raise ConfigurationError(
+                    f"store {self._path}: an empty file, not a shellinfo store; remove it to start a new store"
+                )
         conn = self._connect()
         try:
             conn.execute(f"PRAGMA busy_timeout = {_BUSY_TIMEOUT_MS}")
@@ -246,20 +288,46 @@ class SqliteStore(Store):
             conn.execute(f"PRAGMA synchronous = {self._synchronous}")
             conn.execute("PRAGMA journal_size_limit = 67108864")
             self._migrate(conn)
-            meta = dict(conn.execute("SELECT key, value FROM meta").fetchall())
-            self._w_head = int(meta["head"])
-            self._w_oldest = int(meta["oldest"])
-            (newest,) = conn.execute("SELECT max(revision) FROM updates").fetchone()
-            if newest is not None and newest > self._w_head:
-                raise ConfigurationError(f"store {self._path}: inconsistent: revision {newest} is beyond the head")
-        except sqlite3.Error as exc:
+            self._w_head, self._w_oldest = self._check_contents(conn)
+        except (sqlite3.Error, UnicodeDecodeError) as exc:  # the latter: text in the file that is not UTF-8
             conn.close()
-            raise ConfigurationError(f"store {self._path}: not a usable shellinfo SQLite store: {exc}") from exc
+            raise ConfigurationError(f"store {self._path}: not a usable shellinfo SQLite store: {_said(exc)}") from exc
         except BaseException:
             conn.close()
             raise
         self._wconn = conn
         return self._w_head
+
+    def _lock(self) -> None:
+        """Take the exclusive lock on ``PATH.lock``, or refuse: another store serves the file."""
+        lock_path = self._path.with_name(self._path.name + ".lock")
+        try:
+            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        except OSError as exc:
+            raise ConfigurationError(
+                f"store {self._path}: cannot open its lock file {lock_path}: {exc.strerror}"
+            ) from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            holder = ""
+            with contextlib.suppress(OSError, ValueError):
+                holder = f" (pid {int(os.pread(fd, 32, 0).decode().strip())})"
+            os.close(fd)
+            if isinstance(exc, BlockingIOError):
+                raise ConfigurationError(
+                    f"store {self._path}: another process{holder} serves this file; one store file, one server"
+                ) from None
+            raise ConfigurationError(f"store {self._path}: cannot lock {lock_path}: {exc.strerror}") from None
+        with contextlib.suppress(OSError):  # the pid is for the message above; the lock is what counts
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self._lock_fd = fd
+
+    def _unlock(self) -> None:
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)  # releases the flock
+            self._lock_fd = None
 
     def _check_identity(self, conn: sqlite3.Connection) -> None:
         (app_id,) = conn.execute("PRAGMA application_id").fetchone()
@@ -271,16 +339,68 @@ class SqliteStore(Store):
                 f"store {self._path}: schema version {version} was written by a newer shellinfo-grpc "
                 f"(this one knows up to {SCHEMA_VERSION})"
             )
-        if app_id == 0:
-            (tables,) = conn.execute("SELECT count(*) FROM sqlite_schema").fetchone()
-            if tables:
-                raise ConfigurationError(f"store {self._path}: a SQLite file that is not a shellinfo store")
+        (tables,) = conn.execute("SELECT count(*) FROM sqlite_schema").fetchone()
+        if app_id == 0 and tables:
+            raise ConfigurationError(f"store {self._path}: a SQLite file that is not a shellinfo store")
+        if app_id == _APPLICATION_ID and (version < 1 or not tables):
+            raise ConfigurationError(
+                f"store {self._path}: damaged: marked as a shellinfo store but schema version {version}"
+                f" with {tables} schema object(s)"
+            )
+
+    def _check_contents(self, conn: sqlite3.Connection) -> tuple[int, int]:
+        """The head and the oldest revision, once the tables and ``meta`` are checked to be whole and consistent.
+
+        The head must be at or beyond every revision stored anywhere: a
+        store that started below one would hand that revision out again.
+        """
+        damaged = f"store {self._path}: damaged"
+        for table, expected in _COLUMNS.items():
+            columns = {row[1] for row in conn.execute(f"PRAGMA table_info({table})")}
+            if not columns:
+                raise ConfigurationError(f"{damaged}: the table {table!r} is missing")
+            if expected - columns:
+                raise ConfigurationError(
+                    f"{damaged}: the table {table!r} lacks the column(s) {', '.join(sorted(expected - columns))}"
+                )
+        meta: dict[str, int] = {}
+        for key in ("head", "oldest"):
+            rows = conn.execute("SELECT value, typeof(value) FROM meta WHERE key = ?", (key,)).fetchall()
+            if len(rows) != 1:
+                raise ConfigurationError(f"{damaged}: the meta row {key!r} is missing")
+            (value, kind) = rows[0]
+            if kind != "integer":
+                raise ConfigurationError(
+                    f"{damaged}: the meta row {key!r} holds {kind} {str(value)[:40]!r}, not an integer"
+                )
+            meta[key] = value
+        head, oldest = meta["head"], meta["oldest"]
+        if head < 0 or not 1 <= oldest <= head + 1:
+            raise ConfigurationError(f"{damaged}: meta head {head} and oldest {oldest} contradict each other")
+        for table in ("updates", "runs"):
+            (odd,) = conn.execute(f"SELECT count(*) FROM {table} WHERE typeof(revision) != 'integer'").fetchone()  # noqa: S608 - our own table names
+            if odd:
+                raise ConfigurationError(f"{damaged}: {odd} row(s) of {table!r} have a revision that is not an integer")
+            (low, high) = conn.execute(f"SELECT min(revision), max(revision) FROM {table}").fetchone()  # noqa: S608
+            if high is not None and high > head:
+                raise ConfigurationError(
+                    f"{damaged}: {table!r} holds revision {high}, beyond the head {head};"
+                    " starting would hand out revisions twice"
+                )
+            # The history is always the revisions oldest..head (none when oldest is
+            # head + 1): a watch from a revision it lacks would skip it in silence.
+            if table == "updates" and (low, high) != ((oldest, head) if oldest <= head else (None, None)):
+                raise ConfigurationError(
+                    f"{damaged}: the history should hold the revisions {oldest}..{head}"
+                    f" but holds {f'{low}..{high}' if low is not None else 'none'}"
+                )
+        return head, oldest
 
     def _migrate(self, conn: sqlite3.Connection) -> None:
         conn.execute("BEGIN IMMEDIATE")
         try:
             (version,) = conn.execute("PRAGMA user_version").fetchone()
-            for target in range(version + 1, SCHEMA_VERSION + 1):
+            for target in range(max(version, 0) + 1, SCHEMA_VERSION + 1):
                 for statement in _MIGRATIONS[target]:
                     conn.execute(statement)
             if version != SCHEMA_VERSION:
@@ -299,7 +419,7 @@ class SqliteStore(Store):
             conn.execute("PRAGMA query_only = ON")
         except sqlite3.Error as exc:
             conn.close()
-            raise ConfigurationError(f"store {self._path}: cannot open a reading connection: {exc}") from exc
+            raise ConfigurationError(f"store {self._path}: cannot open a reading connection: {_said(exc)}") from exc
         self._rconn = conn
 
     async def close(self) -> None:
@@ -334,9 +454,12 @@ class SqliteStore(Store):
             self._rconn = None
 
     def _close_writer(self) -> None:
-        if self._wconn is not None:
-            self._wconn.close()  # the last connection: SQLite checkpoints and removes the WAL
-            self._wconn = None
+        try:
+            if self._wconn is not None:
+                self._wconn.close()  # the last connection: SQLite checkpoints and removes the WAL
+                self._wconn = None
+        finally:
+            self._unlock()
 
     # -- writing ---------------------------------------------------------------
 
@@ -396,6 +519,9 @@ class SqliteStore(Store):
             return
         exc = job.exception()
         if exc is not None:
+            if not self._closing:  # say why in SQLite's words, or the store's own when it refused
+                cause = exc.__cause__ if isinstance(exc.__cause__, sqlite3.Error) else None
+                self.report_writable(False, _said(cause) if cause else getattr(exc, "message", _said(exc)))
             for pending in group:  # one exception object per caller: each gets its own traceback
                 if isinstance(exc, StoreUnavailable):
                     error: BaseException = StoreUnavailable(exc.message)
@@ -406,6 +532,8 @@ class SqliteStore(Store):
             return
         done = job.result()
         self._head = done.head
+        if done.committed:
+            self.report_writable(True)
         self.notify_listeners(done.committed)
         for pending, result in zip(group, done.results, strict=True):
             if isinstance(result, Exception):
@@ -414,7 +542,7 @@ class SqliteStore(Store):
                 _resolve(pending.future, result)
 
     def _unavailable(self, what: str, exc: BaseException) -> StoreUnavailable:
-        error = StoreUnavailable(f"store {self._path}: {what}: {exc}")
+        error = StoreUnavailable(f"store {self._path}: {what}: {_said(exc)}")
         error.__cause__ = exc
         return error
 
@@ -597,7 +725,7 @@ class SqliteStore(Store):
                     conn.rollback()
             except sqlite3.Error as rollback_exc:  # pragma: no cover - the connection is broken
                 _log.warning("store %s: rollback failed: %s", self._path, rollback_exc)
-            if isinstance(exc, sqlite3.Error):
+            if isinstance(exc, sqlite3.Error | UnicodeDecodeError):  # the latter: damaged text in the file
                 raise self._unavailable(what, exc) from exc
             raise
 
