@@ -838,3 +838,29 @@ def test_sqlite_history_wire_encodes_rows_stored_before_schema_2(tmp_path: Path)
         assert [svc.RunUpdate.FromString(data) for _, data in wire] == updates
 
     sqlite_run(path, read)
+
+
+def test_sqlite_history_wire_reads_ahead_in_consecutive_calls(tmp_path: Path) -> None:
+    """A catch-up's consecutive calls get what history() says, whether read ahead or not."""
+
+    async def body(store: SqliteStore) -> None:
+        for index in range(60):
+            await publish_ok(store, f"s{index % 3}", shell(index))
+        expected = [(u.revision, u.SerializeToString()) for u in await store.history(1, 50, 100)]
+        got: list[tuple[int, bytes]] = []
+        position = 1
+        while position <= 50:
+            chunk = await store.history_wire(position, 50, 7)
+            assert 0 < len(chunk) <= 7
+            got += chunk
+            position = chunk[-1][0] + 1
+            if position <= 50:
+                assert (position, 50) in store._ahead  # the next chunk is being read already
+        assert got == expected
+        assert not store._ahead  # the last chunk ended at the end: nothing more to read
+        # A read ahead nobody picks up is bounded, and dropped on close without a warning.
+        for start in range(1, 40):
+            await store.history_wire(start, 60, 1)
+        assert len(store._ahead) <= 8
+
+    sqlite_run(tmp_path / "runs.sqlite3", body)

@@ -123,6 +123,14 @@ _SYNCHRONOUS: Final = frozenset({"NORMAL", "FULL", "EXTRA"})
 _BUSY_TIMEOUT_MS: Final = 10_000
 #: Most items committed in one transaction; the rest wait for the next one.
 _MAX_GROUP_ITEMS: Final = 10_000
+#: Most rows a catch-up reads ahead while the previous chunk is sent ...
+_READ_AHEAD: Final = 16_000
+#: ... and about the most bytes (estimated from the previous chunk).
+_AHEAD_BYTES: Final = 4 << 20
+#: Catch-ups whose next chunk is kept read ahead at a time (the oldest is dropped).
+_MAX_AHEAD: Final = 8
+#: Bytes of the file the reading connection maps into memory (fewer copies than read()).
+_MMAP_BYTES: Final = 1 << 30
 #: Longest filter list pushed into an SQL ``IN (...)``; longer ones are checked in Python.
 _MAX_SQL_IN: Final = 500
 _INT64_MIN: Final = -(2**63)
@@ -191,6 +199,18 @@ class _GroupResult:
     head: int = 0
 
 
+def _ahead_rows(rows: Sequence[tuple[int, bytes]], limit: int) -> int:
+    """Rows to read ahead after ``rows``: :data:`_AHEAD_BYTES` worth at their (sampled) size, at least ``limit``."""
+    sample = rows[:: max(1, len(rows) // 16)]
+    size = sum(len(data) for _, data in sample) / len(sample) + 16
+    return max(limit, min(_READ_AHEAD, int(_AHEAD_BYTES / size)))
+
+
+def _retrieve(future: asyncio.Future[Any]) -> None:
+    if not future.cancelled():
+        future.exception()
+
+
 def _resolve(future: asyncio.Future[_T], value: _T) -> None:
     if not future.done():
         future.set_result(value)
@@ -233,6 +253,9 @@ class SqliteStore(Store):
         self._w_oldest = 1
         # Owned by the reader thread.
         self._rconn: sqlite3.Connection | None = None
+        # Catch-up reads ahead (event loop): (start, end) -> rows being read or read.
+        self._ahead: dict[tuple[int, int], asyncio.Future[list[tuple[int, bytes]]]] = {}
+        self._legacy_end = 0  # newest revision stored without its wire form (schema version 1), 0: none
 
     def __str__(self) -> str:
         return f"store {self._path}"
@@ -289,6 +312,9 @@ class SqliteStore(Store):
             conn.execute("PRAGMA journal_size_limit = 67108864")
             self._migrate(conn)
             self._w_head, self._w_oldest = self._check_contents(conn)
+            # Rows schema version 1 wrote have no wire form; history_wire checks for them only up to here.
+            (legacy,) = conn.execute("SELECT max(revision) FROM updates WHERE wire IS NULL").fetchone()
+            self._legacy_end = legacy or 0
         except (sqlite3.Error, UnicodeDecodeError) as exc:  # the latter: text in the file that is not UTF-8
             conn.close()
             raise ConfigurationError(f"store {self._path}: not a usable shellinfo SQLite store: {_said(exc)}") from exc
@@ -417,6 +443,7 @@ class SqliteStore(Store):
         try:
             conn.execute(f"PRAGMA busy_timeout = {_BUSY_TIMEOUT_MS}")
             conn.execute("PRAGMA query_only = ON")
+            conn.execute(f"PRAGMA mmap_size = {_MMAP_BYTES}")
         except sqlite3.Error as exc:
             conn.close()
             raise ConfigurationError(f"store {self._path}: cannot open a reading connection: {_said(exc)}") from exc
@@ -428,6 +455,9 @@ class SqliteStore(Store):
             await self._closed.wait()
             return
         self._closing = True
+        for ahead in self._ahead.values():
+            ahead.cancel()
+        self._ahead.clear()
         try:
             while self._writer_task is not None:
                 await asyncio.wait((self._writer_task,))
@@ -783,17 +813,54 @@ class SqliteStore(Store):
         return await self._history(start_revision, end_revision, limit, lambda row: _decode(*row))
 
     async def history_wire(self, start_revision: int, end_revision: int, limit: int) -> list[tuple[int, bytes]]:
-        """As :meth:`history`, as the stored serialized updates: nothing is decoded."""
+        """As :meth:`history`, as the stored serialized updates: nothing is decoded.
 
-        pairs: list[tuple[int, bytes | None]] = await self._history(
-            start_revision, end_revision, limit, tuple, columns="revision, wire"
+        A catch-up reads the history in consecutive calls, so each call that
+        returns a full chunk starts reading the next one (up to
+        :data:`_READ_AHEAD` rows or about :data:`_AHEAD_BYTES`) on the
+        reader's thread while the caller sends this one; the next call with
+        the same end picks it up. Rows are passed on as SQLite
+        returns them, ``(revision, wire)`` tuples.
+        """
+        if limit <= 0 or end_revision < start_revision:
+            return []
+        ahead = self._ahead.pop((start_revision, end_revision), None)
+        if ahead is not None:
+            rows = await ahead
+        else:
+            rows = await self._history_rows(start_revision, end_revision, limit)
+        if len(rows) > limit:
+            rest, rows = rows[limit:], rows[:limit]
+            self._keep_ahead(rows[-1][0] + 1, end_revision, self._ready(rest))
+        elif len(rows) == limit and rows[-1][0] < end_revision and not self._closing:
+            following = rows[-1][0] + 1
+            job = asyncio.ensure_future(self._history_rows(following, end_revision, _ahead_rows(rows, limit)))
+            self._keep_ahead(following, end_revision, job)
+        return rows
+
+    @staticmethod
+    def _ready(rows: list[tuple[int, bytes]]) -> asyncio.Future[list[tuple[int, bytes]]]:
+        done: asyncio.Future[list[tuple[int, bytes]]] = asyncio.get_running_loop().create_future()
+        done.set_result(rows)
+        return done
+
+    def _keep_ahead(self, start: int, end: int, rows: asyncio.Future[list[tuple[int, bytes]]]) -> None:
+        """Remember rows read ahead for the call that starts at ``start``; the oldest go beyond a few catch-ups."""
+        rows.add_done_callback(_retrieve)  # a read ahead nobody asks for must not log "never retrieved"
+        self._ahead[(start, end)] = rows
+        while len(self._ahead) > _MAX_AHEAD:
+            self._ahead.pop(next(iter(self._ahead))).cancel()
+
+    async def _history_rows(self, start_revision: int, end_revision: int, limit: int) -> list[tuple[int, bytes]]:
+        """``(revision, wire)`` rows; rows written by schema version 1 (no ``wire``) are encoded here."""
+        rows: list[tuple[int, bytes | None]] = await self._history(
+            start_revision, end_revision, limit, None, columns="revision, wire"
         )
-        if all(data is not None for _, data in pairs):
-            return pairs  # type: ignore[return-value]
-        # Rows written by schema version 1 have no stored form: encode them.
+        if start_revision > self._legacy_end or all(data is not None for _, data in rows):
+            return rows  # type: ignore[return-value]
         updates = {u.revision: u for u in await self.history(start_revision, end_revision, limit)}
         return [
-            (revision, data if data is not None else updates[revision].SerializeToString()) for revision, data in pairs
+            (revision, data if data is not None else updates[revision].SerializeToString()) for revision, data in rows
         ]
 
     async def _history(
@@ -801,7 +868,7 @@ class SqliteStore(Store):
         start_revision: int,
         end_revision: int,
         limit: int,
-        convert: Callable[[tuple[Any, ...]], _T],
+        convert: Callable[[tuple[Any, ...]], _T] | None,
         columns: str = "source, revision, accepted_usecs, run",
     ) -> list[_T]:
         max_age = self._retention.max_age_seconds
@@ -818,7 +885,7 @@ class SqliteStore(Store):
                 f"SELECT {columns} FROM updates WHERE revision >= ? AND revision <= ? ORDER BY revision LIMIT ?",  # noqa: S608 - our own column list
                 (_clamp64(start_revision), _clamp64(end_revision), limit),
             ).fetchall()
-            return oldest, first_accepted, [convert(row) for row in rows]
+            return oldest, first_accepted, rows if convert is None else [convert(row) for row in rows]
 
         oldest, first_accepted, updates = await self._read(read)
         expired = first_accepted is not None and first_accepted < now_usecs() - int(max_age * 1_000_000)
