@@ -403,23 +403,26 @@ class SqliteStore(Store):
         head, oldest = meta["head"], meta["oldest"]
         if head < 0 or not 1 <= oldest <= head + 1:
             raise ConfigurationError(f"{damaged}: meta head {head} and oldest {oldest} contradict each other")
-        for table in ("updates", "runs"):
-            (odd,) = conn.execute(f"SELECT count(*) FROM {table} WHERE typeof(revision) != 'integer'").fetchone()  # noqa: S608 - our own table names
-            if odd:
-                raise ConfigurationError(f"{damaged}: {odd} row(s) of {table!r} have a revision that is not an integer")
-            (low, high) = conn.execute(f"SELECT min(revision), max(revision) FROM {table}").fetchone()  # noqa: S608
-            if high is not None and high > head:
+        # One pass over runs (no index on its revision); the ends of updates by its key.
+        # SQLite orders text and blobs after numbers, so a max() that is no integer shows them.
+        (high, odd) = conn.execute("SELECT max(revision), sum(typeof(revision) != 'integer') FROM runs").fetchone()
+        (low_update,) = conn.execute("SELECT min(revision) FROM updates").fetchone()
+        (high_update,) = conn.execute("SELECT max(revision) FROM updates").fetchone()
+        for table, newest, others in (("updates", high_update, 0), ("runs", high, odd)):
+            if others or not isinstance(newest, int | None):
+                raise ConfigurationError(f"{damaged}: {table!r} holds a revision that is not an integer")
+            if newest is not None and newest > head:
                 raise ConfigurationError(
-                    f"{damaged}: {table!r} holds revision {high}, beyond the head {head};"
+                    f"{damaged}: {table!r} holds revision {newest}, beyond the head {head};"
                     " starting would hand out revisions twice"
                 )
-            # The history is always the revisions oldest..head (none when oldest is
-            # head + 1): a watch from a revision it lacks would skip it in silence.
-            if table == "updates" and (low, high) != ((oldest, head) if oldest <= head else (None, None)):
-                raise ConfigurationError(
-                    f"{damaged}: the history should hold the revisions {oldest}..{head}"
-                    f" but holds {f'{low}..{high}' if low is not None else 'none'}"
-                )
+        # The history is always the revisions oldest..head (none when oldest is
+        # head + 1): a watch from a revision it lacks would skip it in silence.
+        if (low_update, high_update) != ((oldest, head) if oldest <= head else (None, None)):
+            held = f"{low_update}..{high_update}" if low_update is not None else "none"
+            raise ConfigurationError(
+                f"{damaged}: the history should hold the revisions {oldest}..{head} but holds {held}"
+            )
         return head, oldest
 
     def _migrate(self, conn: sqlite3.Connection) -> None:
