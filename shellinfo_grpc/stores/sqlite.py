@@ -20,11 +20,11 @@ file up to date on start):
 
 On start the file is checked before anything is served: it must be this
 application's (``application_id``) at a schema version this code knows, with
-every table and column, both ``meta`` rows as integers, and a head at or
-beyond every revision in ``updates`` and ``runs`` (otherwise revisions would
-be handed out twice), and a history from ``oldest`` to the head. Anything
-else is a one-line
-:class:`~shellinfo_grpc.errors.ConfigurationError`: the store does not start.
+every table and column, both ``meta`` rows as integers, a head at or beyond
+every revision in ``updates`` and ``runs`` (otherwise revisions would be
+handed out twice), and a history that runs from ``oldest`` to the head.
+Anything else is a one-line :class:`~shellinfo_grpc.errors.ConfigurationError`:
+the store does not start, and the file is left as it is.
 
 One file, one server: the store holds an exclusive ``fcntl.flock`` on
 ``PATH.lock`` (which holds the owner's process id) from start to close, so
