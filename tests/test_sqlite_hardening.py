@@ -10,7 +10,9 @@
   processes).
 * A server whose store cannot write reports ``NOT_SERVING`` on
   ``grpc.health.v1`` and says why in its log, and ``SERVING`` again once a
-  write succeeds (a real server; the disk is "full" by ``PRAGMA max_page_count``).
+  write succeeds: a server in this process whose file is "full" by ``PRAGMA
+  max_page_count``, and a real ``shellinfo serve`` whose files may not grow
+  (``RLIMIT_FSIZE`` set and lifted again with ``prlimit``).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import contextlib
 import logging
 import os
 import re
+import resource
 import sqlite3
 import subprocess
 import sys
@@ -35,7 +38,7 @@ from hypothesis import strategies as st
 
 from shellinfo_grpc._gen.shellinfo.v1 import protection_shell_info_pb2 as pb
 from shellinfo_grpc.client import RunUpdateClient
-from shellinfo_grpc.errors import ConfigurationError, StoreUnavailable
+from shellinfo_grpc.errors import ConfigurationError, ServiceError, StoreUnavailable
 from shellinfo_grpc.server import SERVICE_NAME, create_server
 from shellinfo_grpc.stores import Retention
 from shellinfo_grpc.stores.sqlite import SqliteStore
@@ -442,3 +445,49 @@ def test_lock_file_holds_the_owner_pid(tmp_path: Path) -> None:
             await store.close()
 
     asyncio.run(main())
+
+
+@pytest.mark.skipif(not hasattr(resource, "prlimit"), reason="needs prlimit(2) (Linux) to limit the server's file size")
+def test_serve_reports_not_serving_while_its_disk_is_full(tmp_path: Path) -> None:
+    """A real `shellinfo serve` whose files may not grow (RLIMIT_FSIZE, raised again with prlimit)."""
+    path = tmp_path / "runs.sqlite3"
+    log = tmp_path / "serve.log"
+    with log.open("wb") as err:
+        proc = subprocess.Popen(_serve_args(path), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err)
+    try:
+        deadline = time.monotonic() + 30
+        while not (found := SERVING.search(log.read_text(errors="replace"))):
+            assert proc.poll() is None, log.read_text()
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        address = f"127.0.0.1:{found.group(1)}"
+        channel = grpc.insecure_channel(address)
+        check = health_pb2_grpc.HealthStub(channel).Check
+
+        def status() -> int:
+            return int(check(health_pb2.HealthCheckRequest(service=SERVICE_NAME), timeout=10).status)
+
+        with RunUpdateClient(address) as client, contextlib.closing(channel):
+            assert status() == health_pb2.HealthCheckResponse.SERVING
+            # From now on the files of the server may not grow beyond 2 MiB.
+            resource.prlimit(proc.pid, resource.RLIMIT_FSIZE, (2 << 20, resource.RLIM_INFINITY))
+            failed: ServiceError | None = None
+            for job_run_id in range(1, 20):  # 500 KB each: the file hits the limit within a few
+                try:
+                    client.publish(run(job_run_id, error="x" * 500_000), source="a")
+                except ServiceError as exc:
+                    failed = exc
+                    break
+            assert failed is not None
+            assert (failed.code, failed.reason) == ("UNAVAILABLE", "STORE_UNAVAILABLE"), failed
+            assert status() == health_pb2.HealthCheckResponse.NOT_SERVING
+            assert re.search(r"store \S+ cannot write: \S", log.read_text()), log.read_text()
+            assert client.get(1, source="a").revision == 1  # reads go on
+            resource.prlimit(proc.pid, resource.RLIMIT_FSIZE, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
+            assert client.publish(run(job_run_id, error="y"), source="a").changed
+            assert status() == health_pb2.HealthCheckResponse.SERVING
+            assert "writes succeed again" in log.read_text()
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)
+    assert proc.returncode == 0, log.read_text()
