@@ -23,6 +23,7 @@ import logging
 import os
 import re
 import resource
+import shutil
 import sqlite3
 import subprocess
 import sys
@@ -140,8 +141,8 @@ def _must_refuse(path: Path) -> str:
     with contextlib.closing(sqlite3.connect(path)) as conn:
         (app_id,) = conn.execute("PRAGMA application_id").fetchone()
         (version,) = conn.execute("PRAGMA user_version").fetchone()
-        if app_id != 0x53484C49 or version != 2:
-            return "" if app_id == 0x53484C49 and version == 1 else "identity"
+        if app_id != 0x53484C49 or version not in (1, 2):  # version 1 is migrated on start
+            return "identity"
         tables = {name for (name,) in conn.execute("SELECT name FROM sqlite_schema WHERE type = 'table'")}
         if {"meta", "updates", "runs"} - tables:
             return "missing table"
@@ -150,7 +151,8 @@ def _must_refuse(path: Path) -> str:
             revisions = [r for (r,) in conn.execute("SELECT revision FROM updates")]
             history = len(revisions)
             revisions += [r for (r,) in conn.execute("SELECT revision FROM runs")]
-            conn.execute("SELECT wire FROM updates LIMIT 0")
+            if version == 2:
+                conn.execute("SELECT wire FROM updates LIMIT 0")
             conn.execute("SELECT status, run_type FROM runs LIMIT 0")
         except sqlite3.Error as exc:
             return f"unreadable: {exc}"
@@ -491,3 +493,23 @@ def test_serve_reports_not_serving_while_its_disk_is_full(tmp_path: Path) -> Non
         proc.terminate()
         proc.wait(timeout=20)
     assert proc.returncode == 0, log.read_text()
+
+
+def _immutable(path: Path, on: bool) -> bool:
+    """``chattr +i`` (or ``-i``) on ``path``: a file nobody may write, root included; False if not possible here."""
+    if shutil.which("chattr") is None:
+        return False
+    done = subprocess.run(["chattr", "+i" if on else "-i", str(path)], capture_output=True, check=False)
+    return done.returncode == 0
+
+
+def test_serve_refuses_a_store_it_cannot_write(tmp_path: Path, template: Path) -> None:
+    """SQLite opens a file it may not write read-only without a word: the store finds out on start."""
+    path = tmp_path / "runs.sqlite3"
+    path.write_bytes(template.read_bytes())
+    if not _immutable(path, True):
+        pytest.skip("cannot make a file read-only for every user here (chattr +i needs root and a file system with it)")
+    try:
+        assert "cannot write the file: attempt to write a readonly database" in _refused(path)
+    finally:
+        _immutable(path, False)

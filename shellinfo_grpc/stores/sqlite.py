@@ -312,6 +312,7 @@ class SqliteStore(Store):
             conn.execute("PRAGMA journal_size_limit = 67108864")
             self._migrate(conn)
             self._w_head, self._w_oldest = self._check_contents(conn)
+            self._check_writable(conn)
             # Rows schema version 1 wrote have no wire form; history_wire checks for them only up to here.
             (legacy,) = conn.execute("SELECT max(revision) FROM updates WHERE wire IS NULL").fetchone()
             self._legacy_end = legacy or 0
@@ -424,6 +425,22 @@ class SqliteStore(Store):
                 f"{damaged}: the history should hold the revisions {oldest}..{head} but holds {held}"
             )
         return head, oldest
+
+    def _check_writable(self, conn: sqlite3.Connection) -> None:
+        """Write once (the head, unchanged): SQLite opens a file it may not write read-only, in silence.
+
+        A store that cannot write at start refuses to start rather than
+        serve reads and refuse every publish; one that stops being able to
+        later reports it (:meth:`~shellinfo_grpc.stores.Store.report_writable`).
+        """
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            conn.execute("UPDATE meta SET value = value WHERE key = 'head'")
+            conn.execute("COMMIT")
+        except sqlite3.Error as exc:
+            if conn.in_transaction:
+                conn.rollback()
+            raise ConfigurationError(f"store {self._path}: cannot write the file: {_said(exc)}") from exc
 
     def _migrate(self, conn: sqlite3.Connection) -> None:
         conn.execute("BEGIN IMMEDIATE")
