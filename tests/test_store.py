@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import sqlite3
 import uuid
 from collections.abc import Awaitable, Callable, Iterator, Sequence
@@ -724,7 +725,10 @@ def test_sqlite_disk_full_fails_the_group_and_recovers(tmp_path: Path) -> None:
     path = tmp_path / "runs.sqlite3"
 
     async def body(store: SqliteStore) -> None:
+        health: list[tuple[bool, str]] = []
+        store.add_health_listener(lambda ok, why: health.append((ok, why)))
         await publish_ok(store, "a", shell(1))
+        assert health == []  # writable from the start: nothing to report
         loop = asyncio.get_running_loop()
 
         def limit(pages: int | None) -> None:  # runs on the writer thread, which owns the connection
@@ -743,34 +747,56 @@ def test_sqlite_disk_full_fails_the_group_and_recovers(tmp_path: Path) -> None:
         assert isinstance(error, StoreUnavailable)
         assert (error.code, error.reason) == ("UNAVAILABLE", "STORE_UNAVAILABLE")
         assert "full" in error.message
+        assert health == [(False, "database or disk is full")]  # once, not once per failed group
+        assert store.unwritable == "database or disk is full"
         assert store.head_revision() == 1
         assert [u.revision for u in await all_history(store)] == [1]
         assert await store.get("a", 10) is None
         await loop.run_in_executor(store._writer, limit, 1_000_000)
         assert (await publish_ok(store, "a", shell(10, error=big))).update.revision == 2
+        assert health == [(False, "database or disk is full"), (True, "")]
+        assert store.unwritable == ""
         assert [u.revision for u in await store.history(1, 10, 10)] == [1, 2]
 
     sqlite_run(path, body)
 
 
-def test_sqlite_refuses_a_file_another_store_wrote(tmp_path: Path) -> None:
+def test_sqlite_second_store_on_one_file_refuses_to_start(tmp_path: Path) -> None:
     path = tmp_path / "runs.sqlite3"
 
     async def main() -> None:
         first, second = SqliteStore(path), SqliteStore(path)
         await first.start()
-        await second.start()
         try:
             await publish_ok(first, "a", shell(1))
-            with pytest.raises(StoreUnavailable, match="another process wrote revision 1"):
-                await second.publish("a", shell(2))
-            assert await second.get("a", 2) is None
+            with pytest.raises(ConfigurationError, match=rf"another process \(pid {os.getpid()}\) serves this file"):
+                await second.start()
             assert (await publish_ok(first, "a", shell(3))).update.revision == 2
         finally:
             await first.close()
             await second.close()
+        third = SqliteStore(path)  # the lock went with the first store
+        await third.start()
+        assert third.head_revision() == 2
+        await third.close()
 
     asyncio.run(main())
+
+
+def test_sqlite_refuses_to_write_after_another_writer(tmp_path: Path) -> None:
+    """Behind the lock, each transaction checks the head: a file written by another program fails the write."""
+    path = tmp_path / "runs.sqlite3"
+
+    async def body(store: SqliteStore) -> None:
+        await publish_ok(store, "a", shell(1))
+        with contextlib.closing(sqlite3.connect(path, isolation_level=None)) as conn:
+            conn.execute("UPDATE meta SET value = 5 WHERE key = 'head'")
+        with pytest.raises(StoreUnavailable, match="another process wrote revision 5"):
+            await store.publish("a", shell(2))
+        assert "another process wrote revision 5" in store.unwritable
+        assert await store.get("a", 2) is None
+
+    sqlite_run(path, body)
 
 
 def test_sqlite_batch_failing_unexpectedly_fails_alone(tmp_path: Path) -> None:
@@ -984,3 +1010,29 @@ def test_sqlite_migrates_a_schema_2_file_and_keeps_jobs(tmp_path: Path) -> None:
         assert [(u.source, u.run.job_run_id) for u in listed] == [("a", 1)]
 
     sqlite_run(path, reopen)
+
+
+def test_sqlite_history_wire_reads_ahead_in_consecutive_calls(tmp_path: Path) -> None:
+    """A catch-up's consecutive calls get what history() says, whether read ahead or not."""
+
+    async def body(store: SqliteStore) -> None:
+        for index in range(60):
+            await publish_ok(store, f"s{index % 3}", shell(index))
+        expected = [(u.revision, u.SerializeToString()) for u in await store.history(1, 50, 100)]
+        got: list[tuple[int, bytes]] = []
+        position = 1
+        while position <= 50:
+            chunk = await store.history_wire(position, 50, 7)
+            assert 0 < len(chunk) <= 7
+            got += chunk
+            position = chunk[-1][0] + 1
+            if position <= 50:
+                assert (position, 50) in store._ahead  # the next chunk is being read already
+        assert got == expected
+        assert not store._ahead  # the last chunk ended at the end: nothing more to read
+        # A read ahead nobody picks up is bounded, and dropped on close without a warning.
+        for start in range(1, 40):
+            await store.history_wire(start, 60, 1)
+        assert len(store._ahead) <= 8
+
+    sqlite_run(tmp_path / "runs.sqlite3", body)

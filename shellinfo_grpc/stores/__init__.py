@@ -9,6 +9,12 @@ about each committed update in revision order (through
 plugs in by implementing :class:`Store`; :mod:`shellinfo_grpc.stores._registry`
 maps a URL scheme to it.
 
+A store also says whether it can write (:meth:`Store.add_health_listener`):
+a backend that finds it cannot (disk full, a read-only file, another writer)
+reports it, and reports again once a write succeeds, so that the server turns
+its health ``NOT_SERVING`` instead of serving reads while refusing every
+write in silence.
+
 Stores are used from one asyncio event loop.
 """
 
@@ -28,6 +34,7 @@ from shellinfo_grpc.errors import ConfigurationError, RunRejected
 from shellinfo_grpc.rules import check_change, check_run
 
 __all__ = [
+    "HealthListener",
     "Item",
     "Listener",
     "PublishOutcome",
@@ -46,6 +53,9 @@ Listener = Callable[[Sequence[_svc.RunUpdate]], None]
 #: One update to record: ``(source, run, job)``; ``job`` is ``None`` when the
 #: publisher gave none (the run then keeps the job it has).
 Item = tuple[str, _pb.ProtectionShellInfo, _job_pb.ProtectionJob | None]
+#: Called with ``(ok, why)`` when the store finds it can no longer write
+#: (``ok`` false, ``why`` says why in one line), and when it can again.
+HealthListener = Callable[[bool, str], None]
 
 
 def now_usecs() -> int:
@@ -136,6 +146,8 @@ class Store(abc.ABC):
 
     def __init__(self) -> None:
         self._listeners: list[Listener] = []
+        self._health_listeners: list[HealthListener] = []
+        self._unwritable = ""  # why the last write failed for a reason of the store; "" while writes succeed
 
     @abc.abstractmethod
     async def start(self) -> None:
@@ -281,6 +293,48 @@ class Store(abc.ABC):
                 _log.exception(
                     "%s: a listener failed on revisions %d..%d", self, updates[0].revision, updates[-1].revision
                 )
+
+    def add_health_listener(self, listener: HealthListener) -> None:
+        """Call ``listener(ok, why)`` whenever the store's ability to write changes.
+
+        ``ok`` is false once a write failed for a reason of the store (disk
+        full, read-only file, another writer; ``why`` says which, in one
+        line), and true again after the next write that succeeds. Calls
+        happen on the event loop, only on a change; the store is writable
+        until it says otherwise. Listeners must not raise and must not block.
+        """
+        self._health_listeners.append(listener)
+
+    def remove_health_listener(self, listener: HealthListener) -> None:
+        """Stop calling ``listener`` about the store's health."""
+        with contextlib.suppress(ValueError):
+            self._health_listeners.remove(listener)
+
+    @property
+    def unwritable(self) -> str:
+        """Why the store cannot write now, in one line; ``""`` while it can."""
+        return self._unwritable
+
+    def report_writable(self, ok: bool, why: str = "") -> None:
+        """Record whether writes succeed (a backend calls this after each write or failed write).
+
+        A change is logged (an error when writes start failing, with why)
+        and told to every health listener; a repeat of the same state is not.
+        """
+        why = " ".join(why.split()) or "a write failed"
+        if ok == (not self._unwritable):
+            return
+        if ok:
+            _log.warning("%s: writes succeed again (they failed: %s)", self, self._unwritable)
+            self._unwritable = ""
+        else:
+            _log.error("%s cannot write: %s", self, why)
+            self._unwritable = why
+        for listener in tuple(self._health_listeners):
+            try:
+                listener(ok, "" if ok else why)
+            except Exception:
+                _log.exception("%s: a health listener failed", self)
 
     def __str__(self) -> str:
         return f"store {type(self).__name__}"

@@ -19,6 +19,24 @@ or 2 file up to date on start):
   oldest revision a watch may start from), so that revisions are never reused,
   even when the whole history was trimmed and the process restarts.
 
+On start the file is checked before anything is served: it must be this
+application's (``application_id``) at a schema version this code knows, with
+every table and column, both ``meta`` rows as integers, a head at or beyond
+every revision in ``updates`` and ``runs`` (otherwise revisions would be
+handed out twice), and a history that runs from ``oldest`` to the head.
+Anything else is a one-line :class:`~shellinfo_grpc.errors.ConfigurationError`:
+the store does not start, and the file is left as it is.
+
+One file, one server: the store holds an exclusive ``fcntl.flock`` on
+``PATH.lock`` (which holds the owner's process id) from start to close, so
+a second store on the same file, in this process or another, refuses to
+start. As a second line of defence, each write transaction checks that the
+head in the file is the one this store last wrote.
+
+Writes that fail for a reason of the file (disk full, read-only, I/O error)
+are reported through :meth:`~shellinfo_grpc.stores.Store.report_writable`,
+and again once a write succeeds: the server turns its health accordingly.
+
 Concurrency: the event loop never touches SQLite. One thread owns the writing
 connection, another the reading one (WAL lets readers run beside the writer).
 Concurrent :meth:`SqliteStore.record_batch` calls are queued; a writer task
@@ -37,8 +55,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import functools
 import logging
+import os
 import sqlite3
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -99,10 +119,27 @@ _MIGRATIONS: Final[dict[int, tuple[str, ...]]] = {
     ),
 }
 
+#: The columns of each table at :data:`SCHEMA_VERSION`, checked on start.
+_COLUMNS: Final[dict[str, frozenset[str]]] = {
+    "meta": frozenset({"key", "value"}),
+    "updates": frozenset({"revision", "source", "job_run_id", "accepted_usecs", "run", "wire", "job"}),
+    "runs": frozenset(
+        {"source", "job_run_id", "revision", "accepted_usecs", "status", "run_type", "run", "job", "job_id"}
+    ),
+}
+
 _SYNCHRONOUS: Final = frozenset({"NORMAL", "FULL", "EXTRA"})
 _BUSY_TIMEOUT_MS: Final = 10_000
 #: Most items committed in one transaction; the rest wait for the next one.
 _MAX_GROUP_ITEMS: Final = 10_000
+#: Most rows a catch-up reads ahead while the previous chunk is sent ...
+_READ_AHEAD: Final = 16_000
+#: ... and about the most bytes (estimated from the previous chunk).
+_AHEAD_BYTES: Final = 4 << 20
+#: Catch-ups whose next chunk is kept read ahead at a time (the oldest is dropped).
+_MAX_AHEAD: Final = 8
+#: Bytes of the file the reading connection maps into memory (fewer copies than read()).
+_MMAP_BYTES: Final = 1 << 30
 #: Longest filter list pushed into an SQL ``IN (...)``; longer ones are checked in Python.
 _MAX_SQL_IN: Final = 500
 _INT64_MIN: Final = -(2**63)
@@ -111,6 +148,12 @@ _INT64_MAX: Final = 2**63 - 1
 _Key = tuple[str, int]
 _Change = tuple[_svc.RunUpdate, bytes]  # an accepted update and its run's stored bytes
 _BatchResult = list[PublishOutcome | RunRejected] | Exception
+
+
+def _said(exc: BaseException) -> str:
+    """What an error says, on one line and bounded (SQLite quotes damaged schema text, newlines and all)."""
+    text = " ".join(str(exc).split())
+    return text if len(text) <= 200 else text[:199] + "…"
 
 
 def _clamp64(value: int) -> int:
@@ -125,7 +168,7 @@ def _decode(source: str, revision: int, accepted_usecs: int, blob: bytes, job: b
         if job is not None:
             update.job.MergeFromString(job)
     except DecodeError as exc:
-        raise StoreUnavailable(f"the stored update with revision {revision} is corrupt: {exc}") from exc
+        raise StoreUnavailable(f"the stored update with revision {revision} is corrupt: {_said(exc)}") from exc
     return update
 
 
@@ -172,6 +215,18 @@ class _GroupResult:
     head: int = 0
 
 
+def _ahead_rows(rows: Sequence[tuple[int, bytes]], limit: int) -> int:
+    """Rows to read ahead after ``rows``: :data:`_AHEAD_BYTES` worth at their (sampled) size, at least ``limit``."""
+    sample = rows[:: max(1, len(rows) // 16)]
+    size = sum(len(data) for _, data in sample) / len(sample) + 16
+    return max(limit, min(_READ_AHEAD, int(_AHEAD_BYTES / size)))
+
+
+def _retrieve(future: asyncio.Future[Any]) -> None:
+    if not future.cancelled():
+        future.exception()
+
+
 def _resolve(future: asyncio.Future[_T], value: _T) -> None:
     if not future.done():
         future.set_result(value)
@@ -189,7 +244,7 @@ class SqliteStore(Store):
     connection: ``"FULL"`` (the default) makes every acknowledged update
     survive a power loss; ``"NORMAL"`` survives a crash of the process but may
     lose the last commits on a power loss; ``"EXTRA"`` also syncs the
-    directory. Only one process may write a file at a time.
+    directory. One store serves a file at a time (``PATH.lock``, see the module docstring).
     """
 
     def __init__(self, path: Path, *, retention: Retention | None = None, synchronous: str = "FULL") -> None:
@@ -209,10 +264,14 @@ class SqliteStore(Store):
         self._closed = asyncio.Event()
         # Owned by the writer thread.
         self._wconn: sqlite3.Connection | None = None
+        self._lock_fd: int | None = None
         self._w_head = 0
         self._w_oldest = 1
         # Owned by the reader thread.
         self._rconn: sqlite3.Connection | None = None
+        # Catch-up reads ahead (event loop): (start, end) -> rows being read or read.
+        self._ahead: dict[tuple[int, int], asyncio.Future[list[tuple[int, bytes]]]] = {}
+        self._legacy_end = 0  # newest revision stored without its wire form (schema version 1), 0: none
 
     def __str__(self) -> str:
         return f"store {self._path}"
@@ -240,16 +299,24 @@ class SqliteStore(Store):
         try:
             conn = sqlite3.connect(self._path, isolation_level=None, timeout=_BUSY_TIMEOUT_MS / 1000)
         except sqlite3.Error as exc:
-            raise ConfigurationError(f"store {self._path}: cannot open the SQLite file: {exc}") from exc
+            raise ConfigurationError(f"store {self._path}: cannot open the SQLite file: {_said(exc)}") from exc
         return conn
 
     def _open_writer(self) -> int:
         try:
             self._path.parent.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
-            raise ConfigurationError(f"store {self._path}: cannot create its directory: {exc}") from exc
+            raise ConfigurationError(f"store {self._path}: cannot create its directory: {_said(exc)}") from exc
         if self._path.is_dir():
             raise ConfigurationError(f"store {self._path}: is a directory; give the path of a file")
+        self._lock()
+        with contextlib.suppress(OSError):
+            if self._path.stat().st_size == 0:
+                # A file SQLite would take for a new, empty store: one truncated by
+                # accident would start handing out revision 1 again.
+                raise ConfigurationError(
+                    f"store {self._path}: an empty file, not a shellinfo store; remove it to start a new store"
+                )
         conn = self._connect()
         try:
             conn.execute(f"PRAGMA busy_timeout = {_BUSY_TIMEOUT_MS}")
@@ -260,20 +327,50 @@ class SqliteStore(Store):
             conn.execute(f"PRAGMA synchronous = {self._synchronous}")
             conn.execute("PRAGMA journal_size_limit = 67108864")
             self._migrate(conn)
-            meta = dict(conn.execute("SELECT key, value FROM meta").fetchall())
-            self._w_head = int(meta["head"])
-            self._w_oldest = int(meta["oldest"])
-            (newest,) = conn.execute("SELECT max(revision) FROM updates").fetchone()
-            if newest is not None and newest > self._w_head:
-                raise ConfigurationError(f"store {self._path}: inconsistent: revision {newest} is beyond the head")
-        except sqlite3.Error as exc:
+            self._w_head, self._w_oldest = self._check_contents(conn)
+            self._check_writable(conn)
+            # Rows schema version 1 wrote have no wire form; history_wire checks for them only up to here.
+            (legacy,) = conn.execute("SELECT max(revision) FROM updates WHERE wire IS NULL").fetchone()
+            self._legacy_end = legacy or 0
+        except (sqlite3.Error, UnicodeDecodeError) as exc:  # the latter: text in the file that is not UTF-8
             conn.close()
-            raise ConfigurationError(f"store {self._path}: not a usable shellinfo SQLite store: {exc}") from exc
+            raise ConfigurationError(f"store {self._path}: not a usable shellinfo SQLite store: {_said(exc)}") from exc
         except BaseException:
             conn.close()
             raise
         self._wconn = conn
         return self._w_head
+
+    def _lock(self) -> None:
+        """Take the exclusive lock on ``PATH.lock``, or refuse: another store serves the file."""
+        lock_path = self._path.with_name(self._path.name + ".lock")
+        try:
+            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        except OSError as exc:
+            raise ConfigurationError(
+                f"store {self._path}: cannot open its lock file {lock_path}: {exc.strerror}"
+            ) from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            holder = ""
+            with contextlib.suppress(OSError, ValueError):
+                holder = f" (pid {int(os.pread(fd, 32, 0).decode().strip())})"
+            os.close(fd)
+            if isinstance(exc, BlockingIOError):
+                raise ConfigurationError(
+                    f"store {self._path}: another process{holder} serves this file; one store file, one server"
+                ) from None
+            raise ConfigurationError(f"store {self._path}: cannot lock {lock_path}: {exc.strerror}") from None
+        with contextlib.suppress(OSError):  # the pid is for the message above; the lock is what counts
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self._lock_fd = fd
+
+    def _unlock(self) -> None:
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)  # releases the flock
+            self._lock_fd = None
 
     def _check_identity(self, conn: sqlite3.Connection) -> None:
         (app_id,) = conn.execute("PRAGMA application_id").fetchone()
@@ -285,16 +382,87 @@ class SqliteStore(Store):
                 f"store {self._path}: schema version {version} was written by a newer shellinfo-grpc "
                 f"(this one knows up to {SCHEMA_VERSION})"
             )
-        if app_id == 0:
-            (tables,) = conn.execute("SELECT count(*) FROM sqlite_schema").fetchone()
-            if tables:
-                raise ConfigurationError(f"store {self._path}: a SQLite file that is not a shellinfo store")
+        (tables,) = conn.execute("SELECT count(*) FROM sqlite_schema").fetchone()
+        if app_id == 0 and tables:
+            raise ConfigurationError(f"store {self._path}: a SQLite file that is not a shellinfo store")
+        if app_id == _APPLICATION_ID and (version < 1 or not tables):
+            raise ConfigurationError(
+                f"store {self._path}: damaged: marked as a shellinfo store but schema version {version}"
+                f" with {tables} schema object(s)"
+            )
+
+    def _check_contents(self, conn: sqlite3.Connection) -> tuple[int, int]:
+        """The head and the oldest revision, once the tables and ``meta`` are checked to be whole and consistent.
+
+        The head must be at or beyond every revision stored anywhere: a
+        store that started below one would hand that revision out again.
+        """
+        damaged = f"store {self._path}: damaged"
+        for table, expected in _COLUMNS.items():
+            columns = {row[1] for row in conn.execute(f"PRAGMA table_info({table})")}
+            if not columns:
+                raise ConfigurationError(f"{damaged}: the table {table!r} is missing")
+            if expected - columns:
+                raise ConfigurationError(
+                    f"{damaged}: the table {table!r} lacks the column(s) {', '.join(sorted(expected - columns))}"
+                )
+        meta: dict[str, int] = {}
+        for key in ("head", "oldest"):
+            rows = conn.execute("SELECT value, typeof(value) FROM meta WHERE key = ?", (key,)).fetchall()
+            if len(rows) != 1:
+                raise ConfigurationError(f"{damaged}: the meta row {key!r} is missing")
+            (value, kind) = rows[0]
+            if kind != "integer":
+                raise ConfigurationError(
+                    f"{damaged}: the meta row {key!r} holds {kind} {str(value)[:40]!r}, not an integer"
+                )
+            meta[key] = value
+        head, oldest = meta["head"], meta["oldest"]
+        if head < 0 or not 1 <= oldest <= head + 1:
+            raise ConfigurationError(f"{damaged}: meta head {head} and oldest {oldest} contradict each other")
+        # One pass over runs (no index on its revision); the ends of updates by its key.
+        # SQLite orders text and blobs after numbers, so a max() that is no integer shows them.
+        (high, odd) = conn.execute("SELECT max(revision), sum(typeof(revision) != 'integer') FROM runs").fetchone()
+        (low_update,) = conn.execute("SELECT min(revision) FROM updates").fetchone()
+        (high_update,) = conn.execute("SELECT max(revision) FROM updates").fetchone()
+        for table, newest, others in (("updates", high_update, 0), ("runs", high, odd)):
+            if others or not isinstance(newest, int | None):
+                raise ConfigurationError(f"{damaged}: {table!r} holds a revision that is not an integer")
+            if newest is not None and newest > head:
+                raise ConfigurationError(
+                    f"{damaged}: {table!r} holds revision {newest}, beyond the head {head};"
+                    " starting would hand out revisions twice"
+                )
+        # The history is always the revisions oldest..head (none when oldest is
+        # head + 1): a watch from a revision it lacks would skip it in silence.
+        if (low_update, high_update) != ((oldest, head) if oldest <= head else (None, None)):
+            held = f"{low_update}..{high_update}" if low_update is not None else "none"
+            raise ConfigurationError(
+                f"{damaged}: the history should hold the revisions {oldest}..{head} but holds {held}"
+            )
+        return head, oldest
+
+    def _check_writable(self, conn: sqlite3.Connection) -> None:
+        """Write once (the head, unchanged): SQLite opens a file it may not write read-only, in silence.
+
+        A store that cannot write at start refuses to start rather than
+        serve reads and refuse every publish; one that stops being able to
+        later reports it (:meth:`~shellinfo_grpc.stores.Store.report_writable`).
+        """
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            conn.execute("UPDATE meta SET value = value WHERE key = 'head'")
+            conn.execute("COMMIT")
+        except sqlite3.Error as exc:
+            if conn.in_transaction:
+                conn.rollback()
+            raise ConfigurationError(f"store {self._path}: cannot write the file: {_said(exc)}") from exc
 
     def _migrate(self, conn: sqlite3.Connection) -> None:
         conn.execute("BEGIN IMMEDIATE")
         try:
             (version,) = conn.execute("PRAGMA user_version").fetchone()
-            for target in range(version + 1, SCHEMA_VERSION + 1):
+            for target in range(max(version, 0) + 1, SCHEMA_VERSION + 1):
                 for statement in _MIGRATIONS[target]:
                     conn.execute(statement)
             if version != SCHEMA_VERSION:
@@ -311,9 +479,10 @@ class SqliteStore(Store):
         try:
             conn.execute(f"PRAGMA busy_timeout = {_BUSY_TIMEOUT_MS}")
             conn.execute("PRAGMA query_only = ON")
+            conn.execute(f"PRAGMA mmap_size = {_MMAP_BYTES}")
         except sqlite3.Error as exc:
             conn.close()
-            raise ConfigurationError(f"store {self._path}: cannot open a reading connection: {exc}") from exc
+            raise ConfigurationError(f"store {self._path}: cannot open a reading connection: {_said(exc)}") from exc
         self._rconn = conn
 
     async def close(self) -> None:
@@ -322,6 +491,9 @@ class SqliteStore(Store):
             await self._closed.wait()
             return
         self._closing = True
+        for ahead in self._ahead.values():
+            ahead.cancel()
+        self._ahead.clear()
         try:
             while self._writer_task is not None:
                 await asyncio.wait((self._writer_task,))
@@ -348,9 +520,12 @@ class SqliteStore(Store):
             self._rconn = None
 
     def _close_writer(self) -> None:
-        if self._wconn is not None:
-            self._wconn.close()  # the last connection: SQLite checkpoints and removes the WAL
-            self._wconn = None
+        try:
+            if self._wconn is not None:
+                self._wconn.close()  # the last connection: SQLite checkpoints and removes the WAL
+                self._wconn = None
+        finally:
+            self._unlock()
 
     # -- writing ---------------------------------------------------------------
 
@@ -408,6 +583,9 @@ class SqliteStore(Store):
             return
         exc = job.exception()
         if exc is not None:
+            if not self._closing:  # say why in SQLite's words, or the store's own when it refused
+                cause = exc.__cause__ if isinstance(exc.__cause__, sqlite3.Error) else None
+                self.report_writable(False, _said(cause) if cause else getattr(exc, "message", _said(exc)))
             for pending in group:  # one exception object per caller: each gets its own traceback
                 if isinstance(exc, StoreUnavailable):
                     error: BaseException = StoreUnavailable(exc.message)
@@ -418,6 +596,8 @@ class SqliteStore(Store):
             return
         done = job.result()
         self._head = done.head
+        if done.committed:
+            self.report_writable(True)
         self.notify_listeners(done.committed)
         for pending, result in zip(group, done.results, strict=True):
             if isinstance(result, Exception):
@@ -426,7 +606,7 @@ class SqliteStore(Store):
                 _resolve(pending.future, result)
 
     def _unavailable(self, what: str, exc: BaseException) -> StoreUnavailable:
-        error = StoreUnavailable(f"store {self._path}: {what}: {exc}")
+        error = StoreUnavailable(f"store {self._path}: {what}: {_said(exc)}")
         error.__cause__ = exc
         return error
 
@@ -613,7 +793,7 @@ class SqliteStore(Store):
                     conn.rollback()
             except sqlite3.Error as rollback_exc:  # pragma: no cover - the connection is broken
                 _log.warning("store %s: rollback failed: %s", self._path, rollback_exc)
-            if isinstance(exc, sqlite3.Error):
+            if isinstance(exc, sqlite3.Error | UnicodeDecodeError):  # the latter: damaged text in the file
                 raise self._unavailable(what, exc) from exc
             raise
 
@@ -675,17 +855,54 @@ class SqliteStore(Store):
         return await self._history(start_revision, end_revision, limit, lambda row: _decode(*row))
 
     async def history_wire(self, start_revision: int, end_revision: int, limit: int) -> list[tuple[int, bytes]]:
-        """As :meth:`history`, as the stored serialized updates: nothing is decoded."""
+        """As :meth:`history`, as the stored serialized updates: nothing is decoded.
 
-        pairs: list[tuple[int, bytes | None]] = await self._history(
-            start_revision, end_revision, limit, tuple, columns="revision, wire"
+        A catch-up reads the history in consecutive calls, so each call that
+        returns a full chunk starts reading the next one (up to
+        :data:`_READ_AHEAD` rows or about :data:`_AHEAD_BYTES`) on the
+        reader's thread while the caller sends this one; the next call with
+        the same end picks it up. Rows are passed on as SQLite
+        returns them, ``(revision, wire)`` tuples.
+        """
+        if limit <= 0 or end_revision < start_revision:
+            return []
+        ahead = self._ahead.pop((start_revision, end_revision), None)
+        if ahead is not None:
+            rows = await ahead
+        else:
+            rows = await self._history_rows(start_revision, end_revision, limit)
+        if len(rows) > limit:
+            rest, rows = rows[limit:], rows[:limit]
+            self._keep_ahead(rows[-1][0] + 1, end_revision, self._ready(rest))
+        elif len(rows) == limit and rows[-1][0] < end_revision and not self._closing:
+            following = rows[-1][0] + 1
+            job = asyncio.ensure_future(self._history_rows(following, end_revision, _ahead_rows(rows, limit)))
+            self._keep_ahead(following, end_revision, job)
+        return rows
+
+    @staticmethod
+    def _ready(rows: list[tuple[int, bytes]]) -> asyncio.Future[list[tuple[int, bytes]]]:
+        done: asyncio.Future[list[tuple[int, bytes]]] = asyncio.get_running_loop().create_future()
+        done.set_result(rows)
+        return done
+
+    def _keep_ahead(self, start: int, end: int, rows: asyncio.Future[list[tuple[int, bytes]]]) -> None:
+        """Remember rows read ahead for the call that starts at ``start``; the oldest go beyond a few catch-ups."""
+        rows.add_done_callback(_retrieve)  # a read ahead nobody asks for must not log "never retrieved"
+        self._ahead[(start, end)] = rows
+        while len(self._ahead) > _MAX_AHEAD:
+            self._ahead.pop(next(iter(self._ahead))).cancel()
+
+    async def _history_rows(self, start_revision: int, end_revision: int, limit: int) -> list[tuple[int, bytes]]:
+        """``(revision, wire)`` rows; rows written by schema version 1 (no ``wire``) are encoded here."""
+        rows: list[tuple[int, bytes | None]] = await self._history(
+            start_revision, end_revision, limit, None, columns="revision, wire"
         )
-        if all(data is not None for _, data in pairs):
-            return pairs  # type: ignore[return-value]
-        # Rows written by schema version 1 have no stored form: encode them.
+        if start_revision > self._legacy_end or all(data is not None for _, data in rows):
+            return rows  # type: ignore[return-value]
         updates = {u.revision: u for u in await self.history(start_revision, end_revision, limit)}
         return [
-            (revision, data if data is not None else updates[revision].SerializeToString()) for revision, data in pairs
+            (revision, data if data is not None else updates[revision].SerializeToString()) for revision, data in rows
         ]
 
     async def _history(
@@ -693,7 +910,7 @@ class SqliteStore(Store):
         start_revision: int,
         end_revision: int,
         limit: int,
-        convert: Callable[[tuple[Any, ...]], _T],
+        convert: Callable[[tuple[Any, ...]], _T] | None,
         columns: str = "source, revision, accepted_usecs, run, job",
     ) -> list[_T]:
         max_age = self._retention.max_age_seconds
@@ -710,7 +927,7 @@ class SqliteStore(Store):
                 f"SELECT {columns} FROM updates WHERE revision >= ? AND revision <= ? ORDER BY revision LIMIT ?",  # noqa: S608 - our own column list
                 (_clamp64(start_revision), _clamp64(end_revision), limit),
             ).fetchall()
-            return oldest, first_accepted, [convert(row) for row in rows]
+            return oldest, first_accepted, rows if convert is None else [convert(row) for row in rows]
 
         oldest, first_accepted, updates = await self._read(read)
         expired = first_accepted is not None and first_accepted < now_usecs() - int(max_age * 1_000_000)
