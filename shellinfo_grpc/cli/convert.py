@@ -56,7 +56,7 @@ def _cmd_validate(args: argparse.Namespace, io: Streams) -> int:
             bad += 1
             io.report(item.message)
             if item.fatal:
-                stopped = total
+                stopped = total + 1
         total += 1
     summary = f"{bad} of {total} records invalid"
     if stopped is not None:
