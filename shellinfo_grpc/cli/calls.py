@@ -24,14 +24,15 @@ from shellinfo_grpc.cli._io import (
     EXIT_BAD_INPUT,
     EXIT_CALL_FAILED,
     EXIT_OK,
+    MAX_PAGE_SIZE,
     PROG,
     Streams,
     Subparsers,
     command,
-    count,
     job_run_id,
     jsonl,
     one_line,
+    page_size,
     quiet_grpc,
     seconds,
 )
@@ -294,7 +295,11 @@ def add_list(subparsers: Subparsers[argparse.ArgumentParser]) -> None:
     parser = command(subparsers, "list", _cmd_list, "print the latest state of every matching run")
     add_table_format(parser, "a table, or one JSON object per run as watch --format jsonl writes (default table)")
     parser.add_argument(
-        "--page-size", type=count, default=100, metavar="N", help="runs fetched per call (default %(default)s)"
+        "--page-size",
+        type=page_size,
+        default=100,
+        metavar="N",
+        help=f"runs fetched per call, 1 to {MAX_PAGE_SIZE} (default %(default)s)",
     )
     add_filters(parser)
     add_client_options(parser)
