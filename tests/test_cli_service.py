@@ -278,8 +278,8 @@ def test_publish_get_list_and_watch_end_to_end(serve: ServeFactory, tmp_path: Pa
     result = cli("publish", *at, "--source", "b", "--format", "jsonl", stdin=json.dumps([b7, b1], indent=2).encode())
     assert result.returncode == 0, result.stderr
     assert result.stdout.decode().splitlines() == [
-        '{"index":0,"jobRunId":7,"revision":4,"changed":true}',
-        '{"index":1,"jobRunId":1,"revision":5,"changed":true}',
+        '{"record":1,"jobRunId":7,"revision":4,"changed":true}',
+        '{"record":2,"jobRunId":1,"revision":5,"changed":true}',
     ]
 
     # JSON lines on standard input (a blank line skipped); an identical state records nothing.
@@ -761,27 +761,28 @@ def test_bad_records_publish_nothing(serve: ServeFactory) -> None:
     result = cli("publish", *at, '{"jobRunId": 1}', '{"jobRunId": 2,', '{"jobRunId": "3"}', "[1]")
     assert (result.returncode, result.stdout) == (2, b"")
     lines = result.stderr.decode().splitlines()
-    assert lines[0].startswith("record 1: not valid JSON: ")
-    assert lines[1] == "record 2: jobRunId: expected an integer, got a string"
-    assert lines[2].startswith("record 3: ")
+    assert lines[0].startswith("record 2: not valid JSON: ")
+    assert lines[1] == "record 3: jobRunId: expected an integer, got a string"
+    assert lines[2].startswith("record 4: ")
     assert lines[3] == "shellinfo publish: nothing published (3 of 4 records invalid)"
 
     jsonl = b'{"jobRunId": 1}\n{"jobRunId": 2, "status": "kDone"}\nnot json\n'
     result = cli("publish", *at, "--strict", stdin=jsonl)
     assert result.returncode == 2
     lines = result.stderr.decode().splitlines()
-    assert lines[0].startswith("record 1: status: "), lines
+    assert lines[0].startswith("record 2: status: "), lines
     assert lines[0].endswith(" (line 2)"), lines
-    assert lines[1] == "record 2: not valid JSON: Expecting value at column 1 (line 3)"
+    assert lines[1] == "record 3: not valid JSON: Expecting value at column 1 (line 3)"
     assert len(lines) == 3
 
     result = cli("publish", *at, stdin=b'[{"jobRunId": 1}, {"jobRunId": 2}')
     assert result.returncode == 2
     assert one_line(result).startswith("shellinfo publish: input is not valid JSON: ")
 
-    result = cli("publish", *at, stdin=b"  \n")
-    assert result.returncode == 2
-    assert one_line(result) == "shellinfo publish: no records: give REST JSON objects as arguments or on standard input"
+    for empty in (b"", b"  \n", b"[]"):  # empty input is no records, as for convert and validate
+        result = cli("publish", *at, stdin=empty)
+        assert result.returncode == 0
+        assert one_line(result) == "shellinfo publish: no records in the input; nothing published"
 
     result = cli("list", *at, "--format", "jsonl")
     assert (result.returncode, result.stdout) == (0, b"")  # nothing was sent
@@ -794,26 +795,43 @@ def test_refused_updates_exit_1_and_name_the_field(serve: ServeFactory) -> None:
 
     result = cli("publish", *at, '{"jobRunId": 5, "status": "kRunning"}')
     assert (result.returncode, result.stdout) == (1, b"")
-    assert one_line(result) == (
-        "record 0: FAILED_PRECONDITION status: run 5 already has the final status kSuccess; status kRunning is refused"
-    )
+    lines = result.stderr.decode().splitlines()
+    assert lines == [
+        "record 1 (jobRunId 5): refused: FAILED_PRECONDITION RUN_FINAL status: run 5 already has the final status"
+        " kSuccess; status kRunning is refused",
+        "shellinfo publish: 0 of 1 records recorded (none); refused: 1",
+    ]
 
-    # In a stream, the others go through.
-    result = cli("publish", *at, "--format", "jsonl", '{"jobRunId": 6}', '{"jobRunId": 5, "status": "kFailure"}', "{}")
+    # In a stream, the others go through; each refused record is named, then what was recorded.
+    three = ('{"jobRunId": 6}', '{"jobRunId": 5, "status": "kFailure"}', '{"jobRunId": 11}')
+    result = cli("publish", *at, "--format", "jsonl", *three)
     assert result.returncode == 1
     out = [json.loads(text) for text in result.stdout.decode().splitlines()]
-    assert out[0] == {"index": 0, "jobRunId": 6, "revision": 2, "changed": True}
-    assert out[1]["index"] == 1
+    assert out[0] == {"record": 1, "jobRunId": 6, "revision": 2, "changed": True}
+    assert out[1]["record"] == 2
+    assert out[1]["jobRunId"] == 5
     assert out[1]["error"]["code"] == "FAILED_PRECONDITION"
     assert out[1]["error"]["reason"] == "RUN_FINAL"
     assert out[1]["error"]["field"] == "status"
-    assert out[2]["index"] == 2
-    assert out[2]["jobRunId"] is None
-    assert (out[2]["error"]["code"], out[2]["error"]["field"]) == ("INVALID_ARGUMENT", "jobRunId")
+    assert out[2] == {"record": 3, "jobRunId": 11, "revision": 3, "changed": True}
     lines = result.stderr.decode().splitlines()
-    assert lines[0].startswith("record 1: FAILED_PRECONDITION status: ")
-    assert lines[1].startswith("record 2: INVALID_ARGUMENT jobRunId: ")
+    assert lines[0].startswith("record 2 (jobRunId 5): refused: FAILED_PRECONDITION RUN_FINAL status: ")
+    assert lines[1] == "shellinfo publish: 2 of 3 records recorded (records 1, 3); refused: 2"
     assert len(lines) == 2
+
+    # What the service never accepts is found before anything is sent: all or nothing.
+    bad = ('{"jobRunId": 12}', "{}", '{"jobRunId": 13, "startTimeUsecs": 5, "endTimeUsecs": 4}')
+    result = cli("publish", *at, *bad)
+    assert (result.returncode, result.stdout) == (2, b"")
+    assert result.stderr.decode().splitlines() == [
+        "record 2: no jobRunId: jobRunId: is required: it identifies the run",
+        "record 3: jobRunId 13: endTimeUsecs: end time 4 is before the start time 5",
+        "shellinfo publish: nothing published (2 of 3 records invalid)",
+    ]
+    result = cli("publish", *at, "--source", "s" * 257, '{"jobRunId": 12}')
+    assert result.returncode == 2
+    assert one_line(result) == "shellinfo: --source: 257 bytes of UTF-8; the service accepts at most 256"
+    assert cli("get", *at, "12").returncode == 1  # not published
 
     result = cli("get", *at, "99", "--source", "x")
     assert (result.returncode, result.stdout) == (1, b"")
@@ -822,13 +840,17 @@ def test_refused_updates_exit_1_and_name_the_field(serve: ServeFactory) -> None:
 
 def test_no_server_is_one_line_and_exit_1() -> None:
     at = ("--address", f"127.0.0.1:{free_port()}")
-    for command in (("publish", '{"jobRunId": 1}'), ("publish", "{}", "{}"), ("get", "1"), ("list",)):
+    two = ('{"jobRunId": 1}', '{"jobRunId": 2}')
+    for command in (("publish", '{"jobRunId": 1}'), ("publish", *two), ("get", "1"), ("list",)):
         result = cli(command[0], *at, *command[1:])
         assert (result.returncode, result.stdout) == (1, b""), command
-        message = one_line(result)
+        if command[1:] == two:  # a stream: which records were not acknowledged, and which were recorded
+            message, summary = result.stderr.decode().splitlines()
+            assert message.endswith(" (records 1-2 not acknowledged: recorded or not)")
+            assert summary == "shellinfo publish: 0 of 2 records recorded (none)"
+        else:
+            message = one_line(result)
         assert message.startswith("shellinfo: UNAVAILABLE: "), message
-        if command[1:] == ("{}", "{}"):
-            assert message.endswith(" (records 0 to 1 not acknowledged)")
 
 
 def test_watch_before_the_retained_history_is_out_of_range(serve: ServeFactory) -> None:

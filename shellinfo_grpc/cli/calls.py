@@ -19,6 +19,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Final
 
 from shellinfo_grpc._gen.shellinfo.v1.protection_shell_info_pb2 import ProtectionShellInfo, RunStatus, RunType
+from shellinfo_grpc._gen.shellinfo.v1.run_update_service_pb2 import RunUpdate
 from shellinfo_grpc.cli._io import (
     DEFAULT_ADDRESS,
     EXIT_BAD_INPUT,
@@ -37,14 +38,15 @@ from shellinfo_grpc.cli._io import (
     seconds,
 )
 from shellinfo_grpc.cli._table import cells, table, update_dict
-from shellinfo_grpc.cli.records import read_arguments, read_publish_input
+from shellinfo_grpc.cli.records import MAX_RECORD_BYTES, read_arguments, read_publish_input
 from shellinfo_grpc.errors import (
     ConfigurationError,
     RunRejected,
     ServiceError,
 )
 from shellinfo_grpc.framing import write_all
-from shellinfo_grpc.rest import rest_names
+from shellinfo_grpc.rest import rest_names, to_rest
+from shellinfo_grpc.rules import check_run
 
 if TYPE_CHECKING:
     from shellinfo_grpc.client import RunUpdateClient
@@ -158,24 +160,89 @@ def connect(args: argparse.Namespace) -> RunUpdateClient:
 
 # --- publish ----------------------------------------------------------------------
 
+#: The longest ``source`` the service accepts, in bytes of UTF-8.
+# TODO(server.MAX_SOURCE_BYTES): the server helper adds this limit to server.py, which imports
+# grpc; the lead may move the constant to rules.py and import it here.
+MAX_SOURCE_BYTES: Final = 256
+
+_INT64_MAX: Final = 2**63 - 1
+
+
+def _source(value: str, flag: str = "--source") -> str:
+    """A source given on the command line: valid UTF-8 (argv may hold any bytes)."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ConfigurationError(f"{flag}: not valid UTF-8: {value!r}") from None
+    return value
+
 
 def _describe_run(run: ProtectionShellInfo, source: str) -> str:
     job = str(run.job_run_id) if run.HasField("job_run_id") else "(none)"
     return f"jobRunId {job} (source {json.dumps(source, ensure_ascii=False)})"
 
 
-def _refusal(index: int, exc: ServiceError) -> str:
-    field = f" {exc.field}" if exc.field else ""
-    return one_line(f"record {index}: {exc.code}{field}: {exc.message}")
+def _job_text(run: ProtectionShellInfo) -> str:
+    return f"jobRunId {run.job_run_id}" if run.HasField("job_run_id") else "no jobRunId"
+
+
+def _service_problem(run: ProtectionShellInfo, source: str) -> str | None:
+    """Why the service would refuse ``run`` whatever it stores (rules.check_run, the size limit), or None."""
+    try:
+        check_run(run)
+    except RunRejected as exc:
+        return "; ".join(f"{key}: {text}" for key, text in exc.violations)
+    # The service's limit covers the update as stored and sent: run, source, revision and time.
+    update = RunUpdate(source=source, run=run, revision=_INT64_MAX, accepted_time_usecs=_INT64_MAX)
+    size = update.ByteSize()
+    if size > MAX_RECORD_BYTES:
+        return f"the update is {size} bytes serialized (run and source); the service accepts {MAX_RECORD_BYTES}"
+    return None
+
+
+def _unknown_spellings(run: ProtectionShellInfo) -> list[str]:
+    """The status and runType of ``run`` that this version has no spelling for (stored as they are)."""
+    found = []
+    rest = to_rest(run)
+    for key, known in (("status", _STATUS_SPELLINGS), ("runType", _RUN_TYPE_SPELLINGS)):
+        value = rest.get(key)
+        if value is not None and value not in known:
+            found.append(f"{key} {json.dumps(value, ensure_ascii=False)}")
+    return found
+
+
+def _ranges(numbers: Sequence[int]) -> str:
+    """Record numbers as ``1, 3-5``."""
+    parts: list[str] = []
+    start = previous = None
+    for number in [*numbers, None]:
+        if number is not None and previous is not None and number == previous + 1:
+            previous = number
+            continue
+        if start is not None:
+            parts.append(str(start) if start == previous else f"{start}-{previous}")
+        start = previous = number
+    return ", ".join(parts)
 
 
 def _cmd_publish(args: argparse.Namespace, io: Streams) -> int:
     """Publish REST ProtectionShellInfo objects: each argument is one JSON object; without arguments,
-    standard input holds a JSON array, one object, or one object per line (JSONL). Every record is
-    checked first: if any is bad, each bad one is reported and nothing is published (exit status 2).
-    Then one line per record says its revision; a refused record is reported on standard error and
-    makes the exit status 1.
+    standard input holds a JSON array, one object, or one object per line (JSONL). All or nothing:
+    every record is first checked as the service would check it (a valid REST object, jobRunId present,
+    end not before start, the update at most 1 MiB, the source at most 256 bytes); if any is bad, each
+    bad one is reported and nothing is published (exit status 2). A status or run type this version
+    does not know is published as it is (use --strict to refuse it), with a warning. Then one line per
+    record says its revision. The service may still refuse a record for what it has stored (a run
+    whose status is final): each refused record is reported on standard error (its number, counted
+    from 1, its jobRunId and the reason), then which records were recorded, and the exit status is 1.
+    Empty input is no records: nothing is published, exit status 0.
     """
+    source = _source(args.source)
+    source_bytes = len(source.encode("utf-8"))
+    if source_bytes > MAX_SOURCE_BYTES:
+        raise ConfigurationError(
+            f"--source: {source_bytes} bytes of UTF-8; the service accepts at most {MAX_SOURCE_BYTES}"
+        )
     if args.records:
         records = read_arguments(args.records, args.strict)
     else:
@@ -183,58 +250,89 @@ def _cmd_publish(args: argparse.Namespace, io: Streams) -> int:
     if records.unreadable is not None:
         io.report(f"{PROG} publish: {records.unreadable}; nothing published")
         return EXIT_BAD_INPUT
-    if records.problems:
-        for line in records.problems:
-            io.report(line)
-        bad = len(records.problems)
-        io.report(f"{PROG} publish: nothing published ({bad} of {bad + len(records.runs)} records invalid)")
+    problems = list(records.problems)
+    if not problems:
+        for number, run in enumerate(records.runs, start=1):
+            problem = _service_problem(run, source)
+            if problem is not None:
+                problems.append(f"record {number}: {_job_text(run)}: {problem}")
+    total = len(records.problems) + len(records.runs)
+    if problems:
+        for line in problems:
+            io.report(one_line(line))
+        io.report(f"{PROG} publish: nothing published ({len(problems)} of {total} records invalid)")
         return EXIT_BAD_INPUT
-    if not records.runs:
-        io.report(f"{PROG} publish: no records: give REST JSON objects as arguments or on standard input")
-        return EXIT_BAD_INPUT
-
     runs = records.runs
-    refused = 0
+    if not runs:
+        io.report(f"{PROG} publish: no records in the input; nothing published")
+        return EXIT_OK
+    for number, run in enumerate(runs, start=1):
+        unknown = _unknown_spellings(run)
+        if unknown:
+            io.report(
+                f"{PROG} publish: warning: record {number} ({_job_text(run)}): {' and '.join(unknown)} unknown to this"
+                " version; published as it is (--strict refuses it)"
+            )
+
+    recorded: list[int] = []
+    refused: list[int] = []
     with connect(args) as client:
 
-        def report(index: int, outcome: Any) -> None:
-            nonlocal refused
-            run = runs[index]
+        def report(number: int, outcome: Any) -> None:
+            run = runs[number - 1]
             if isinstance(outcome, ServiceError):
-                refused += 1
-                io.report(_refusal(index, outcome))
+                refused.append(number)
+                reason = f" {outcome.reason}" if outcome.reason else ""
+                field = f" {outcome.field}:" if outcome.field else ""
+                why = f"{outcome.code}{reason}{field} {outcome.message}"
+                io.report(one_line(f"record {number} ({_job_text(run)}): refused: {why}"))
                 if args.format == "jsonl":
                     error = {"code": outcome.code, "reason": outcome.reason, "message": outcome.message}
                     if outcome.field:
                         error["field"] = outcome.field
-                    write_all(io.stdout, jsonl({"index": index, **_job(run), "error": error}))
-            elif args.format == "jsonl":
-                line = {"index": index, **_job(run), "revision": outcome.revision, "changed": outcome.changed}
+                    write_all(io.stdout, jsonl({"record": number, **_job(run), "error": error}))
+                return
+            recorded.append(number)
+            if args.format == "jsonl":
+                line = {"record": number, **_job(run), "revision": outcome.revision, "changed": outcome.changed}
                 write_all(io.stdout, jsonl(line))
             else:
                 change = "changed" if outcome.changed else "unchanged"
-                text = f"{_describe_run(run, args.source)}: revision {outcome.revision}, {change}\n"
+                text = f"{_describe_run(run, source)}: revision {outcome.revision}, {change}\n"
                 write_all(io.stdout, text.encode())
 
         if len(runs) == 1:
             try:
-                outcome: Any = client.publish(runs[0], source=args.source)
+                outcome: Any = client.publish(runs[0], source=source)
             except RunRejected as exc:
                 outcome = exc
-            report(0, outcome)
+            report(1, outcome)
         else:
             done = 0
             try:
-                for outcome in client.publish_many(runs, source=args.source):
-                    report(done, outcome)
+                for outcome in client.publish_many(runs, source=source):
                     done += 1
+                    report(done, outcome)
             except ServiceError as exc:
                 io.stdout.flush()
-                left = f"record {done}" if done == len(runs) - 1 else f"records {done} to {len(runs) - 1}"
-                io.report(one_line(f"{PROG}: {exc} ({left} not acknowledged)"))
+                left = f"record {done + 1}" if done + 1 == len(runs) else f"records {done + 1}-{len(runs)}"
+                io.report(one_line(f"{PROG}: {exc} ({left} not acknowledged: recorded or not)"))
+                io.report(_summary(recorded, refused, len(runs)))
                 return EXIT_CALL_FAILED
         io.stdout.flush()
-    return EXIT_CALL_FAILED if refused else EXIT_OK
+    if refused:
+        io.report(_summary(recorded, refused, len(runs)))
+        return EXIT_CALL_FAILED
+    return EXIT_OK
+
+
+def _summary(recorded: list[int], refused: list[int], total: int) -> str:
+    """Which records the service recorded, and which it refused."""
+    kept = f"records {_ranges(recorded)}" if recorded else "none"
+    text = f"{PROG} publish: {len(recorded)} of {total} records recorded ({kept})"
+    if refused:
+        text += f"; refused: {_ranges(refused)}"
+    return text
 
 
 def _job(run: ProtectionShellInfo) -> dict[str, int | None]:
