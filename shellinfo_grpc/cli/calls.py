@@ -15,7 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, Final
 
 from shellinfo_grpc._gen.shellinfo.v1.protection_shell_info_pb2 import ProtectionShellInfo, RunStatus, RunType
@@ -37,10 +37,11 @@ from shellinfo_grpc.cli._io import (
     quiet_grpc,
     seconds,
 )
-from shellinfo_grpc.cli._table import cells, table, update_dict
+from shellinfo_grpc.cli._table import cells, describe, raw_dict, table, unshowable, update_dict
 from shellinfo_grpc.cli.records import MAX_RECORD_BYTES, read_arguments, read_publish_input
 from shellinfo_grpc.errors import (
     ConfigurationError,
+    RestDecodeError,
     RunRejected,
     ServiceError,
 )
@@ -52,6 +53,7 @@ if TYPE_CHECKING:
     from shellinfo_grpc.client import RunUpdateClient
 
 __all__ = [
+    "Match",
     "add_client_options",
     "add_filters",
     "add_get",
@@ -60,6 +62,7 @@ __all__ = [
     "add_table_format",
     "connect",
     "filter_options",
+    "showable",
 ]
 
 
@@ -70,12 +73,6 @@ _RUN_TYPE_SPELLINGS: Final = tuple(rest_names(RunType.DESCRIPTOR).values())
 
 
 # --- client options -----------------------------------------------------------------
-
-
-def _check_spellings(flag: str, values: Sequence[str], known: Sequence[str]) -> None:
-    for value in values:
-        if value not in known:
-            raise ConfigurationError(f"{flag}: unknown value {value!r}; expected one of {', '.join(known)}")
 
 
 def add_client_options(parser: argparse.ArgumentParser) -> None:
@@ -122,16 +119,62 @@ def add_filters(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def filter_options(args: argparse.Namespace) -> dict[str, Any]:
-    """The filter keyword arguments of ``list`` and ``watch``, spellings checked."""
-    _check_spellings("--status", args.statuses, _STATUS_SPELLINGS)
-    _check_spellings("--run-type", args.run_types, _RUN_TYPE_SPELLINGS)
-    return {
-        "sources": args.sources,
-        "job_run_ids": args.job_run_ids,
-        "statuses": args.statuses,
-        "run_types": args.run_types,
-    }
+#: Whether an update matches what the service's filter cannot express (None: everything matches).
+Match = Callable[[RunUpdate], bool] | None
+
+
+def _enum_filter(
+    io: Streams, flag: str, values: Sequence[str], known: Sequence[str]
+) -> tuple[list[str | int], frozenset[str | int] | None]:
+    """What to send for one enum filter, and what to match here instead (or None).
+
+    The wire filter takes enum numbers only. A spelling this version does not
+    know (a newer cluster's status), or a number without a spelling, is kept
+    by the service as the run shows it: the filter is then applied here, to
+    the REST value, and the service is asked for every value of that field.
+    """
+    wanted: list[str | int] = []
+    for value in values:
+        text = value.strip()
+        if text.lstrip("-").isdigit() and text.isascii():
+            number = int(text)
+            if not -(2**31) <= number < 2**31:
+                raise ConfigurationError(f"{flag}: {text} is not an enum number (int32)")
+            wanted.append(number)
+        elif value in known:
+            wanted.append(value)
+        else:
+            io.report(f"{PROG}: {flag} {value!r} is not a value this version knows; matching runs that show it as is")
+            wanted.append(value)
+    if all(isinstance(value, str) and value in known for value in wanted):
+        return wanted, None
+    return [], frozenset(wanted)
+
+
+def filter_options(args: argparse.Namespace, io: Streams) -> tuple[dict[str, Any], Match]:
+    """The filter keyword arguments of ``list`` and ``watch``, and the match applied on this side.
+
+    Unknown spellings (and enum numbers) are matched here (see _enum_filter);
+    a watch's resume point still moves with the service's progress, so
+    skipping them here loses nothing.
+    """
+    sources = [_source(value) for value in args.sources]
+    statuses, status_match = _enum_filter(io, "--status", args.statuses, _STATUS_SPELLINGS)
+    run_types, type_match = _enum_filter(io, "--run-type", args.run_types, _RUN_TYPE_SPELLINGS)
+    options = {"sources": sources, "job_run_ids": args.job_run_ids, "statuses": statuses, "run_types": run_types}
+    if status_match is None and type_match is None:
+        return options, None
+
+    def match(update: RunUpdate) -> bool:
+        try:
+            rest = to_rest(update.run)
+        except RestDecodeError:
+            return True  # shown (skipped, with its reason) by the command
+        if status_match is not None and rest.get("status") not in status_match:
+            return False
+        return type_match is None or rest.get("runType") in type_match
+
+    return options, match
 
 
 def connect(args: argparse.Namespace) -> RunUpdateClient:
@@ -317,7 +360,8 @@ def _cmd_publish(args: argparse.Namespace, io: Streams) -> int:
                 io.stdout.flush()
                 left = f"record {done + 1}" if done + 1 == len(runs) else f"records {done + 1}-{len(runs)}"
                 io.report(one_line(f"{PROG}: {exc} ({left} not acknowledged: recorded or not)"))
-                io.report(_summary(recorded, refused, len(runs)))
+                if done:
+                    io.report(_summary(recorded, refused, done))
                 return EXIT_CALL_FAILED
         io.stdout.flush()
     if refused:
@@ -357,13 +401,20 @@ def add_publish(subparsers: Subparsers[argparse.ArgumentParser]) -> None:
 
 def _cmd_get(args: argparse.Namespace, io: Streams) -> int:
     """Print the latest update of one run as JSON: revision, source, acceptedTimeUsecs and the run in
-    REST form. A run that does not exist is exit status 1.
+    REST form. A run that does not exist is exit status 1. A stored run that cannot be shown in REST
+    form (a bad record written before the service checked it) is printed raw, its bytes as
+    runBase64, with one line on standard error, and the exit status is 1.
     """
     with connect(args) as client:
-        update = client.get(args.job_run_id, source=args.source)
-    text = json.dumps(update_dict(update), ensure_ascii=False, indent=2) + "\n"
+        update = client.get(args.job_run_id, source=_source(args.source))
+    problem = unshowable(update)
+    shown = update_dict(update) if problem is None else raw_dict(update)
+    text = json.dumps(shown, ensure_ascii=False, indent=2) + "\n"
     write_all(io.stdout, text.encode())
     io.stdout.flush()
+    if problem is not None:
+        io.report(one_line(f"{PROG} get: {describe(update)} cannot be shown as REST: {problem}; shown raw (runBase64)"))
+        return EXIT_CALL_FAILED
     return EXIT_OK
 
 
@@ -375,18 +426,31 @@ def add_get(subparsers: Subparsers[argparse.ArgumentParser]) -> None:
 
 
 def _cmd_list(args: argparse.Namespace, io: Streams) -> int:
-    """Print the latest update of every matching run, ordered by source and jobRunId."""
-    filters = filter_options(args)
+    """Print the latest update of every matching run, ordered by source and jobRunId. A stored run
+    that cannot be shown in REST form (a bad record written before the service checked it) is
+    skipped with one line on standard error; the others are still listed.
+    """
+    filters, match = filter_options(args, io)
     with connect(args) as client:
-        updates = client.list(**filters, page_size=args.page_size)
+        updates = (u for u in client.list(**filters, page_size=args.page_size) if match is None or match(u))
+        shown = (u for u in updates if showable(u, io, "list"))
         if args.format == "jsonl":
-            for update in updates:
+            for update in shown:
                 write_all(io.stdout, jsonl(update_dict(update)))
         else:
-            lines = table([cells(update) for update in updates])
+            lines = table([cells(update) for update in shown])
             write_all(io.stdout, "".join(line + "\n" for line in lines).encode())
     io.stdout.flush()
     return EXIT_OK
+
+
+def showable(update: RunUpdate, io: Streams, command: str) -> bool:
+    """Whether ``update`` can be shown; if not, one line on standard error says so."""
+    problem = unshowable(update)
+    if problem is None:
+        return True
+    io.report(one_line(f"{PROG} {command}: skipped {describe(update)}: cannot be shown as REST: {problem}"))
+    return False
 
 
 def add_list(subparsers: Subparsers[argparse.ArgumentParser]) -> None:
