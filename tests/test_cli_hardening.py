@@ -13,21 +13,28 @@ on in-memory streams (the same code the console script runs).
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import io
+import itertools
 import json
 import math
+import sqlite3
+from pathlib import Path
 from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from test_cli_service import ServeFactory, cli, serve, sqlite_url
 
 from shellinfo_grpc import ProtectionShellInfo, encode_delimited, from_rest, read_delimited, to_rest
 from shellinfo_grpc._gen.shellinfo.v1.protection_shell_info_pb2 import ExtraRestKey, UnrecognizedRest
 from shellinfo_grpc.cli import build_parser, main
 from shellinfo_grpc.cli._io import INT64_MAX, MAX_PAGE_SIZE, MAX_SECONDS
 from shellinfo_grpc.cli.records import FORMATS, MAX_RECORD_BYTES, record_problem
+
+__all__ = ["serve"]  # the fixture of test_cli_service: real `shellinfo serve` processes
 
 INT64_MIN = -(2**63)
 SETTINGS = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -224,3 +231,77 @@ def test_validate_convert_and_publish_decide_alike_in_every_format(bad: Protecti
     if from_rest(rest) == bad:
         assert status == 2, err
         assert "nothing published" in err, err
+
+
+# --- consumers and what a store already holds ----------------------------------------
+
+
+def _extra(*pairs: tuple[str, str]) -> ProtectionShellInfo:
+    return ProtectionShellInfo(
+        unrecognized=UnrecognizedRest(extra_keys=[ExtraRestKey(key=k, json_value=v) for k, v in pairs])
+    )
+
+
+# Runs REST cannot show, as a store written before the service checked them may hold.
+unshowable_runs = st.sampled_from(
+    [
+        _extra(("tz", "{oops")),
+        _extra(("tz", "NaN")),
+        _extra(("tz", "[" * 70 + "]" * 70)),
+        _extra(("tz", '"\\ud800"')),
+        _extra(("tz", "1 2")),
+    ]
+)
+
+
+_STORES = itertools.count()
+
+
+def _plant(path: Path, job: int, bad: ProtectionShellInfo) -> ProtectionShellInfo:
+    """Overwrite run ``job`` in the SQLite store file, in its latest state and in its history, with ``bad``."""
+    run = ProtectionShellInfo(job_run_id=job)
+    run.MergeFrom(bad)
+    data = run.SerializeToString()
+    with contextlib.closing(sqlite3.connect(path)) as db, db:
+        assert db.execute("UPDATE runs SET run = ? WHERE job_run_id = ?", (data, job)).rowcount == 1
+        # wire NULL: the store encodes the update from run, as for rows of schema version 1.
+        assert db.execute("UPDATE updates SET run = ?, wire = NULL WHERE job_run_id = ?", (data, job)).rowcount == 1
+    return run
+
+
+@settings(max_examples=3, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(bad=unshowable_runs)
+def test_consumers_skip_a_stored_run_rest_cannot_show(
+    bad: ProtectionShellInfo, serve: ServeFactory, tmp_path: Path
+) -> None:
+    """get shows it raw, list and watch skip it, each with one line; the other runs are still served."""
+    path = tmp_path / f"runs{next(_STORES)}.sqlite3"
+    server = serve(sqlite_url(path))
+    at = ("--address", server.address)
+    assert cli("publish", *at, *(f'{{"jobRunId": {n}, "status": "kRunning"}}' for n in (1, 2, 3))).returncode == 0
+    assert server.stop() == 0
+    planted = _plant(path, 2, bad)
+    server = serve(sqlite_url(path))
+    at = ("--address", server.address)
+
+    got = cli("get", *at, "2")
+    assert got.returncode == 1
+    shown = json.loads(got.stdout)
+    assert ProtectionShellInfo.FromString(base64.b64decode(shown["runBase64"])) == planted
+    (line,) = got.stderr.decode().splitlines()
+    assert line.startswith("shellinfo get: revision 2 (source '', jobRunId 2) cannot be shown as REST: ")
+    assert cli("get", *at, "3").returncode == 0
+
+    for form in ("jsonl", "table"):
+        listed = cli("list", *at, "--format", form)
+        assert listed.returncode == 0
+        (line,) = listed.stderr.decode().splitlines()
+        assert line.startswith("shellinfo list: skipped revision 2 (source '', jobRunId 2): cannot be shown")
+        if form == "jsonl":
+            assert [json.loads(text)["run"]["jobRunId"] for text in listed.stdout.splitlines()] == [1, 3]
+
+    watched = cli("watch", *at, "--from-revision", "1", "--count", "2", "--format", "jsonl", "--timeout", "20")
+    assert watched.returncode == 0
+    assert [json.loads(text)["revision"] for text in watched.stdout.splitlines()] == [1, 3]
+    (line,) = watched.stderr.decode().splitlines()
+    assert line.startswith("shellinfo watch: skipped revision 2 (source '', jobRunId 2): cannot be shown")
