@@ -15,18 +15,27 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import fcntl
 import io
 import itertools
 import json
 import math
+import os
+import pty
+import signal
 import sqlite3
+import struct
+import subprocess
+import termios
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from test_cli_service import ServeFactory, cli, serve, sqlite_url
+from test_cli_service import ENV, SCRIPT, ServeFactory, cli, ending, serve, sqlite_url
 
 from shellinfo_grpc import ProtectionShellInfo, encode_delimited, from_rest, read_delimited, to_rest
 from shellinfo_grpc._gen.shellinfo.v1.protection_shell_info_pb2 import ExtraRestKey, UnrecognizedRest
@@ -305,3 +314,123 @@ def test_consumers_skip_a_stored_run_rest_cannot_show(
     assert [json.loads(text)["revision"] for text in watched.stdout.splitlines()] == [1, 3]
     (line,) = watched.stderr.decode().splitlines()
     assert line.startswith("shellinfo watch: skipped revision 2 (source '', jobRunId 2): cannot be shown")
+
+
+# --- unknown spellings: published with a warning, matched by the filters ----------------
+
+
+def test_unknown_spellings_are_published_with_a_warning_and_matched_by_filters(serve: ServeFactory) -> None:
+    server = serve()
+    at = ("--address", server.address)
+    runs = [
+        '{"jobRunId": 1, "status": "kBrandNew"}',
+        '{"jobRunId": 2, "status": "kSuccess"}',
+        '{"jobRunId": 3, "status": 77, "runType": "kNewType"}',
+        '{"jobRunId": 4, "status": "kRunning"}',
+    ]
+    published = cli("publish", *at, *runs)
+    assert published.returncode == 0
+    assert published.stderr.decode().splitlines() == [
+        'shellinfo publish: warning: record 1 (jobRunId 1): status "kBrandNew" unknown to this version;'
+        " published as it is (--strict refuses it)",
+        'shellinfo publish: warning: record 3 (jobRunId 3): status 77 and runType "kNewType" unknown to this version;'
+        " published as it is (--strict refuses it)",
+    ]
+    strict = cli("publish", *at, "--strict", runs[0])
+    assert strict.returncode == 2
+
+    def listed(*flags: str) -> list[int]:
+        result = cli("list", *at, "--format", "jsonl", *flags)
+        assert result.returncode == 0, result.stderr
+        return [json.loads(text)["run"]["jobRunId"] for text in result.stdout.splitlines()]
+
+    assert listed("--status", "kBrandNew") == [1]
+    assert listed("--status", "kBrandNew", "--status", "kSuccess") == [1, 2]
+    assert listed("--status", "77") == [3]
+    assert listed("--run-type", "kNewType") == [3]
+    assert listed("--status", "kRunning") == [4]  # known spellings alone: the service filters
+    assert listed("--status", "kNeverSeen") == []
+    result = cli("list", *at, "--status", "kBrandNew")
+    assert result.stderr.decode().splitlines() == [
+        "shellinfo: --status 'kBrandNew' is not a value this version knows; matching runs that show it as is"
+    ]
+
+    watched = cli("watch", *at, "--from-revision", "1", "--status", "kBrandNew", "--status", "kRunning",
+                  "--count", "2", "--format", "jsonl")  # fmt: skip
+    assert watched.returncode == 0
+    assert [json.loads(text)["run"]["jobRunId"] for text in watched.stdout.splitlines()] == [1, 4]
+
+
+# --- the live table through a server restart -------------------------------------------
+
+
+class Screen:
+    """What a process writes to a pseudo-terminal, read on a thread; ``status()`` is the last status line drawn."""
+
+    def __init__(self, controller: int) -> None:
+        self._fd = controller
+        self._data = b""
+        self._lock = threading.Lock()
+        self._thread = threading.Thread(target=self._read, daemon=True)
+        self._thread.start()
+
+    def _read(self) -> None:
+        while True:
+            try:
+                chunk = os.read(self._fd, 65536)
+            except OSError:
+                return
+            if not chunk:
+                return
+            with self._lock:
+                self._data += chunk
+
+    def status(self) -> str:
+        with self._lock:
+            text = self._data.decode("utf-8", "replace")
+        last = text.rpartition("\x1b[H")[2]
+        return last.split("\x1b[K", 1)[0]
+
+    def wait_for(self, text: str, timeout: float = 20.0) -> str:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            status = self.status()
+            if text in status:
+                return status
+            time.sleep(0.05)
+        pytest.fail(f"the status line never said {text!r}; it says {self.status()!r}")
+
+
+def test_the_live_table_says_reconnecting_then_reconnected_at_once(serve: ServeFactory, tmp_path: Path) -> None:
+    """The status line says "reconnecting" while the server is away and "reconnected" as soon as it is back,
+    before any update arrives."""
+    store = sqlite_url(tmp_path / "runs.sqlite3")
+    server = serve(store)
+    port = server.port
+    assert cli("publish", "--address", server.address, '{"jobRunId": 1, "status": "kRunning"}').returncode == 0
+    controller, terminal = pty.openpty()
+    fcntl.ioctl(terminal, termios.TIOCSWINSZ, struct.pack("HHHH", 10, 160, 0, 0))
+    proc = subprocess.Popen(
+        [str(SCRIPT), "watch", "--address", server.address, "--from-revision", "1"],
+        stdin=subprocess.DEVNULL,
+        stdout=terminal,
+        stderr=subprocess.PIPE,
+        env=ENV,
+    )
+    os.close(terminal)
+    screen = Screen(controller)
+    with ending(proc):
+        screen.wait_for("revision 1  1 runs  1 updates")
+        assert server.stop() == 0
+        assert "reconnecting: UNAVAILABLE" in screen.wait_for("reconnecting")
+        serve(store, port=port)
+        status = screen.wait_for("reconnected")
+        assert "reconnecting" not in status
+        assert status.endswith("[reconnected; resuming at revision 2]"), status
+        assert "1 updates" in status  # nothing new arrived: it said so at once
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(20) == 130
+    assert proc.stderr is not None
+    with proc.stderr:
+        assert proc.stderr.read() == b""
+    os.close(controller)
