@@ -826,8 +826,8 @@ def test_refused_updates_exit_1_and_name_the_field(serve: ServeFactory) -> None:
     result = cli("publish", *at, *bad)
     assert (result.returncode, result.stdout) == (2, b"")
     assert result.stderr.decode().splitlines() == [
-        "record 2: no jobRunId: jobRunId: is required: it identifies the run",
-        "record 3: jobRunId 13: endTimeUsecs: end time 4 is before the start time 5",
+        "record 2: jobRunId: is required: it identifies the run",
+        "record 3 (jobRunId 13): endTimeUsecs: end time 4 is before the start time 5",
         "shellinfo publish: nothing published (2 of 3 records invalid)",
     ]
     result = cli("publish", *at, "--source", "s" * 257, '{"jobRunId": 12}')

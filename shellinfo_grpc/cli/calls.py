@@ -298,7 +298,8 @@ def _cmd_publish(args: argparse.Namespace, io: Streams) -> int:
         for number, run in enumerate(records.runs, start=1):
             problem = _service_problem(run, source)
             if problem is not None:
-                problems.append(f"record {number}: {_job_text(run)}: {problem}")
+                job = f" (jobRunId {run.job_run_id})" if run.HasField("job_run_id") else ""
+                problems.append(f"record {number}{job}: {problem}")
     total = len(records.problems) + len(records.runs)
     if problems:
         for line in problems:
@@ -372,7 +373,7 @@ def _cmd_publish(args: argparse.Namespace, io: Streams) -> int:
 
 def _summary(recorded: list[int], refused: list[int], total: int) -> str:
     """Which records the service recorded, and which it refused."""
-    kept = f"records {_ranges(recorded)}" if recorded else "none"
+    kept = f"record{'s' if len(recorded) > 1 else ''} {_ranges(recorded)}" if recorded else "none"
     text = f"{PROG} publish: {len(recorded)} of {total} records recorded ({kept})"
     if refused:
         text += f"; refused: {_ranges(refused)}"

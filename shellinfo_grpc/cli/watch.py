@@ -252,8 +252,9 @@ class _Notices:
             text = one_line(str(error)) if error is not None else "the connection was lost"
             if text != self._outage:
                 self._outage = text
-                if self._view.live:
-                    self._view.notice(f"reconnecting: {text}")
+                if self._view.live:  # the status line has room for the code and reason only
+                    code = f"{error.code} {error.reason}".strip() if error is not None else "connection lost"
+                    self._view.notice(f"reconnecting: {code}")
                 else:
                     self._view.notice(f"{PROG} watch: {text}; reconnecting (nothing will be missed or repeated)")
         if self._outage is not None and self._watch.connected:
