@@ -434,3 +434,53 @@ def test_the_live_table_says_reconnecting_then_reconnected_at_once(serve: ServeF
     with proc.stderr:
         assert proc.stderr.read() == b""
     os.close(controller)
+
+
+@st.composite
+def binary_records(draw: st.DrawFn) -> ProtectionShellInfo:
+    """Messages as any producer may write them in binary, valid or not: REST may not carry them as they are."""
+    msg = ProtectionShellInfo()
+    if draw(st.booleans()):
+        msg.job_run_id = draw(int64)
+    if draw(st.booleans()):
+        msg.status = draw(st.integers(-3, 12) | enum_numbers)  # type: ignore[assignment]
+    if draw(st.booleans()):
+        msg.run_type = draw(st.integers(-1, 6))  # type: ignore[assignment]
+    if draw(st.booleans()):
+        msg.start_time_hhmm = draw(st.sampled_from(["00:00", "23:59", "24:00", "7:05", ""]))
+    if draw(st.booleans()):
+        unrecognized = msg.unrecognized
+        unrecognized.SetInParent()
+        if draw(st.booleans()):
+            unrecognized.status = draw(st.sampled_from(["kSuccess", "kBrandNew", ""]))
+        if draw(st.booleans()):
+            unrecognized.run_type = draw(st.sampled_from(["kFull", "kNewType"]))
+        keys = st.sampled_from(["tz", "x", "jobRunId", "status", ""])
+        texts = st.sampled_from(['"UTC"', "1", "1.0", "1e400", "NaN", "{oops", "[1,2]", '{"a":1,"a":2}', "1 2", " 3 "])
+        for _ in range(draw(st.integers(0, 3))):
+            unrecognized.extra_keys.add(key=draw(keys), json_value=draw(texts))
+    return msg
+
+
+@settings(max_examples=150, deadline=None)
+@given(binary_records(), st.booleans())
+def test_a_binary_record_passes_exactly_when_its_rest_form_passes_as_the_same_record(
+    msg: ProtectionShellInfo, strict: bool
+) -> None:
+    """validate --from binary passes a record iff converting it to jsonl gives a record that passes and is the same."""
+    flags = ["--strict"] if strict else []
+    data = encode_delimited(msg)
+    verdict = run(["validate", "--from", "binary", *flags], data)[0]
+    assert verdict == (0 if record_problem(msg, strict) is None else 2)
+    status, out, _ = run(["convert", "--from", "binary", "--to", "jsonl", *flags], data)
+    assert status == verdict
+    if verdict == 0:
+        assert run(["validate", "--from", "jsonl", *flags], out)[0] == 0
+        assert read_delimited(run(["convert", "--from", "jsonl", "--to", "binary", *flags], out)[1]) == [msg]
+        return
+    try:
+        text = json.dumps(to_rest(msg)).encode() + b"\n"
+    except ValueError:
+        return  # REST cannot even write it
+    status, back, _ = run(["convert", "--from", "jsonl", "--to", "binary", *flags], text)
+    assert status != 0 or read_delimited(back) != [msg]  # never the same record passing
