@@ -41,7 +41,7 @@ from shellinfo_grpc import ProtectionShellInfo, encode_delimited, from_rest, rea
 from shellinfo_grpc._gen.shellinfo.v1.protection_shell_info_pb2 import ExtraRestKey, UnrecognizedRest
 from shellinfo_grpc.cli import build_parser, main
 from shellinfo_grpc.cli._io import INT64_MAX, MAX_PAGE_SIZE, MAX_SECONDS
-from shellinfo_grpc.cli.records import FORMATS, MAX_RECORD_BYTES, record_problem
+from shellinfo_grpc.cli.records import FORMATS, MAX_RECORD_BYTES, MAX_RECORD_INPUT, record_problem
 
 __all__ = ["serve"]  # the fixture of test_cli_service: real `shellinfo serve` processes
 
@@ -484,3 +484,29 @@ def test_a_binary_record_passes_exactly_when_its_rest_form_passes_as_the_same_re
         return  # REST cannot even write it
     status, back, _ = run(["convert", "--from", "jsonl", "--to", "binary", *flags], text)
     assert status != 0 or read_delimited(back) != [msg]  # never the same record passing
+
+
+def test_one_records_input_is_bounded_alike_in_jsonl_and_binary() -> None:
+    """A JSON line or a binary frame over MAX_RECORD_INPUT is refused; a line over it does not stop jsonl."""
+    long_line = b'{"jobRunId": 1, "error": "' + b"e" * MAX_RECORD_INPUT + b'"}\n'
+    status, _, err = run(["validate", "--from", "jsonl"], long_line + b'{"jobRunId": 2}\n')
+    assert status == 2
+    assert err.splitlines() == [
+        f"record 1: the line is longer than {MAX_RECORD_INPUT} bytes (line 1)",
+        "1 of 2 records invalid",
+    ]
+    frame = encode_delimited(ProtectionShellInfo(error="e" * (MAX_RECORD_INPUT + 1)))
+    status, _, err = run(["validate", "--from", "binary"], frame)
+    assert status == 2
+    assert err.splitlines()[0].startswith("record 1 (byte offset 0): ")
+    # Within the input limit but over the record limit: refused in every format, in the same words.
+    big = ProtectionShellInfo(job_run_id=1, error="e" * MAX_RECORD_BYTES)
+    for form in FORMATS:
+        status, _, err = run(["convert", "--from", "binary", "--to", form], encode_delimited(big))
+        assert status == 2
+        assert err.startswith(f"shellinfo convert: record 1: the record is {big.ByteSize()} bytes serialized;"), err
+    text = json.dumps(to_rest(big)).encode()
+    for form, data in (("jsonl", text + b"\n"), ("json", b"[" + text + b"]")):
+        status, _, err = run(["validate", "--from", form], data)
+        assert status == 2
+        assert err.startswith(f"record 1: the record is {big.ByteSize()} bytes serialized;"), err
