@@ -680,6 +680,16 @@ class _WatchBase:
         """The error that caused the latest reconnect, if any."""
         return self._cursor.last_error
 
+    @property
+    def connected(self) -> bool:
+        """Whether the server has answered since the connection was last lost (False while reconnecting).
+
+        After a reconnect the server answers at once (the catch-up ends with a
+        response of its own), so this turns True as soon as the watch resumes,
+        before any new update arrives.
+        """
+        return self._cursor.failures == 0
+
 
 class RunWatch(_WatchBase):
     """A running watch of the blocking client: iterate it for :class:`WatchEvent` objects.

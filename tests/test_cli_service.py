@@ -279,8 +279,8 @@ def test_publish_get_list_and_watch_end_to_end(serve: ServeFactory, tmp_path: Pa
     result = cli("publish", *at, "--source", "b", "--format", "jsonl", stdin=json.dumps([b7, b1], indent=2).encode())
     assert result.returncode == 0, result.stderr
     assert result.stdout.decode().splitlines() == [
-        '{"index":0,"jobRunId":7,"revision":4,"changed":true}',
-        '{"index":1,"jobRunId":1,"revision":5,"changed":true}',
+        '{"record":1,"jobRunId":7,"revision":4,"changed":true}',
+        '{"record":2,"jobRunId":1,"revision":5,"changed":true}',
     ]
 
     # JSON lines on standard input (a blank line skipped); an identical state records nothing.
@@ -703,11 +703,13 @@ def test_sigterm_shuts_down_gracefully_and_the_watcher_resumes(serve: ServeFacto
         assert notice.endswith("; reconnecting (nothing will be missed or repeated)")
 
         serve(store, port=port)
+        # Said as soon as the watch is back, before any update arrives.
+        assert err.wait_for("reconnected") == "shellinfo watch: reconnected; resuming at revision 3"
+        assert len(out.lines) == 2
         assert cli("publish", *at, "--source", "a", '{"jobRunId": 1, "status": "kSuccess"}').returncode == 0
         assert proc.wait(WAIT) == 0
         third = json.loads(out.wait(3)[2])
         assert (third["revision"], third["run"]) == (3, {"jobRunId": 1, "status": "kSuccess"})
-        assert err.wait_for("resumed") == "shellinfo watch: resumed at revision 3"
 
 
 def test_watch_started_before_the_server_waits_for_it_and_ctrl_c_exits_130(serve: ServeFactory) -> None:
@@ -725,7 +727,7 @@ def test_watch_started_before_the_server_waits_for_it_and_ctrl_c_exits_130(serve
         assert proc.wait(WAIT) == 130
         lines = err.text().splitlines()
         assert len(lines) == 3, lines  # the outage, where it started, and when updates resumed: no traceback
-        assert lines[2] == "shellinfo watch: resumed at revision 1"
+        assert lines[2] == "shellinfo watch: reconnected; resuming at revision 1"
 
 
 def test_watch_exits_141_when_its_reader_goes_away(serve: ServeFactory) -> None:
@@ -824,27 +826,28 @@ def test_bad_records_publish_nothing(serve: ServeFactory) -> None:
     result = cli("publish", *at, '{"jobRunId": 1}', '{"jobRunId": 2,', '{"jobRunId": "3"}', "[1]")
     assert (result.returncode, result.stdout) == (2, b"")
     lines = result.stderr.decode().splitlines()
-    assert lines[0].startswith("record 1: not valid JSON: ")
-    assert lines[1] == "record 2: jobRunId: expected an integer, got a string"
-    assert lines[2].startswith("record 3: ")
+    assert lines[0].startswith("record 2: not valid JSON: ")
+    assert lines[1] == "record 3: jobRunId: expected an integer, got a string"
+    assert lines[2].startswith("record 4: ")
     assert lines[3] == "shellinfo publish: nothing published (3 of 4 records invalid)"
 
     jsonl = b'{"jobRunId": 1}\n{"jobRunId": 2, "status": "kDone"}\nnot json\n'
     result = cli("publish", *at, "--strict", stdin=jsonl)
     assert result.returncode == 2
     lines = result.stderr.decode().splitlines()
-    assert lines[0].startswith("record 1: status: "), lines
+    assert lines[0].startswith("record 2: status: "), lines
     assert lines[0].endswith(" (line 2)"), lines
-    assert lines[1] == "record 2: not valid JSON: Expecting value at column 1 (line 3)"
+    assert lines[1] == "record 3: not valid JSON: Expecting value at column 1 (line 3)"
     assert len(lines) == 3
 
     result = cli("publish", *at, stdin=b'[{"jobRunId": 1}, {"jobRunId": 2}')
     assert result.returncode == 2
     assert one_line(result).startswith("shellinfo publish: input is not valid JSON: ")
 
-    result = cli("publish", *at, stdin=b"  \n")
-    assert result.returncode == 2
-    assert one_line(result) == "shellinfo publish: no records: give REST JSON objects as arguments or on standard input"
+    for empty in (b"", b"  \n", b"[]"):  # empty input is no records, as for convert and validate
+        result = cli("publish", *at, stdin=empty)
+        assert result.returncode == 0
+        assert one_line(result) == "shellinfo publish: no records in the input; nothing published"
 
     result = cli("list", *at, "--format", "jsonl")
     assert (result.returncode, result.stdout) == (0, b"")  # nothing was sent
@@ -857,26 +860,43 @@ def test_refused_updates_exit_1_and_name_the_field(serve: ServeFactory) -> None:
 
     result = cli("publish", *at, '{"jobRunId": 5, "status": "kRunning"}')
     assert (result.returncode, result.stdout) == (1, b"")
-    assert one_line(result) == (
-        "record 0: FAILED_PRECONDITION status: run 5 already has the final status kSuccess; status kRunning is refused"
-    )
+    lines = result.stderr.decode().splitlines()
+    assert lines == [
+        "record 1 (jobRunId 5): refused: FAILED_PRECONDITION RUN_FINAL status: run 5 already has the final status"
+        " kSuccess; status kRunning is refused",
+        "shellinfo publish: 0 of 1 records recorded (none); refused: 1",
+    ]
 
-    # In a stream, the others go through.
-    result = cli("publish", *at, "--format", "jsonl", '{"jobRunId": 6}', '{"jobRunId": 5, "status": "kFailure"}', "{}")
+    # In a stream, the others go through; each refused record is named, then what was recorded.
+    three = ('{"jobRunId": 6}', '{"jobRunId": 5, "status": "kFailure"}', '{"jobRunId": 11}')
+    result = cli("publish", *at, "--format", "jsonl", *three)
     assert result.returncode == 1
     out = [json.loads(text) for text in result.stdout.decode().splitlines()]
-    assert out[0] == {"index": 0, "jobRunId": 6, "revision": 2, "changed": True}
-    assert out[1]["index"] == 1
+    assert out[0] == {"record": 1, "jobRunId": 6, "revision": 2, "changed": True}
+    assert out[1]["record"] == 2
+    assert out[1]["jobRunId"] == 5
     assert out[1]["error"]["code"] == "FAILED_PRECONDITION"
     assert out[1]["error"]["reason"] == "RUN_FINAL"
     assert out[1]["error"]["field"] == "status"
-    assert out[2]["index"] == 2
-    assert out[2]["jobRunId"] is None
-    assert (out[2]["error"]["code"], out[2]["error"]["field"]) == ("INVALID_ARGUMENT", "jobRunId")
+    assert out[2] == {"record": 3, "jobRunId": 11, "revision": 3, "changed": True}
     lines = result.stderr.decode().splitlines()
-    assert lines[0].startswith("record 1: FAILED_PRECONDITION status: ")
-    assert lines[1].startswith("record 2: INVALID_ARGUMENT jobRunId: ")
+    assert lines[0].startswith("record 2 (jobRunId 5): refused: FAILED_PRECONDITION RUN_FINAL status: ")
+    assert lines[1] == "shellinfo publish: 2 of 3 records recorded (records 1, 3); refused: 2"
     assert len(lines) == 2
+
+    # What the service never accepts is found before anything is sent: all or nothing.
+    bad = ('{"jobRunId": 12}', "{}", '{"jobRunId": 13, "startTimeUsecs": 5, "endTimeUsecs": 4}')
+    result = cli("publish", *at, *bad)
+    assert (result.returncode, result.stdout) == (2, b"")
+    assert result.stderr.decode().splitlines() == [
+        "record 2: jobRunId: is required: it identifies the run",
+        "record 3 (jobRunId 13): endTimeUsecs: end time 4 is before the start time 5",
+        "shellinfo publish: nothing published (2 of 3 records invalid)",
+    ]
+    result = cli("publish", *at, "--source", "s" * 257, '{"jobRunId": 12}')
+    assert result.returncode == 2
+    assert one_line(result) == "shellinfo: --source: 257 bytes of UTF-8; the service accepts at most 256"
+    assert cli("get", *at, "12").returncode == 1  # not published
 
     result = cli("get", *at, "99", "--source", "x")
     assert (result.returncode, result.stdout) == (1, b"")
@@ -885,13 +905,14 @@ def test_refused_updates_exit_1_and_name_the_field(serve: ServeFactory) -> None:
 
 def test_no_server_is_one_line_and_exit_1() -> None:
     at = ("--address", f"127.0.0.1:{free_port()}")
-    for command in (("publish", '{"jobRunId": 1}'), ("publish", "{}", "{}"), ("get", "1"), ("list",)):
+    two = ('{"jobRunId": 1}', '{"jobRunId": 2}')
+    for command in (("publish", '{"jobRunId": 1}'), ("publish", *two), ("get", "1"), ("list",)):
         result = cli(command[0], *at, *command[1:])
         assert (result.returncode, result.stdout) == (1, b""), command
         message = one_line(result)
+        if command[1:] == two:  # a stream: which records were not acknowledged
+            assert message.endswith(" (records 1-2 not acknowledged: recorded or not)")
         assert message.startswith("shellinfo: UNAVAILABLE: "), message
-        if command[1:] == ("{}", "{}"):
-            assert message.endswith(" (records 0 to 1 not acknowledged)")
 
 
 def test_watch_before_the_retained_history_is_out_of_range(serve: ServeFactory) -> None:
@@ -937,13 +958,12 @@ def test_serve_settings_that_cannot_work_exit_2(args: tuple[str, ...], message: 
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (("watch", "--status", "kDone"), "shellinfo: --status: unknown value 'kDone'; expected one of kAccepted, "),
-        (("list", "--run-type", "REGULAR"), "shellinfo: --run-type: unknown value 'REGULAR'; expected one of kRegular"),
+        (("list", "--status", "99999999999"), "shellinfo: --status: 99999999999 is not an enum number (int32)"),
         (("watch", "--snapshot", "--from-revision", "3"), "shellinfo: --snapshot starts from now"),
         (("get", "1", "--tls-cert", "c.pem"), "shellinfo: --tls-cert and --tls-key go together"),
         (("get", "1", "--token", " "), "shellinfo: --token: the token is empty"),
         (
-            ("publish", "--address", "10.1.2.3:50051", "--token", "t", "{}"),
+            ("publish", "--address", "10.1.2.3:50051", "--token", "t", '{"jobRunId": 1}'),
             "shellinfo: refusing to send the token to 10.1.2.3:50051 in plaintext: use TLS (--tls-ca)",
         ),
         (("get", "1", "--tls-ca", "/nonexistent/ca.pem"), "shellinfo: TLS: cannot read the CA certificate"),
@@ -966,7 +986,9 @@ def test_bad_numbers_are_usage_errors() -> None:
     ):
         result = cli(*args)
         assert result.returncode == 2, args
-        assert "usage: shellinfo" in result.stderr.decode()
+        line = one_line(result)  # one line, that says where help is
+        assert line.startswith(f"shellinfo {args[0]}: argument ")
+        assert line.endswith(f"(see shellinfo {args[0]} --help)")
 
 
 # --- the default store --------------------------------------------------------------------

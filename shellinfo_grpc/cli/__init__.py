@@ -32,7 +32,7 @@ import argparse
 import os
 import sys
 from collections.abc import Callable, Sequence
-from typing import BinaryIO, Final, TextIO
+from typing import BinaryIO, Final, TextIO, cast
 
 from shellinfo_grpc import __version__
 from shellinfo_grpc.cli._io import (
@@ -40,6 +40,7 @@ from shellinfo_grpc.cli._io import (
     EXIT_CALL_FAILED,
     EXIT_OK,
     PROG,
+    Parser,
     Streams,
     Subparsers,
     one_line,
@@ -93,12 +94,16 @@ def build_parser() -> argparse.ArgumentParser:
     Each subcommand sets ``handler``, a ``(args, io: Streams) -> int`` function
     that :func:`main` calls.
     """
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog=PROG,
         description="Work with Cohesity ProtectionShellInfo records (shellinfo.v1): protection-run status.",
     )
     parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
-    subparsers = parser.add_subparsers(title="commands", metavar="COMMAND", required=True)
+    # Subcommands are Parsers too (argparse makes them of the parent's class): one-line usage errors.
+    subparsers = cast(
+        "Subparsers[argparse.ArgumentParser]",
+        parser.add_subparsers(title="commands", metavar="COMMAND", required=True),
+    )
     for add in COMMANDS:
         add(subparsers)
     return parser

@@ -16,7 +16,7 @@ import os
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, BinaryIO, Final, TextIO, TypeVar
+from typing import Any, BinaryIO, Final, NoReturn, TextIO
 
 __all__ = [
     "COMPACT",
@@ -24,8 +24,12 @@ __all__ = [
     "EXIT_BAD_INPUT",
     "EXIT_CALL_FAILED",
     "EXIT_OK",
+    "INT64_MAX",
+    "MAX_PAGE_SIZE",
+    "MAX_SECONDS",
     "PROG",
     "Handler",
+    "Parser",
     "Streams",
     "Subparsers",
     "command",
@@ -33,6 +37,7 @@ __all__ = [
     "job_run_id",
     "jsonl",
     "one_line",
+    "page_size",
     "quiet_grpc",
     "seconds",
     "whole",
@@ -54,8 +59,6 @@ DEFAULT_ADDRESS: Final = "127.0.0.1:50051"
 PROG: Final = "shellinfo"
 COMPACT: Final = (",", ":")
 
-
-_N = TypeVar("_N", int, float)
 
 Subparsers = argparse._SubParsersAction  # argparse has no public name for it
 
@@ -97,44 +100,71 @@ def command(
 
 # --- argument types ---------------------------------------------------------------
 
+#: The largest value of an int64 (revisions, counts, retention): what the wire and the stores hold.
+INT64_MAX: Final = 2**63 - 1
+#: The most seconds a duration option takes (100 years): far beyond any use, and
+#: within what deadlines and clocks can add to the time now.
+MAX_SECONDS: Final = 100 * 365 * 86_400
+#: The most runs one ListRuns call returns; the service caps larger pages at this.
+MAX_PAGE_SIZE: Final = 1000
 
-def _parsed(text: str, parse: Callable[[str], _N], expected: str) -> _N:
+
+class Parser(argparse.ArgumentParser):
+    """An argument parser whose usage errors are one line: ``shellinfo CMD: error (see shellinfo CMD --help)``."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_BAD_INPUT, f"{self.prog}: {one_line(message)} (see {self.prog} --help)\n")
+
+    def _get_values(self, action: argparse.Action, arg_strings: list[str]) -> Any:
+        # argparse drops a value that is "--" (as in --count=--) and then skips
+        # the option's type: the option would hold [] instead of a number.
+        if action.nargs is None and arg_strings == ["--"]:
+            self.error(f"argument {'/'.join(action.option_strings) or action.dest}: expected a value, got '--'")
+        return super()._get_values(action, arg_strings)
+
+
+def _integer(text: str, least: int, most: int, what: str) -> int:
+    """An integer from ``least`` to ``most``, or an argparse error that says the range."""
     try:
-        return parse(text)
+        value = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
+        raise argparse.ArgumentTypeError(f"expected {what}, got {one_line(repr(text))[:60]}") from None
+    if not least <= value <= most:
+        shown = text if len(text) <= 30 else text[:27] + "..."
+        raise argparse.ArgumentTypeError(f"expected {what} from {least} to {most}, got {shown}")
+    return value
 
 
 def count(text: str) -> int:
-    """An argparse type: an integer >= 1."""
-    value = whole(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer of at least 1, got {text!r}")
-    return value
+    """An argparse type: an integer from 1 to INT64_MAX."""
+    return _integer(text, 1, INT64_MAX, "an integer")
 
 
 def whole(text: str) -> int:
-    """An argparse type: an integer >= 0."""
-    value = _parsed(text, int, "an integer")
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer of at least 0, got {text!r}")
-    return value
+    """An argparse type: an integer from 0 to INT64_MAX (a revision, a number of updates)."""
+    return _integer(text, 0, INT64_MAX, "an integer")
+
+
+def page_size(text: str) -> int:
+    """An argparse type: runs per ListRuns call, 1 to MAX_PAGE_SIZE."""
+    return _integer(text, 1, MAX_PAGE_SIZE, "a page size")
 
 
 def seconds(text: str) -> float:
-    """An argparse type: a finite number of seconds >= 0."""
-    value = _parsed(text, float, "a number of seconds")
-    if not 0 <= value < float("inf"):
-        raise argparse.ArgumentTypeError(f"expected a finite number of seconds of at least 0, got {text!r}")
+    """An argparse type: a number of seconds from 0 to MAX_SECONDS (nan and infinities refused)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {one_line(repr(text))[:60]}") from None
+    if not 0 <= value <= MAX_SECONDS:  # also false for nan
+        shown = text if len(text) <= 30 else text[:27] + "..."
+        raise argparse.ArgumentTypeError(f"expected a number of seconds from 0 to {MAX_SECONDS}, got {shown}")
     return value
 
 
 def job_run_id(text: str) -> int:
     """An argparse type: a jobRunId, any int64."""
-    value = _parsed(text, int, "an integer jobRunId")
-    if not -(2**63) <= value < 2**63:
-        raise argparse.ArgumentTypeError(f"jobRunId {text} is outside int64")
-    return value
+    return _integer(text, -(2**63), INT64_MAX, "an integer jobRunId")
 
 
 # --- text and output ---------------------------------------------------------------

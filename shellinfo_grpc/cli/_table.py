@@ -2,18 +2,20 @@
 
 from __future__ import annotations
 
+import base64
 import datetime
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final
 
+from shellinfo_grpc.errors import RestDecodeError
 from shellinfo_grpc.rest import to_rest
 from shellinfo_grpc.run_instance import job_to_rest
 
 if TYPE_CHECKING:
     from shellinfo_grpc._gen.shellinfo.v1.run_update_service_pb2 import RunUpdate
 
-__all__ = ["COLUMNS", "cells", "clip", "row", "table", "update_dict"]
+__all__ = ["COLUMNS", "cells", "clip", "describe", "raw_dict", "row", "table", "unshowable", "update_dict"]
 
 
 def update_dict(update: RunUpdate) -> dict[str, Any]:
@@ -31,6 +33,35 @@ def update_dict(update: RunUpdate) -> dict[str, Any]:
     if update.HasField("job"):
         out["job"] = job_to_rest(update.job)
     return out
+
+
+def unshowable(update: RunUpdate) -> str | None:
+    """Why ``update`` cannot be shown in REST form (a bad record already stored), or None.
+
+    The service refuses such records today, but a store may hold one written
+    before, or by hand: consumers skip it with one line rather than fail.
+    """
+    try:
+        to_rest(update.run)
+    except RestDecodeError as exc:
+        return str(exc)
+    return None
+
+
+def raw_dict(update: RunUpdate) -> dict[str, Any]:
+    """An update whose run cannot be shown in REST form: the run as base64 of its bytes."""
+    return {
+        "revision": update.revision,
+        "source": update.source,
+        "acceptedTimeUsecs": update.accepted_time_usecs,
+        "runBase64": base64.b64encode(update.run.SerializeToString()).decode(),
+    }
+
+
+def describe(update: RunUpdate) -> str:
+    """Which update this is, for a one-line message."""
+    job = update.run.job_run_id if update.run.HasField("job_run_id") else "(none)"
+    return f"revision {update.revision} (source {_printable(repr(update.source))[:40]}, jobRunId {job})"
 
 
 def _printable(text: str) -> str:

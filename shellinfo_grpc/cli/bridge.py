@@ -322,7 +322,7 @@ def run(args: argparse.Namespace, *, stderr: TextIO | None = None) -> int:
         raise ConfigurationError("--tls-cert and --tls-key go together: give both, or neither")
     tls_ca = args.tls_ca or service.get("tls_ca")
     target = ServiceConfig(
-        args.address or service.get("address") or _DEFAULT_ADDRESS,
+        args.address or service.get("address") or os.environ.get("SHELLINFO_ADDRESS") or _DEFAULT_ADDRESS,
         token=token,
         tls_ca=Path(tls_ca) if tls_ca else None,
         tls_cert=Path(tls_cert) if tls_cert else None,
@@ -426,7 +426,11 @@ def add_bridge(subparsers: Subparsers[argparse.ArgumentParser]) -> None:
         "--log-level", choices=("debug", "info", "warning", "error"), default="info", help="(default %(default)s)"
     )
     service = parser.add_argument_group("service")
-    service.add_argument("--address", metavar="HOST:PORT", help=f"the service (default {_DEFAULT_ADDRESS})")
+    service.add_argument(
+        "--address",
+        metavar="HOST:PORT",
+        help=f"the service (default: the config file's, else $SHELLINFO_ADDRESS, else {_DEFAULT_ADDRESS})",
+    )
     service.add_argument(
         "--token", default=os.environ.get("SHELLINFO_TOKEN") or None, help="bearer token (default $SHELLINFO_TOKEN)"
     )

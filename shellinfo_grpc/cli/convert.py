@@ -23,6 +23,11 @@ def _cmd_convert(args: argparse.Namespace, io: Streams) -> int:
     """Read records from standard input and write them to standard output in another format. Records
     are written as they are read; at the first bad record, the ones before it are written, the error
     is reported on standard error and the exit status is 2.
+
+    Every format is decided alike, with the same limits: a record is valid when its REST form reads
+    back as the same message, it is at most 1 MiB serialized, a value kept for an unknown key nests at
+    most 64 deep, and one record's input (a JSON line, a binary frame) is at most 8 MiB. Records are
+    numbered from 1. Empty input is no records (exit status 0).
     """
     writer = Writer(io.stdout, args.to_format)
     bad: Bad | None = None
@@ -44,7 +49,8 @@ def _cmd_convert(args: argparse.Namespace, io: Streams) -> int:
 
 def _cmd_validate(args: argparse.Namespace, io: Streams) -> int:
     """Read records from standard input and report each bad one on standard error, then a summary. Exit
-    status 0 if every record is valid, 2 otherwise.
+    status 0 if every record is valid (empty input: no records), 2 otherwise. The rules and limits are
+    those of convert (and publish), the same in every format: see shellinfo convert --help.
     """
     total = bad = 0
     stopped = None
@@ -56,7 +62,7 @@ def _cmd_validate(args: argparse.Namespace, io: Streams) -> int:
             bad += 1
             io.report(item.message)
             if item.fatal:
-                stopped = total
+                stopped = total + 1
         total += 1
     summary = f"{bad} of {total} records invalid"
     if stopped is not None:

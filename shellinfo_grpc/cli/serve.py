@@ -90,8 +90,11 @@ def _logging_to(stream: Any, level: str) -> Iterator[None]:
 def _split_address(address: str) -> tuple[str, int]:
     """``HOST:PORT`` (``[V6]:PORT`` for IPv6) as the host and the port."""
     host, sep, port_text = address.rpartition(":")
-    if not sep or not port_text.isdigit() or int(port_text) > 65535:
-        raise ConfigurationError(f"--address {address!r}: expected HOST:PORT, as in 127.0.0.1:50051 or [::1]:50051")
+    if not sep or not port_text.isascii() or not port_text.isdigit() or int(port_text) > 65535:
+        raise ConfigurationError(
+            f"--address {address!r}: expected HOST:PORT with a port from 0 to 65535,"
+            " as in 127.0.0.1:50051 or [::1]:50051"
+        )
     return host, int(port_text)
 
 

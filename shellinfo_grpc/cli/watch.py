@@ -19,8 +19,8 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Final, Protocol
 
 from shellinfo_grpc.cli._io import EXIT_OK, PROG, Streams, Subparsers, command, count, jsonl, one_line, whole
-from shellinfo_grpc.cli._table import COLUMNS, cells, clip, row, table, update_dict
-from shellinfo_grpc.cli.calls import add_client_options, add_filters, add_table_format, connect, filter_options
+from shellinfo_grpc.cli._table import COLUMNS, cells, clip, describe, row, table, unshowable, update_dict
+from shellinfo_grpc.cli.calls import Match, add_client_options, add_filters, add_table_format, connect, filter_options
 from shellinfo_grpc.errors import (
     ConfigurationError,
 )
@@ -89,6 +89,9 @@ class _View(Protocol):
     def notice(self, text: str | None) -> None:
         """A notice about the connection (``None``: the last one is over)."""
 
+    def skipped(self, text: str) -> None:
+        """An update that cannot be shown was skipped; ``text`` says which and why."""
+
     def close(self) -> None: ...
 
 
@@ -113,6 +116,9 @@ class _JsonlView:
     def notice(self, text: str | None) -> None:
         if text is not None:
             self._io.report(text)
+
+    def skipped(self, text: str) -> None:
+        self._io.report(f"{PROG} watch: {text}")
 
     def close(self) -> None:
         self.idle()
@@ -152,6 +158,7 @@ class _LiveView:
         self._revision: int | None = None
         self._snapshot = ""
         self._notice: str | None = None
+        self._skipped = 0
         self._drawn = 0.0
         self._dirty = True
         self._size = shutil.get_terminal_size()
@@ -178,6 +185,11 @@ class _LiveView:
         self._notice = text
         self._dirty = True
 
+    def skipped(self, text: str) -> None:
+        # Standard error shares the screen: count them in the status line instead.
+        self._skipped += 1
+        self._dirty = True
+
     def _draw(self) -> None:
         self._size = shutil.get_terminal_size()
         columns, lines = self._size
@@ -190,6 +202,8 @@ class _LiveView:
             status += f"  ({self._snapshot})"
         if len(latest) > room:
             status += f"  [{len(latest) - room} more not shown]"
+        if self._skipped:
+            status += f"  [{self._skipped} not shown: not valid REST]"
         if self._notice:
             status += f"  [{self._notice}]"
         screen = [clip(status, columns), *(clip(line, columns) for line in table(rows))]
@@ -206,7 +220,12 @@ class _LiveView:
 
 
 class _Notices:
-    """Says when a watch loses its connection and when it resumes; a watch from now, where it starts."""
+    """Says when a watch loses its connection and when it resumes; a watch from now, where it starts.
+
+    The watch says when it is connected again (:attr:`RunWatch.connected`: the
+    server answers a resumed watch at once), so the resume is reported as soon
+    as it happens, not when the next update arrives.
+    """
 
     def __init__(self, watch: RunWatch, view: _View, *, from_now: bool, address: str) -> None:
         self._watch = watch
@@ -215,6 +234,7 @@ class _Notices:
         self._address = address
         self._reconnects = 0
         self._outage: str | None = None  # the last error reported, while reconnecting
+        self._resumed = False  # the live view shows "reconnected" until the next update
 
     def poll(self, first_update: int | None) -> None:
         """Check the watch for news (reconnects, where a watch from now starts)."""
@@ -226,35 +246,43 @@ class _Notices:
                     begin = first_update if first_update is not None else start
                     self._view.notice(f"{PROG} watch: watching {self._address} from revision {begin}")
         reconnects = self._watch.reconnects
-        if reconnects == self._reconnects:
-            return
-        self._reconnects = reconnects
-        error = self._watch.last_error
-        text = one_line(str(error)) if error is not None else "the connection was lost"
-        if text != self._outage:
-            self._outage = text
-            if self._view.live:
-                self._view.notice(f"reconnecting: {text}")
-            else:
-                self._view.notice(f"{PROG} watch: {text}; reconnecting (nothing will be missed or repeated)")
-
-    def delivered(self, event: WatchEvent, reconnects: int) -> None:
-        """An event came; if it came after the last reconnect, the outage is over."""
-        if self._outage is not None and reconnects >= self._reconnects:
+        if reconnects != self._reconnects:
+            self._reconnects = reconnects
+            error = self._watch.last_error
+            text = one_line(str(error)) if error is not None else "the connection was lost"
+            if text != self._outage:
+                self._outage = text
+                if self._view.live:  # the status line has room for the code and reason only
+                    code = f"{error.code} {error.reason}".strip() if error is not None else "connection lost"
+                    self._view.notice(f"reconnecting: {code}")
+                else:
+                    self._view.notice(f"{PROG} watch: {text}; reconnecting (nothing will be missed or repeated)")
+        if self._outage is not None and self._watch.connected:
             self._outage = None
+            resume = self._watch.resume_revision
+            where = f" at revision {resume}" if resume is not None else ""
             if self._view.live:
-                self._view.notice(None)
+                self._resumed = True
+                self._view.notice(f"reconnected; resuming{where}")
             else:
-                self._view.notice(f"{PROG} watch: resumed at revision {event.revision}")
+                self._view.notice(f"{PROG} watch: reconnected; resuming{where}")
+
+    def delivered(self) -> None:
+        """An update came: a "reconnected" notice has said what it had to."""
+        if self._resumed:
+            self._resumed = False
+            self._view.notice(None)
 
 
 def _cmd_watch(args: argparse.Namespace, io: Streams) -> int:
     """Print run updates as the service accepts them; resume by itself, without missing or repeating an
     update, when the connection is lost or the server restarts (a notice goes to standard error). On
     a terminal, the table is redrawn in place: the latest state of each run, most recently updated
-    first. Ctrl-C stops (exit status 130).
+    first. An update stored before the service checked records, that cannot be shown in REST form,
+    is skipped with one line on standard error (on a terminal, counted in the status line). Ctrl-C
+    stops (exit status 130).
     """
-    filters = filter_options(args)
+    filters, match = filter_options(args, io)
     if args.snapshot and args.from_revision:
         raise ConfigurationError("--snapshot starts from now: it does not go with --from-revision")
     with connect(args) as client:
@@ -269,7 +297,7 @@ def _cmd_watch(args: argparse.Namespace, io: Streams) -> int:
             view = _RowsView(io)
         notices = _Notices(watch, view, from_now=not (args.from_revision or args.snapshot), address=args.address)
         try:
-            return _follow(pump, notices, view, args.count, _reader_gone(io.stdout))
+            return _follow(pump, notices, view, _Shown(args.count, match), _reader_gone(io.stdout))
         finally:
             pump.close()
             view.close()
@@ -290,11 +318,39 @@ def _reader_gone(stream: Any) -> Callable[[], bool]:
     return lambda: bool(poller.poll(0))
 
 
-def _follow(pump: _Pump, notices: _Notices, view: _View, count: int | None, gone: Callable[[], bool]) -> int:
-    updates = 0
-    first: int | None = None
+class _Shown:
+    """Which updates the view shows (the filter the service cannot apply, and showable ones), and how many."""
+
+    def __init__(self, count: int | None, match: Match) -> None:
+        self.count = count
+        self.match = match
+        self.updates = 0
+        self.first: int | None = None
+
+    def take(self, event: WatchEvent, view: _View) -> bool:
+        """Whether to show ``event``; a skipped one that cannot be shown is reported."""
+        update = event.update
+        if update is None:
+            return True
+        if self.match is not None and not self.match(update):
+            return False
+        problem = unshowable(update)
+        if problem is not None:
+            view.skipped(one_line(f"skipped {describe(update)}: cannot be shown as REST: {problem}"))
+            return False
+        self.updates += 1
+        if self.first is None:
+            self.first = event.revision
+        return True
+
+    @property
+    def done(self) -> bool:
+        return self.count is not None and self.updates >= self.count
+
+
+def _follow(pump: _Pump, notices: _Notices, view: _View, shown: _Shown, gone: Callable[[], bool]) -> int:
     while True:
-        notices.poll(first)
+        notices.poll(shown.first)
         try:
             item = pump.items.get(timeout=0.1)
         except queue.Empty:
@@ -306,14 +362,11 @@ def _follow(pump: _Pump, notices: _Notices, view: _View, count: int | None, gone
             return EXIT_OK
         if isinstance(item, BaseException):
             raise item
-        event, reconnects = item
-        notices.delivered(event, reconnects)
-        view.event(event)
-        if event.update is not None:
-            updates += 1
-            if first is None:
-                first = event.revision
-            if count is not None and updates >= count:
+        event, _ = item
+        if shown.take(event, view):
+            notices.delivered()
+            view.event(event)
+            if shown.done:
                 return EXIT_OK
         if pump.items.empty():
             view.idle()
