@@ -52,7 +52,7 @@ from shellinfo_grpc.client import ReconnectPolicy, RunUpdateClient, RunWatch, Wa
 from shellinfo_grpc.errors import ConfigurationError, HistoryExpired, RunRejected, ServiceError, StoreUnavailable
 from shellinfo_grpc.stores import PublishOutcome, Retention, Store
 from shellinfo_grpc.stores._registry import open_store
-from shellinfo_grpc.stores.nats import NatsStore
+from shellinfo_grpc.stores.nats import PAUSE_HOOK_ENV, NatsStore
 
 WAIT = 20.0  # the longest any single wait may take, in seconds
 
@@ -780,6 +780,80 @@ def test_sigkill_of_a_replica_under_a_watcher_fails_over_without_gap(
             assert [m.update for m in messages][: len(delivered)] == list(delivered.values())
         finally:
             watch.close()
+
+
+@pytest.mark.slow
+def test_a_replica_killed_between_its_two_writes_is_repaired_on_the_next_publish_and_on_start(
+    nats_server: NatsNode, replicas: Callable[..., ServiceReplica], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A publish stored in the history but not yet in the bucket, and its replica SIGKILLed right there.
+
+    The test hook stops a publish between its two writes; the process is then
+    killed. The publish was never acknowledged; the next publish of the run
+    (on another replica) and the next start of any replica copy the update
+    into the bucket, so GetRun and ListRuns show it.
+    """
+    stream, prefix = names()
+    url = f"{nats_server.url}?stream={stream}&subject_prefix={prefix}"
+    monkeypatch.setenv(PAUSE_HOOK_ENV, "held")
+    a = replicas(url, "a")
+    monkeypatch.delenv(PAUSE_HOOK_ENV)
+    b = replicas(url, "b")
+
+    def record(job_run_id: int, note: str) -> pb.ProtectionShellInfo:
+        return from_rest({"jobRunId": job_run_id, "status": "kRunning", "error": note})
+
+    def held_publish(job_run_id: int) -> None:
+        """Publish through A, which stops between the writes; SIGKILL A there. The publish fails."""
+        before = len(asyncio.run(stream_messages([nats_server.url], stream)))
+        failures: list[ServiceError] = []
+
+        def publish() -> None:
+            with RunUpdateClient(a.address, timeout=5) as client:
+                try:
+                    client.publish(record(job_run_id, "held"), source="agent")
+                except ServiceError as exc:
+                    failures.append(exc)
+
+        thread = threading.Thread(target=publish, daemon=True)
+        thread.start()
+        wait_until(lambda: "stopped between the two writes" in a.log.read_text(), "A to stop between the writes")
+        assert len(asyncio.run(stream_messages([nats_server.url], stream))) == before + 1  # in the history
+        a.kill()
+        thread.join(WAIT)
+        assert not thread.is_alive()
+        assert [f.code for f in failures] == ["UNAVAILABLE"], failures  # never acknowledged
+
+    with RunUpdateClient(b.address, timeout=WAIT) as cb:
+        assert cb.publish(record(7, "first"), source="agent").revision == 1
+        held_publish(7)  # revision 2: in the history, not in the bucket
+        assert cb.get(7, source="agent").revision == 1  # the bucket is behind until a repair
+        # The agent retries on B: the history is ahead of the bucket, so B repairs it; the
+        # retried update is the one stored, so the publish is a no-op returning its revision.
+        again = cb.publish(record(7, "held"), source="agent")
+        assert (again.revision, again.changed) == (2, False)
+        got = cb.get(7, source="agent")
+        assert (got.revision, got.run.error) == (2, "held")
+
+        # Repair on start: A stops between the writes of a new run, is killed, and starts again.
+        monkeypatch.setenv(PAUSE_HOOK_ENV, "held")
+        a.log.write_text("")
+        a.start()
+        monkeypatch.delenv(PAUSE_HOOK_ENV)
+        held_publish(8)  # revision 3
+        with pytest.raises(ServiceError) as missing:
+            cb.get(8, source="agent")
+        assert missing.value.code == "NOT_FOUND"  # a new run: only in the history so far
+        a.start()  # without the hook; its start repairs the bucket
+        with RunUpdateClient(a.address, timeout=WAIT) as ca:
+            for client in (ca, cb):
+                got = client.get(8, source="agent")
+                assert (got.revision, got.run.error) == (3, "held")
+                assert [(u.run.job_run_id, u.revision) for u in client.list()] == [(7, 2), (8, 3)]
+            assert "copied 1 run(s) the history had ahead of it" in a.log.read_text()
+            # The run goes on from the repaired state, on either replica.
+            assert ca.publish(record(8, "next"), source="agent").revision == 4
+            assert cb.get(8, source="agent").run.error == "next"
 
 
 # --- a three-node cluster -------------------------------------------------------------------

@@ -82,7 +82,7 @@ from shellinfo_grpc.errors import ConfigurationError, HistoryExpired, RunRejecte
 from shellinfo_grpc.rules import compile_filter
 from shellinfo_grpc.stores import PublishOutcome, Retention, Store, decide, now_usecs
 
-__all__ = ["NatsStore"]
+__all__ = ["PAUSE_HOOK_ENV", "NatsStore"]
 
 _log = logging.getLogger("shellinfo_grpc.nats_store")  # its name before the move, kept for log filters
 
@@ -114,7 +114,7 @@ _BATCH_BYTES: Final = 8 << 20
 #: Test hook: a publish whose run's ``error`` equals this value stops for good
 #: between its history write and its bucket write (the crash-repair test kills
 #: the process there). Never set in production.
-_PAUSE_HOOK_ENV: Final = "SHELLINFO_TEST_NATS_PAUSE_BETWEEN_WRITES"
+PAUSE_HOOK_ENV: Final = "SHELLINFO_TEST_NATS_PAUSE_BETWEEN_WRITES"
 
 
 def _source_token(source: str) -> str:
@@ -230,7 +230,7 @@ class NatsStore(Store):
         self._connect_options = dict(connect_options or {})
         self._timeout = timeout
         self._max_attempts = max_attempts
-        self._pause_on = os.environ.get(_PAUSE_HOOK_ENV) or None
+        self._pause_on = os.environ.get(PAUSE_HOOK_ENV) or None
         self._nc: Any = None
         self._js: Any = None
         self._jsm: Any = None
@@ -650,7 +650,7 @@ class NatsStore(Store):
             update.revision = ack.seq
             self._remember(subject, update)
             if self._pause_on is not None and run.error == self._pause_on:
-                _log.warning("test hook %s: stopped between the two writes of revision %d", _PAUSE_HOOK_ENV, ack.seq)
+                _log.warning("test hook %s: stopped between the two writes of revision %d", PAUSE_HOOK_ENV, ack.seq)
                 await asyncio.Event().wait()
             await self._write_latest(key, latest_subject, update, bucket_seq)
             return PublishOutcome(update, changed=True)
