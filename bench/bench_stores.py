@@ -530,7 +530,7 @@ def _rotated(services: Sequence[Service], r: int) -> list[Service]:
     return [*services[k:], *services[:k]]
 
 
-async def run_bench(sizes: Sizes, results: Results, services: list[Service]) -> None:
+async def run_bench(sizes: Sizes, results: Results, services: list[Service], *, catch_up_only: bool = False) -> None:
     sz = sizes
     print(f"\n[1] fill: {sz.records:,} updates through one PublishRuns stream per store")
     for service in services:
@@ -555,6 +555,8 @@ async def run_bench(sizes: Sizes, results: Results, services: list[Service]) -> 
                 + (f", nats {m.nats_cpu_us:.2f})" if service.nodes else ")")
             )
         print(f"  round {r + 1}: " + "; ".join(line), flush=True)
+    if catch_up_only:
+        return
 
     print(
         f"\n[3] publish throughput, {sz.publish_rounds} rounds: {sz.unary:,} sequential PublishRun; "
@@ -618,6 +620,8 @@ async def run_bench(sizes: Sizes, results: Results, services: list[Service]) -> 
 
 async def run(args: argparse.Namespace) -> int:
     sizes = QUICK if args.quick else FULL
+    if args.records:
+        sizes = dataclasses.replace(sizes, records=args.records)
     started = time.monotonic()
     binary = nats_server_binary()
     env = environment(binary)
@@ -641,7 +645,7 @@ async def run(args: argparse.Namespace) -> int:
         print()
         services = await start_stores(labels, binary, Path(tmp))
         try:
-            await run_bench(sizes, results, services)
+            await run_bench(sizes, results, services, catch_up_only=args.catch_up_only)
         except Problem as exc:
             problem = str(exc)
             print(f"\nPROBLEM: {problem}")
@@ -672,6 +676,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="small sizes, no cluster: a CI smoke run (exit 0)")
     parser.add_argument("--no-r3", action="store_true", help="leave out the three-node JetStream cluster")
     parser.add_argument("--sync-always", action="store_true", help="also run one nats-server that fsyncs every message")
+    parser.add_argument("--records", type=int, metavar="N", help="stored updates to catch up on (default 20,000)")
+    parser.add_argument("--catch-up-only", action="store_true", help="only fill and catch up (figures 1 and 2)")
     parser.add_argument("--json", metavar="PATH", help="also write every sample to PATH as JSON")
     args = parser.parse_args(argv)
     # SIGTERM ends the bench like Ctrl-C does, through the finally blocks that stop every process.
