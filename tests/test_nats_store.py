@@ -473,6 +473,43 @@ def test_a_batch_keeps_each_runs_order_and_answers_in_request_order(nats_server:
     asyncio.run(main())
 
 
+def test_catch_up_reads_the_same_from_the_window_and_from_jetstream(nats_server: NatsNode) -> None:
+    """history_wire from a replica's in-memory window, from a replica started later (JetStream
+    batches only), and from one whose window keeps only the newest few updates: the same updates."""
+    stream, prefix = names()
+    url = f"{nats_server.url}?stream={stream}&subject_prefix={prefix}"
+
+    async def main() -> None:
+        full, small = open_store(url), open_store(f"{url}&window_mib=0.002")  # ~2 KiB: a handful of updates
+        async with started(full, small):
+            items = [("src", shell(index % 40, error=f"note {index}" * (index % 3))) for index in range(1500)]
+            for start in range(0, len(items), 100):
+                await full.publish_batch(items[start : start + 100])
+            head = full.head_revision()
+            assert head == len(items)
+            await until(lambda: small.head_revision() == head, "the second replica's feed")
+            later = open_store(url)  # its window starts at the head: everything below is read from JetStream
+            async with started(later):
+                readers = (full, small, later)
+                for start, end, limit in ((1, head, 10_000), (1, head, 7), (1400, head, 10_000), (head, head, 5)):
+                    chunks = [await store.history_wire(start, end, limit) for store in readers]
+                    decoded = [[(r, svc.RunUpdate.FromString(data)) for r, data in chunk] for chunk in chunks]
+                    assert decoded[0] == decoded[1] == decoded[2], (start, end, limit)
+                    expected = list(range(start, min(end, start + limit - 1) + 1))
+                    assert [r for r, _ in chunks[0]] == expected
+                    assert all(u.revision == r for r, u in decoded[0])
+                    assert [u for _, u in decoded[0]] == await later.history(start, end, limit)
+                # Pages across the edge of the small window, as a watch reads them.
+                position, pages = 1, []
+                while position <= head:
+                    page = await small.history_wire(position, head, 333)
+                    pages.extend(r for r, _ in page)
+                    position = page[-1][0] + 1
+                assert pages == list(range(1, head + 1))
+
+    asyncio.run(main())
+
+
 # --- rules across replicas ----------------------------------------------------------------
 
 

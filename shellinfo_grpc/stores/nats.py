@@ -102,12 +102,15 @@ _OPTIONS: Final = frozenset(
         "tls_key",
         "timeout",
         "max_attempts",
+        "window_mib",
     }
 )
 # Errors that mean "NATS cannot be reached or did not answer in time".
 _UNREACHABLE: Final = (nats.errors.Error, asyncio.TimeoutError, OSError)
 #: How many runs' latest updates a replica remembers for one-round-trip publishes.
 _REMEMBERED: Final = 65_536
+#: The default size of a replica's in-memory window of the newest history (MiB).
+_WINDOW_MIB: Final = 64
 #: Messages and bytes per batched direct get of the history.
 _BATCH: Final = 1000
 _BATCH_BYTES: Final = 8 << 20
@@ -178,6 +181,50 @@ class _Feed:
         return self.position >= position
 
 
+class _Window:
+    """The newest stretch of the history, as wire bytes (revision appended), kept from the live feed.
+
+    Catch-up inside it is served from memory, at the speed of the SQLite
+    store's reads; older revisions are read from JetStream in batches. It
+    holds at most ``max_bytes`` (the oldest go first); every message from
+    ``low`` up to the live feed's position is in it.
+    """
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self.low = 1
+        self._seqs: list[int] = []
+        self._wire: list[bytes] = []
+        self._first = 0  # index of the oldest kept entry
+        self._bytes = 0
+
+    def restart(self, position: int) -> None:
+        """Forget everything: the feed goes on after ``position``."""
+        self._seqs, self._wire, self._first, self._bytes = [], [], 0, 0
+        self.low = position + 1
+
+    def add(self, seq: int, wire: bytes) -> None:
+        if not self.max_bytes:
+            self.low = seq + 1
+            return
+        self._seqs.append(seq)
+        self._wire.append(wire)
+        self._bytes += len(wire)
+        while self._bytes > self.max_bytes and self._first < len(self._seqs):
+            self._bytes -= len(self._wire[self._first])
+            self.low = self._seqs[self._first] + 1
+            self._first += 1
+        if self._first > 4096 and self._first * 2 > len(self._seqs):
+            del self._seqs[: self._first], self._wire[: self._first]
+            self._first = 0
+
+    def read(self, start: int, end: int, limit: int) -> list[tuple[int, bytes]]:
+        """The kept messages with ``start <= seq <= end``, at most ``limit``; the caller checked ``start >= low``."""
+        i = bisect.bisect_left(self._seqs, start, lo=self._first)
+        j = min(bisect.bisect_right(self._seqs, end, lo=i), i + limit)
+        return list(zip(self._seqs[i:j], self._wire[i:j], strict=True))
+
+
 class NatsStore(Store):
     """A :class:`~shellinfo_grpc.stores.Store` on a JetStream stream and a key-value bucket.
 
@@ -189,6 +236,8 @@ class NatsStore(Store):
     ``connect_options`` go to ``nats.connect`` (``tls``, ``user_credentials``,
     ...). ``timeout``: seconds for each JetStream request. ``max_attempts``:
     how often a publish retries when other replicas keep writing the same run.
+    ``window_mib``: how much of the newest history each replica keeps in
+    memory for catch-up (0: none; every catch-up reads JetStream).
     """
 
     def __init__(
@@ -203,6 +252,7 @@ class NatsStore(Store):
         connect_options: Mapping[str, Any] | None = None,
         timeout: float = 5.0,
         max_attempts: int = 10,
+        window_mib: float = _WINDOW_MIB,
     ) -> None:
         super().__init__()
         if not servers:
@@ -217,6 +267,8 @@ class NatsStore(Store):
                 f"NATS store: latest_bucket {bucket!r} must be letters, digits, _ and - only"
                 + ("" if latest_bucket is not None else " (it defaults to <stream>_LATEST: give latest_bucket)")
             )
+        if window_mib < 0:
+            raise ConfigurationError("NATS store: window_mib must not be negative")
         if replicas < 1 or max_attempts < 1 or timeout <= 0:
             raise ConfigurationError("NATS store: replicas, max_attempts and timeout must be positive")
         self._servers = list(servers)
@@ -237,6 +289,7 @@ class NatsStore(Store):
         self._live: Any = None
         self._keys_feed: Any = None
         self._history_feed = _Feed()  # position: the newest history sequence followed
+        self._window = _Window(int(window_mib * (1 << 20)))
         self._latest_feed = _Feed()  # position: the newest bucket sequence followed
         # Every run's (revision, bucket sequence), from the key feed and this replica's writes,
         # and the runs' keys in order: the ListRuns index.
@@ -288,6 +341,7 @@ class NatsStore(Store):
                 connect_options=connect,
                 timeout=float(options.get("timeout", "5")),
                 max_attempts=int(options.get("max_attempts", "10")),
+                window_mib=float(options.get("window_mib", str(_WINDOW_MIB))),
             )
         except ValueError as exc:
             raise ConfigurationError(f"store URL {url!r}: {exc}") from None
@@ -346,6 +400,7 @@ class NatsStore(Store):
                 _log.warning("bucket %s: copied %d run(s) the history had ahead of it", self._bucket, repaired)
             head = max(info.state.last_seq, self._history_feed.position)
             self._history_feed.advance(head)
+            self._window.restart(head)
             self._live = await self._js.subscribe(
                 f"{self._prefix}.>",
                 stream=self._stream,
@@ -453,11 +508,14 @@ class NatsStore(Store):
 
     async def _on_message(self, msg: Any) -> None:
         seq = msg.metadata.sequence.stream
+        if seq <= self._history_feed.position:
+            return  # delivered again after a reset of the ordered consumer
         update = self._decode(msg.data, seq)
         if update is None:
             self._remembered.pop(msg.subject, None)  # a foreign message: the next publish reads the run
         else:
             self._remember(msg.subject, update)
+            self._window.add(seq, msg.data + _REVISION_TAG + _varint(seq))
         self._history_feed.advance(seq)
         if update is not None:
             self.notify_listeners((update,))
@@ -776,25 +834,50 @@ class NatsStore(Store):
                 await sub.unsubscribe()
         return messages
 
-    async def _history_messages(self, start: int, end: int, limit: int) -> list[tuple[int, bytes]]:
-        """``(sequence, stored bytes)`` of the history's messages in ``[start, end]``, at most ``limit``."""
+    async def _history_wire(self, start: int, end: int, limit: int) -> list[tuple[int, bytes]]:
+        """``(revision, RunUpdate bytes)`` of the history in ``[start, end]``, at most ``limit``.
+
+        From the in-memory window when it covers the range, else from
+        JetStream in batched direct gets (each message checked to be a
+        RunUpdate; a foreign one is skipped, loudly). The bytes are the stored
+        ones with the revision field appended.
+        """
         oldest, last = await self._oldest()
         if start < oldest:
             raise HistoryExpired(start, oldest)
         end = min(end, last)
+        if start > end or limit <= 0:
+            return []
+        if start >= self._window.low and end <= self._history_feed.position:
+            return self._window.read(start, end, limit)
         out: list[tuple[int, bytes]] = []
+        parse = _svc.RunUpdate.FromString
         position = start
+        empty = 0
+        first = 0  # the first sequence JetStream returned
         while position <= end and len(out) < limit:
             batch = await self._direct_batch(position, min(_BATCH, limit - len(out), end - position + 1))
             if not batch:
-                break
+                # A replica of an R3 stream may answer a direct get a moment behind
+                # its leader: try again, and never report a gap as the end.
+                empty += 1
+                if empty * 0.05 > self._timeout:
+                    raise StoreUnavailable(f"NATS store: stream {self._stream} did not return revision {position}")
+                await asyncio.sleep(0.05)
+                continue
             for msg in batch:
                 seq = int(msg.headers["Nats-Sequence"])
+                first = first or seq
                 if seq > end:
                     break
-                out.append((seq, msg.data))
+                try:
+                    parse(msg.data)
+                except Exception:
+                    _log.warning("stream %s: message %d is not a RunUpdate; skipped", self._stream, seq)
+                    continue
+                out.append((seq, msg.data + _REVISION_TAG + _varint(seq)))
             position = int(batch[-1].headers["Nats-Sequence"]) + 1
-        if out and out[0][0] > start and start >= oldest:
+        if first > start:
             # Retention (or an age expiry) trimmed the start away after the oldest
             # revision was checked: never skip updates silently.
             raise HistoryExpired(start, out[0][0])
@@ -802,36 +885,18 @@ class NatsStore(Store):
 
     async def history(self, start_revision: int, end_revision: int, limit: int) -> list[_svc.RunUpdate]:
         """Messages with sequence in ``[start_revision, end_revision]``, from the stream."""
-        if limit <= 0 or start_revision > end_revision:
-            return []
         try:
-            messages = await self._history_messages(start_revision, end_revision, limit)
+            wire = await self._history_wire(start_revision, end_revision, limit)
         except _UNREACHABLE as exc:
             raise self._unavailable("cannot read the history", exc) from None
-        return [u for u in (self._decode(data, seq) for seq, data in messages) if u is not None]
+        return [_svc.RunUpdate.FromString(data) for _, data in wire]
 
     async def history_wire(self, start_revision: int, end_revision: int, limit: int) -> list[tuple[int, bytes]]:
-        """As :meth:`history`, as the stored bytes with the revision appended: nothing is re-encoded.
-
-        Each message is checked to be a RunUpdate (a foreign one is skipped, as
-        in :meth:`history`); the bytes sent are the stored ones.
-        """
-        if limit <= 0 or start_revision > end_revision:
-            return []
+        """As :meth:`history`, as the stored bytes with the revision appended: nothing is re-encoded."""
         try:
-            messages = await self._history_messages(start_revision, end_revision, limit)
+            return await self._history_wire(start_revision, end_revision, limit)
         except _UNREACHABLE as exc:
             raise self._unavailable("cannot read the history", exc) from None
-        out = []
-        parse = _svc.RunUpdate.FromString
-        for seq, data in messages:
-            try:
-                parse(data)
-            except Exception:
-                _log.warning("stream %s: message %d is not a RunUpdate; skipped", self._stream, seq)
-                continue
-            out.append((seq, data + _REVISION_TAG + _varint(seq)))
-        return out
 
     async def snapshot(self, flt: _svc.RunFilter | None) -> tuple[list[_svc.RunUpdate], int]:
         """The latest update of every run, in revision order, and the head they are consistent with.
