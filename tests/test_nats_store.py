@@ -500,7 +500,7 @@ def test_catch_up_reads_the_same_from_the_window_and_from_jetstream(nats_server:
                     assert all(u.revision == r for r, u in decoded[0])
                     assert [u for _, u in decoded[0]] == await later.history(start, end, limit)
                 # Pages across the edge of the small window, as a watch reads them.
-                position, pages = 1, []
+                position, pages = 1, list[int]()
                 while position <= head:
                     page = await small.history_wire(position, head, 333)
                     pages.extend(r for r, _ in page)
