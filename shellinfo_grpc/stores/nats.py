@@ -48,9 +48,11 @@ How the service's rules hold across replicas:
   replica published it. A second ordered consumer follows the bucket's keys
   (headers only), which keeps a sorted index of every run: ``ListRuns`` reads
   one page of keys from it and only those runs' values, O(page size).
-* **Catch-up** reads the history in batches (JetStream's batched direct get)
-  and hands the stored bytes on with the revision appended, as the SQLite
-  store hands on its stored rows.
+* **Catch-up** hands on stored bytes with the revision appended, as the
+  SQLite store hands on its stored rows: from each replica's in-memory
+  window of the newest history (``window_mib``, kept from its live feed)
+  when it covers the range, else from JetStream in batches (an ephemeral
+  pull consumer, one pull per 1,000 messages).
 """
 
 from __future__ import annotations
@@ -111,7 +113,7 @@ _UNREACHABLE: Final = (nats.errors.Error, asyncio.TimeoutError, OSError)
 _REMEMBERED: Final = 65_536
 #: The default size of a replica's in-memory window of the newest history (MiB).
 _WINDOW_MIB: Final = 64
-#: Messages and bytes per batched direct get of the history.
+#: Messages and bytes per pull of the history.
 _BATCH: Final = 1000
 _BATCH_BYTES: Final = 8 << 20
 #: Test hook: a publish whose run's ``error`` equals this value stops for good
@@ -812,33 +814,55 @@ class NatsStore(Store):
         seq = (reply.headers or {}).get("Nats-Sequence")
         return int(seq) if seq else last + 1
 
-    async def _direct_batch(self, start: int, count: int) -> list[Any]:
-        """Up to ``count`` history messages from sequence ``start`` on, in one batched direct get."""
-        messages: list[Any] = []
+    async def _pull(self, start: int, count: int) -> list[tuple[int, bytes]]:
+        """Up to ``count`` ``(sequence, stored bytes)`` of the history from ``start`` on, in one pull.
+
+        An ephemeral pull consumer (no acks, in memory) delivers them in one
+        batch on an inbox of this call: one message costs nats-py only its
+        stored header line (a direct get adds six), and the sequence is read
+        from the reply subject.
+        """
+        config = api.ConsumerConfig(
+            deliver_policy=api.DeliverPolicy.BY_START_SEQUENCE,
+            opt_start_seq=start,
+            ack_policy=api.AckPolicy.NONE,
+            filter_subject=f"{self._prefix}.>",
+            inactive_threshold=max(10.0, 2 * self._timeout),
+            mem_storage=True,
+            num_replicas=1,
+        )
+        consumer = (await self._jsm.add_consumer(self._stream, config)).name
+        messages: list[tuple[int, bytes]] = []
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
         async def on_message(msg: Any) -> None:
-            if msg.data or not msg.headers or "Status" not in msg.headers:
-                messages.append(msg)
+            if msg.reply:
+                messages.append((msg.metadata.sequence.stream, msg.data))
+                if len(messages) >= count and not done.done():
+                    done.set_result(None)
             elif not done.done():
-                done.set_result(None)  # 204 EOB ends the batch; 404: nothing from start on
+                done.set_result(None)  # a status: 404 no (more) messages, 408 request expired
 
         inbox = self._nc.new_inbox()
         sub = await self._nc.subscribe(inbox, cb=on_message)
         try:
-            request = {"seq": start, "batch": count, "max_bytes": _BATCH_BYTES}
-            await self._nc.publish(f"$JS.API.DIRECT.GET.{self._stream}", json.dumps(request).encode(), reply=inbox)
+            request = {"batch": count, "no_wait": True, "max_bytes": _BATCH_BYTES}
+            await self._nc.publish(
+                f"$JS.API.CONSUMER.MSG.NEXT.{self._stream}.{consumer}", json.dumps(request).encode(), reply=inbox
+            )
             await asyncio.wait_for(done, timeout=self._timeout)
         finally:
             with contextlib.suppress(*_UNREACHABLE):
                 await sub.unsubscribe()
+            with contextlib.suppress(*_UNREACHABLE, nats.js.errors.Error):
+                await self._jsm.delete_consumer(self._stream, consumer)
         return messages
 
     async def _history_wire(self, start: int, end: int, limit: int) -> list[tuple[int, bytes]]:
         """``(revision, RunUpdate bytes)`` of the history in ``[start, end]``, at most ``limit``.
 
         From the in-memory window when it covers the range, else from
-        JetStream in batched direct gets (each message checked to be a
+        JetStream in pulls of up to 1,000 messages (each checked to be a
         RunUpdate; a foreign one is skipped, loudly). The bytes are the stored
         ones with the revision field appended.
         """
@@ -856,27 +880,25 @@ class NatsStore(Store):
         empty = 0
         first = 0  # the first sequence JetStream returned
         while position <= end and len(out) < limit:
-            batch = await self._direct_batch(position, min(_BATCH, limit - len(out), end - position + 1))
+            batch = await self._pull(position, min(_BATCH, limit - len(out), end - position + 1))
             if not batch:
-                # A replica of an R3 stream may answer a direct get a moment behind
-                # its leader: try again, and never report a gap as the end.
+                # Never report a gap as the end: JetStream said it has up to `end`.
                 empty += 1
                 if empty * 0.05 > self._timeout:
                     raise StoreUnavailable(f"NATS store: stream {self._stream} did not return revision {position}")
                 await asyncio.sleep(0.05)
                 continue
-            for msg in batch:
-                seq = int(msg.headers["Nats-Sequence"])
+            for seq, data in batch:
                 first = first or seq
                 if seq > end:
                     break
                 try:
-                    parse(msg.data)
+                    parse(data)
                 except Exception:
                     _log.warning("stream %s: message %d is not a RunUpdate; skipped", self._stream, seq)
                     continue
-                out.append((seq, msg.data + _REVISION_TAG + _varint(seq)))
-            position = int(batch[-1].headers["Nats-Sequence"]) + 1
+                out.append((seq, data + _REVISION_TAG + _varint(seq)))
+            position = batch[-1][0] + 1
         if first > start:
             # Retention (or an age expiry) trimmed the start away after the oldest
             # revision was checked: never skip updates silently.
