@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import re
 import threading
 import time
 import uuid
@@ -311,15 +312,19 @@ def test_store_url_lists_every_server_and_keeps_credentials() -> None:
     assert (store._stream, store._prefix, store._replicas, store._max_attempts) == ("S", "a.b", 3, 4)
 
 
-def test_unreachable_nats_fails_start_with_a_configuration_error() -> None:
+def test_unreachable_nats_fails_start_with_a_configuration_error(caplog: pytest.LogCaptureFixture) -> None:
+    """One error that counts the failed attempts; not one warning per attempt (every 0.5 s)."""
     (port,) = free_ports(1)
     store = open_store(f"nats://127.0.0.1:{port}?timeout=1")
 
     async def main() -> None:
-        with pytest.raises(ConfigurationError, match="cannot connect"):
+        with pytest.raises(ConfigurationError, match=r"cannot connect.*\((\d+) failed attempts\)") as caught:
             await asyncio.wait_for(store.start(), 3)
+        assert "\n" not in str(caught.value)
 
-    asyncio.run(main())
+    with caplog.at_level("DEBUG", logger="shellinfo_grpc.nats_store"):
+        asyncio.run(main())
+    assert [r for r in caplog.records if r.name == "shellinfo_grpc.nats_store"] == []
 
 
 def test_replicas_beyond_a_single_server_fail_start(nats_server: NatsNode) -> None:
@@ -1028,5 +1033,9 @@ def test_service_rides_out_nats_being_down(own_nats: NatsNode, replicas: Callabl
             # A publish that failed may still have been stored when NATS came back (its
             # message was queued by the NATS client): never the other way round.
             assert set(delivered.values()) - set(acked.values()) <= set(refused)
+            # The outage is said once, and its end with the count of failed attempts (not a line per attempt).
+            log = replica.log.read_text()
+            assert log.count("said once") == 1, log
+            assert re.search(r"reconnected after [1-9]\d* failed attempt", log), log
         finally:
             watch.close()

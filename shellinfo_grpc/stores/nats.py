@@ -487,16 +487,23 @@ class NatsStore(Store):
 
     async def _on_nats_error(self, exc: Exception) -> None:
         # nats-py reports each failed (re)connection attempt here, every
-        # reconnect_time_wait: say the first one, count the others, and say the
-        # count once the connection is back. One line, no traceback, no credentials.
-        if self._connect_failures >= 0:  # not connected yet: start() says it in one error
+        # reconnect_time_wait: while the connection is down, say the first one
+        # and count the others; the reconnection says the count. Before the
+        # first connection, start() says it all in one error. One line, no
+        # traceback, no credentials.
+        if self._connect_failures >= 0:
             self._connect_failures += 1
             return
-        self._outage_errors += 1
-        if self._outage_errors == 1:
+        nc = self._nc
+        if nc is not None and (nc.is_reconnecting or not nc.is_connected):
+            self._outage_errors += 1
+            if self._outage_errors > 1:
+                return
             _log.warning(
                 "NATS %s: %s: %s (retrying every 0.5 s; said once)", self._shown_servers(), type(exc).__name__, exc
             )
+            return
+        _log.warning("NATS %s: %s: %s", self._shown_servers(), type(exc).__name__, exc)
 
     async def _on_disconnected(self) -> None:
         if self._connect_failures < 0 and self._nc is not None:
