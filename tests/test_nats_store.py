@@ -515,6 +515,44 @@ def test_catch_up_reads_the_same_from_the_window_and_from_jetstream(nats_server:
     asyncio.run(main())
 
 
+def test_list_runs_reads_one_page_of_entries_not_every_run(nats_server: NatsNode) -> None:
+    """ListRuns pages through the replica's sorted key index and reads only the page's bucket entries,
+    also for runs another replica created a moment before (the index first catches up with the bucket)."""
+    stream, prefix = names()
+    url = f"{nats_server.url}?stream={stream}&subject_prefix={prefix}"
+
+    async def main() -> None:
+        writer, reader = open_store(url), open_store(url)
+        async with started(writer, reader):
+            await writer.publish_batch([(f"src-{run % 3}", shell(run)) for run in range(300)])
+            assert isinstance(reader, NatsStore)
+            reads: list[str] = []
+            entry = reader._latest_entry
+
+            async def counted(subject: str) -> Any:
+                reads.append(subject)
+                return await entry(subject)
+
+            reader._latest_entry = counted  # type: ignore[method-assign]
+            expected = sorted((f"src-{run % 3}", run) for run in range(300))
+            seen: list[tuple[str, int]] = []
+            after: tuple[str, int] | None = None
+            while True:
+                reads.clear()
+                page = await reader.list_runs(None, after, 25)
+                if not page:
+                    break
+                assert len(reads) == len(page) <= 25  # the page's entries, nothing else
+                seen.extend((u.source, u.run.job_run_id) for u in page)
+                after = seen[-1]
+            assert seen == expected
+            reads.clear()
+            assert [u.run.job_run_id for u in await reader.list_runs(None, ("src-1", 100), 3)] == [103, 106, 109]
+            assert len(reads) == 3
+
+    asyncio.run(main())
+
+
 # --- rules across replicas ----------------------------------------------------------------
 
 
