@@ -303,6 +303,8 @@ class NatsStore(Store):
         self._lock_users: dict[str, int] = {}
         self._connect_failures = 0
         self._outage_errors = 0
+        self._keys_live = False
+        self._history_keeps_long = False
 
     # --- configuration -----------------------------------------------------------
 
@@ -395,6 +397,8 @@ class NatsStore(Store):
         self._jsm = self._nc.jsm(timeout=self._timeout)
         try:
             info = await self._ensure_stream()
+            max_msgs, max_age = info.config.max_msgs or -1, info.config.max_age or 0
+            self._history_keeps_long = (max_msgs < 0 or max_msgs >= 10_000) and (not max_age or max_age >= 60)
             await self._ensure_bucket()
             await self._follow_keys()
             repaired = await self._repair_all()
@@ -470,6 +474,7 @@ class NatsStore(Store):
             before = self._latest_feed.position
             if not await self._latest_feed.reach(before + 1, self._timeout):
                 raise StoreUnavailable(f"NATS store: the keys of bucket {self._bucket} stopped arriving")
+        self._keys_live = True
 
     async def close(self) -> None:
         """Stop following the streams and drain the connection."""
@@ -506,6 +511,7 @@ class NatsStore(Store):
         _log.warning("NATS %s: %s: %s", self._shown_servers(), type(exc).__name__, exc)
 
     async def _on_disconnected(self) -> None:
+        self._keys_live = False  # until the key feed has caught up again
         if self._connect_failures < 0 and self._nc is not None:
             _log.warning("NATS %s: disconnected; reconnecting", self._shown_servers())
 
@@ -536,6 +542,7 @@ class NatsStore(Store):
         key = _run_key(*msg.subject.rsplit(".", 2)[-2:])
         if key is not None and revision is not None and revision.isdigit():
             self._note_latest(key, int(revision), seq)
+        self._keys_live = msg.metadata.num_pending == 0
         self._latest_feed.advance(seq)
 
     def _note_latest(self, key: tuple[str, int], revision: int, bucket_seq: int) -> None:
@@ -680,19 +687,37 @@ class NatsStore(Store):
             await self._history_feed.reach(outcome.update.revision, self._timeout)
         return outcome
 
+    def _new_runs_known(self) -> bool:
+        """Whether a key missing from the index means a new run, so that its first publish needs no read.
+
+        The key feed must be live (its last message had nothing pending, and
+        the connection has not dropped since), and the history must keep a
+        message far longer than that feed lags (milliseconds): a run that
+        another replica created a moment ago is then still in the history,
+        and JetStream refuses a write that expects it not to be (then the
+        publish reads the run, as always).
+        """
+        return self._keys_live and self._history_keeps_long
+
     async def _publish_locked(
         self, key: tuple[str, int], subject: str, latest_subject: str, run: _pb.ProtectionShellInfo
     ) -> PublishOutcome | RunRejected:
         payload_run = run.SerializeToString(deterministic=True)
+        # What this replica knows without asking: the run's latest update as it
+        # remembers it, or that the run is new (not in the bucket's key index).
+        guess: tuple[int, _svc.RunUpdate | None] | None = None
         remembered = self._remembered.get(subject)
-        fresh = remembered is None
+        if remembered is not None:
+            guess = (remembered.revision, remembered)
+        elif key not in self._latest and self._new_runs_known():
+            guess = (0, None)
+        fresh = guess is None
         conflicts = 0
         while True:
-            if fresh:
+            if fresh or guess is None:
                 expected, current, bucket_seq = await self._read_run(key, subject, latest_subject)
             else:
-                assert remembered is not None
-                expected, current, bucket_seq = remembered.revision, remembered, self._latest.get(key, (0, 0))[1]
+                (expected, current), bucket_seq = guess, self._latest.get(key, (0, 0))[1]
             outcome = decide(current, run)
             if outcome is not None:
                 if fresh:
@@ -844,7 +869,10 @@ class NatsStore(Store):
 
         async def on_message(msg: Any) -> None:
             if msg.reply:
-                messages.append((msg.metadata.sequence.stream, msg.data))
+                # $JS.ACK.<stream>.<consumer>.<delivered>.<stream seq>.<consumer seq>.<time>.<pending>
+                tokens = msg.reply.split(".")
+                seq = int(tokens[5]) if len(tokens) == 9 else msg.metadata.sequence.stream
+                messages.append((seq, msg.data))
                 if len(messages) >= count and not done.done():
                     done.set_result(None)
             elif not done.done():
