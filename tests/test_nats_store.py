@@ -24,6 +24,7 @@ that need one are skipped (under CI that is a failure).
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import itertools
 import re
@@ -549,6 +550,45 @@ def test_list_runs_reads_one_page_of_entries_not_every_run(nats_server: NatsNode
             reads.clear()
             assert [u.run.job_run_id for u in await reader.list_runs(None, ("src-1", 100), 3)] == [103, 106, 109]
             assert len(reads) == 3
+
+    asyncio.run(main())
+
+
+def test_a_stream_without_bucket_gets_every_run_copied_on_start(
+    nats_server: NatsNode, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A stream written by a version without the bucket (history only): the first start creates the
+    bucket and copies each run's last message into it, so GetRun and ListRuns know every run."""
+    stream, prefix = names()
+    updates = [
+        svc.RunUpdate(source=f"s{run % 2}", run=shell(run, error=f"v{step}")) for step in range(2) for run in range(150)
+    ]
+
+    async def main() -> None:
+        async with jetstream([nats_server.url]) as jsm:
+            await jsm.add_stream(api.StreamConfig(name=stream, subjects=[f"{prefix}.>"], allow_direct=True))
+        nc = await nats.connect([nats_server.url])
+        try:
+            js = nc.jetstream()
+            for update in updates:
+                token = "s" + base64.urlsafe_b64encode(update.source.encode()).decode().rstrip("=")
+                await js.publish(f"{prefix}.{token}.{update.run.job_run_id}", update.SerializeToString(), stream=stream)
+        finally:
+            await nc.close()
+        store = open_store(f"{nats_server.url}?stream={stream}&subject_prefix={prefix}")
+        with caplog.at_level("WARNING", logger="shellinfo_grpc.nats_store"):
+            async with started(store):
+                assert "copied 150 run(s)" in caplog.text
+                runs = await store.list_runs(None, None, 1000)
+                assert [(u.source, u.run.job_run_id, u.run.error, u.revision) for u in runs] == sorted(
+                    (f"s{run % 2}", run, "v1", 151 + run) for run in range(150)
+                )
+                assert (await store.get("s1", 7)).revision == 158  # type: ignore[union-attr]
+                await store.publish("s1", shell(7, S.RUN_STATUS_SUCCESS, end_time_usecs=1))  # on the copied state
+                with pytest.raises(RunRejected):
+                    await store.publish("s1", shell(7, S.RUN_STATUS_RUNNING))
+        async with jetstream([nats_server.url]) as jsm:
+            assert (await jsm.stream_info(f"KV_{stream}_LATEST")).state.messages == 150
 
     asyncio.run(main())
 

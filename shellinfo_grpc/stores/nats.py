@@ -416,7 +416,7 @@ class NatsStore(Store):
                 cb=self._on_message,
                 idle_heartbeat=2.0,
             )
-        except _UNREACHABLE as exc:
+        except (*_UNREACHABLE, StoreUnavailable) as exc:
             await self._nc.close()
             raise ConfigurationError(f"NATS store: cannot set up stream {self._stream}: {exc}") from None
 
@@ -657,14 +657,18 @@ class NatsStore(Store):
                 behind.append((key, seq))
 
         await self._consume(self._stream, api.DeliverPolicy.LAST_PER_SUBJECT, check, headers_only=True)
-        repaired = 0
-        for key, seq in behind:
-            latest_subject = self._subjects(*key)[1]
+
+        async def repair(key: tuple[str, int], seq: int) -> bool:
             raw = await self._jsm.get_msg(self._stream, seq)
             update = self._decode(raw.data or b"", seq)
-            if update is not None:
-                await self._write_latest(key, latest_subject, update, self._latest.get(key, (0, 0))[1])
-                repaired += 1
+            if update is None:
+                return False
+            await self._write_latest(key, self._subjects(*key)[1], update, self._latest.get(key, (0, 0))[1])
+            return True
+
+        repaired = 0
+        for start in range(0, len(behind), 64):  # 64 at a time: an upgrade copies every run
+            repaired += sum(await asyncio.gather(*(repair(key, seq) for key, seq in behind[start : start + 64])))
         return repaired
 
     # --- writing -----------------------------------------------------------------
