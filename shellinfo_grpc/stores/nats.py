@@ -153,6 +153,19 @@ def _varint(value: int) -> bytes:
 _REVISION_TAG: Final = bytes([3 << 3])
 
 
+def _position(msg: Any) -> tuple[int, int]:
+    """A consumer-delivered message's stream sequence and how many messages are pending after it.
+
+    Read from the reply subject, ``$JS.ACK.<stream>.<consumer>.<delivered>.<stream seq>.<consumer
+    seq>.<time>.<pending>``, which is cheaper than nats-py's ``metadata`` (other forms go through it).
+    """
+    tokens = msg.reply.split(".")
+    if len(tokens) == 9:
+        return int(tokens[5]), int(tokens[8])
+    meta = msg.metadata
+    return meta.sequence.stream, meta.num_pending
+
+
 class _Feed:
     """Where an ordered consumer has got to, and who waits for it to get further."""
 
@@ -522,7 +535,7 @@ class NatsStore(Store):
         )
 
     async def _on_message(self, msg: Any) -> None:
-        seq = msg.metadata.sequence.stream
+        seq = _position(msg)[0]
         if seq <= self._history_feed.position:
             return  # delivered again after a reset of the ordered consumer
         update = self._decode(msg.data, seq)
@@ -536,13 +549,13 @@ class NatsStore(Store):
             self.notify_listeners((update,))
 
     async def _on_key(self, msg: Any) -> None:
-        seq = msg.metadata.sequence.stream
+        seq, pending = _position(msg)
         headers = msg.headers or {}
         revision = headers.get(_REVISION_HEADER)
         key = _run_key(*msg.subject.rsplit(".", 2)[-2:])
         if key is not None and revision is not None and revision.isdigit():
             self._note_latest(key, int(revision), seq)
-        self._keys_live = msg.metadata.num_pending == 0
+        self._keys_live = pending == 0
         self._latest_feed.advance(seq)
 
     def _note_latest(self, key: tuple[str, int], revision: int, bucket_seq: int) -> None:
@@ -652,7 +665,7 @@ class NatsStore(Store):
 
         def check(msg: Any) -> None:
             key = _run_key(*msg.subject.rsplit(".", 2)[-2:])
-            seq = msg.metadata.sequence.stream
+            seq = _position(msg)[0]
             if key is not None and self._latest.get(key, (0, 0))[0] < seq:
                 behind.append((key, seq))
 
@@ -804,7 +817,7 @@ class NatsStore(Store):
                 return
             seen += 1
             handle(msg)
-            if msg.metadata.num_pending == 0:
+            if _position(msg)[1] == 0:
                 done.set_result(None)
 
         subject = f"{self._prefix}.>" if stream == self._stream else f"{self._latest_prefix}.>"
@@ -873,10 +886,7 @@ class NatsStore(Store):
 
         async def on_message(msg: Any) -> None:
             if msg.reply:
-                # $JS.ACK.<stream>.<consumer>.<delivered>.<stream seq>.<consumer seq>.<time>.<pending>
-                tokens = msg.reply.split(".")
-                seq = int(tokens[5]) if len(tokens) == 9 else msg.metadata.sequence.stream
-                messages.append((seq, msg.data))
+                messages.append((_position(msg)[0], msg.data))
                 if len(messages) >= count and not done.done():
                     done.set_result(None)
             elif not done.done():
@@ -982,7 +992,7 @@ class NatsStore(Store):
                 keep(_svc.RunUpdate.FromString(msg.data))
 
         def from_history(msg: Any) -> None:
-            keep(self._decode(msg.data, msg.metadata.sequence.stream))
+            keep(self._decode(msg.data, _position(msg)[0]))
 
         try:
             state = (await self._jsm.stream_info(self._stream)).state
