@@ -4,8 +4,12 @@ The contract every store keeps is tested in test_store.py (NatsStore
 included); this module tests what only a shared JetStream stream does:
 
 * the ``nats://`` store URL and what it creates (stream, subjects, replicas,
-  retention), revision = stream sequence, latest state = last message of the
-  run's subject;
+  retention, the bucket of latest states without limits), revision = stream
+  sequence, the bucket entry = the last message of the run's subject;
+* catch-up from a replica's in-memory window and from JetStream alike;
+  ListRuns reading one page; a stream without a bucket copied into one;
+* a replica SIGKILLed between its two writes (history, bucket), repaired by
+  the next publish of the run and by a start;
 * the rules across replicas: idempotent republish, final statuses, and no
   update lost when publishers on two replicas race on the same runs;
 * two service processes on one stream: publish on one, watch on the other;
@@ -380,6 +384,13 @@ def test_store_url_makes_the_stream_revision_is_its_sequence(nats_server: NatsNo
                 assert message.subject.endswith(f".{message.update.run.job_run_id}")
             assert_chained(messages)
 
+            # The bucket of latest states: one entry per run, no limits whatever the retention.
+            async with jetstream([nats_server.url]) as jsm:
+                bucket = await jsm.stream_info(f"KV_{stream}_LATEST")
+            assert (bucket.config.max_msgs_per_subject, bucket.config.num_replicas) == (1, 1)
+            assert bucket.config.max_msgs in (None, -1)
+            assert not bucket.config.max_age
+            assert bucket.state.messages == 3
             # Latest state = the last message of the run's subject.
             assert len(latest_by_subject) == 3
             for seq, update in latest_by_subject.values():
