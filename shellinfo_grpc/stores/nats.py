@@ -317,6 +317,7 @@ class NatsStore(Store):
         self._connect_failures = 0
         self._outage_errors = 0
         self._keys_live = False
+        self._keys_loading = False
         self._history_keeps_long = False
 
     # --- configuration -----------------------------------------------------------
@@ -472,6 +473,7 @@ class NatsStore(Store):
     async def _follow_keys(self) -> None:
         """Follow the bucket's keys (headers only) from its start; return once the index is complete."""
         last = (await self._jsm.stream_info(self._latest_stream)).state.last_seq
+        self._keys_loading = True
         self._keys_feed = await self._js.subscribe(
             f"{self._latest_prefix}.>",
             stream=self._latest_stream,
@@ -487,6 +489,8 @@ class NatsStore(Store):
             before = self._latest_feed.position
             if not await self._latest_feed.reach(before + 1, self._timeout):
                 raise StoreUnavailable(f"NATS store: the keys of bucket {self._bucket} stopped arriving")
+        self._keys.sort()
+        self._keys_loading = False
         self._keys_live = True
 
     async def close(self) -> None:
@@ -561,7 +565,10 @@ class NatsStore(Store):
     def _note_latest(self, key: tuple[str, int], revision: int, bucket_seq: int) -> None:
         known = self._latest.get(key)
         if known is None:
-            bisect.insort(self._keys, key)
+            if self._keys_loading:
+                self._keys.append(key)  # sorted once the start-up load is complete
+            else:
+                bisect.insort(self._keys, key)
         elif known[1] >= bucket_seq:
             return
         self._latest[key] = (revision, bucket_seq)
