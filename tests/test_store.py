@@ -70,24 +70,15 @@ def nats_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NatsNode]:
 
 #: Contract tests NatsStore fails, by test function, with the reason (strict
 #: xfail). None is excluded: every contract test applies to a shared stream.
-NATS_DEVIATIONS: dict[str, str] = {
-    "test_retention_by_count_trims_history_but_keeps_runs": (
-        "the stream's max_msgs also drops the last message of a run, so the run's latest state is gone "
-        "(get() None, missing from list_runs/snapshot, final status no longer enforced); Retention says latest "
-        "states are to be kept (a limitation documented in the module docstring of shellinfo_grpc.stores.nats)"
-    ),
-    "test_retention_by_age": (
-        "the stream's max_age also drops the last message of a run (runs disappear, as with max_updates), and "
-        "JetStream expires by age on a timer, so history() still returns updates past max_age for a while"
-    ),
-}
+NATS_DEVIATIONS: dict[str, str] = {}
 
 
 async def _delete_stream(url: str, stream: str) -> None:
     nc = await nats.connect([url], connect_timeout=2, allow_reconnect=False, max_reconnect_attempts=0)
     try:
-        with contextlib.suppress(nats.js.errors.NotFoundError):
-            await nc.jsm(timeout=5).delete_stream(stream)
+        for name in (stream, f"KV_{stream}_LATEST"):  # the history and the bucket of latest states
+            with contextlib.suppress(nats.js.errors.NotFoundError):
+                await nc.jsm(timeout=5).delete_stream(name)
     finally:
         await nc.close()
 

@@ -228,8 +228,7 @@ def add_serve(subparsers: Subparsers[argparse.ArgumentParser]) -> None:
         default=Retention().max_updates,
         metavar="N",
         help="keep at most the newest N updates in the history (default %(default)s; 0: no limit);"
-        " SQLite and memory stores always keep the latest state of every run, while on NATS a run"
-        " whose last update falls out of the history is forgotten",
+        " every store keeps the latest state of every run regardless",
     )
     parser.add_argument(
         "--retain-seconds",

@@ -1,45 +1,74 @@
 """A store on NATS JetStream, so that several replicas of the service share one history.
 
-One JetStream stream holds every accepted update; the **revision is the stream
-sequence**, so the order is global across all replicas. Each run has its own
-subject, ``<prefix>.<source token>.<jobRunId>``, and its latest state is the
-last message on that subject: there is no second database.
+Two JetStream streams hold the store:
+
+* the **history**: one stream with every accepted update, trimmed by the
+  retention policy. The **revision is its stream sequence**, so the order is
+  global across all replicas. Each run has its own subject,
+  ``<prefix>.<source token>.<jobRunId>``.
+* the **latest state**: a key-value bucket (``<stream>_LATEST`` by default:
+  one message per key, no age or count limit) whose key
+  ``<source token>.<jobRunId>`` holds the run's latest update, revision
+  included. Retention never touches it, so a run is known, and its final
+  status enforced, for as long as the bucket exists.
 
 How the service's rules hold across replicas:
 
-* **Idempotence and final statuses.** A publish reads the run's last message,
-  decides on the update against it (:func:`shellinfo_grpc.stores.decide`), and publishes with
-  the header ``Nats-Expected-Last-Subject-Sequence`` set to that message's
-  sequence (0 for a new run). If another replica wrote the run in between,
-  JetStream refuses the write (error 10071) and the publish starts over from
-  the new state, up to ``max_attempts`` times. Two replicas can therefore never
-  both record a change from the same state, a final status stays final, and a
-  retried publish whose first attempt did land finds an identical state and
-  returns its revision.
+* **Idempotence and final statuses.** A publish decides on the update against
+  the run's latest state (:func:`shellinfo_grpc.stores.decide`) and writes the
+  history with the header ``Nats-Expected-Last-Subject-Sequence`` set to the
+  revision it decided on (0 when the run has no message left in the history).
+  If another replica wrote the run in between, JetStream refuses the write
+  (error 10071) and the publish reads the run again and starts over, up to
+  ``max_attempts`` times. Two replicas can therefore never both record a change
+  from the same state, a final status stays final, and a retried publish
+  whose first attempt did land finds an identical state and returns its
+  revision.
+* **Both writes, or no acknowledgement.** After the history accepted the
+  update, the bucket is written with optimistic concurrency too (expected
+  last sequence of the key; a write never replaces a newer revision). Only
+  then is the publish acknowledged. A replica that dies between the two
+  writes leaves the history one update ahead of the bucket for that run;
+  the next publish of the run (which finds the history ahead when JetStream
+  refuses its write) and every replica's start (which compares the last
+  message of every run in the history with the bucket) copy the update
+  into the bucket before anything else.
+* **One round trip in the common case.** Each replica remembers the latest
+  state of recently written runs from its live feed; a publish on such a
+  run writes straight away, and JetStream's expected-sequence check tells it
+  when what it remembered was stale. Decisions that would not write (no-op,
+  refusal) are always taken on a fresh read.
 * **Nothing acknowledged that was not stored.** An update is acknowledged only
-  after JetStream's publish acknowledgement (stored on a quorum of the
-  stream's replicas). When NATS cannot be reached, publishes fail with
+  after JetStream's acknowledgements of both writes (each stored on a quorum of
+  the stream's replicas). When NATS cannot be reached, publishes fail with
   :class:`~shellinfo_grpc.errors.StoreUnavailable` (gRPC ``UNAVAILABLE``); the
   client reconnects by itself and the store works again when NATS returns.
-* **Live updates.** Each replica follows the stream with an ordered consumer
+* **Live updates.** Each replica follows the history with an ordered consumer
   and tells its listeners about every message in sequence order, whichever
-  replica published it.
-
-Limitation: the stream's retention (``Retention``) applies to every message,
-so a run whose last update is older than the retained history is forgotten
-(it disappears from GetRun and ListRuns, and its final status is no longer
-enforced). Keep the retention well above the lifetime of a run.
+  replica published it. A second ordered consumer follows the bucket's keys
+  (headers only), which keeps a sorted index of every run: ``ListRuns`` reads
+  one page of keys from it and only those runs' values, O(page size).
+* **Catch-up** hands on stored bytes with the revision appended, as the
+  SQLite store hands on its stored rows: from each replica's in-memory
+  window of the newest history (``window_mib``, kept from its live feed)
+  when it covers the range, else from JetStream in batches (an ephemeral
+  pull consumer, one pull per 1,000 messages).
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import bisect
 import contextlib
+import json
 import logging
+import os
 import random
 import ssl
-from collections.abc import Mapping, Sequence
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Final
 from urllib.parse import urlsplit
@@ -56,17 +85,42 @@ from shellinfo_grpc.errors import ConfigurationError, HistoryExpired, RunRejecte
 from shellinfo_grpc.rules import compile_filter
 from shellinfo_grpc.stores import Item, PublishOutcome, Retention, Store, decide, new_update, now_usecs
 
-__all__ = ["NatsStore"]
+__all__ = ["PAUSE_HOOK_ENV", "NatsStore"]
 
 _log = logging.getLogger("shellinfo_grpc.nats_store")  # its name before the move, kept for log filters
 
 _EXPECTED_LAST_SUBJECT_SEQ: Final = "Nats-Expected-Last-Subject-Sequence"
+#: The revision a bucket entry holds, also in a header: the key feed reads headers only.
+_REVISION_HEADER: Final = "Shellinfo-Revision"
 _WRONG_LAST_SEQUENCE: Final = 10071
 _OPTIONS: Final = frozenset(
-    {"stream", "subject_prefix", "replicas", "creds", "tls_ca", "tls_cert", "tls_key", "timeout", "max_attempts"}
+    {
+        "stream",
+        "subject_prefix",
+        "latest_bucket",
+        "replicas",
+        "creds",
+        "tls_ca",
+        "tls_cert",
+        "tls_key",
+        "timeout",
+        "max_attempts",
+        "window_mib",
+    }
 )
 # Errors that mean "NATS cannot be reached or did not answer in time".
 _UNREACHABLE: Final = (nats.errors.Error, asyncio.TimeoutError, OSError)
+#: How many runs' latest updates a replica remembers for one-round-trip publishes.
+_REMEMBERED: Final = 65_536
+#: The default size of a replica's in-memory window of the newest history (MiB).
+_WINDOW_MIB: Final = 64
+#: Messages and bytes per pull of the history.
+_BATCH: Final = 1000
+_BATCH_BYTES: Final = 8 << 20
+#: Test hook: a publish whose run's ``error`` equals this value stops for good
+#: between its history write and its bucket write (the crash-repair test kills
+#: the process there). Never set in production.
+PAUSE_HOOK_ENV: Final = "SHELLINFO_TEST_NATS_PAUSE_BETWEEN_WRITES"
 
 
 def _source_token(source: str) -> str:
@@ -74,15 +128,132 @@ def _source_token(source: str) -> str:
     return "s" + base64.urlsafe_b64encode(source.encode("utf-8")).decode("ascii").rstrip("=")
 
 
+def _run_key(token: str, job_run_id: str) -> tuple[str, int] | None:
+    """The (source, jobRunId) of a subject's last two tokens, or None for a foreign subject."""
+    if not token.startswith("s"):
+        return None
+    try:
+        source = base64.urlsafe_b64decode(token[1:] + "=" * (-(len(token) - 1) % 4)).decode("utf-8")
+        return source, int(job_run_id)
+    except ValueError:
+        return None
+
+
+def _varint(value: int) -> bytes:
+    """``value`` (an int64, two's complement for negatives) as a protobuf varint."""
+    value &= (1 << 64) - 1
+    out = bytearray()
+    while value >= 0x80:
+        out.append((value & 0x7F) | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+#: RunUpdate.revision is field 3, a varint: appended to a stored message, it sets the revision.
+_REVISION_TAG: Final = bytes([3 << 3])
+
+
+def _position(msg: Any) -> tuple[int, int]:
+    """A consumer-delivered message's stream sequence and how many messages are pending after it.
+
+    Read from the reply subject, ``$JS.ACK.<stream>.<consumer>.<delivered>.<stream seq>.<consumer
+    seq>.<time>.<pending>``, which is cheaper than nats-py's ``metadata`` (other forms go through it).
+    """
+    tokens = msg.reply.split(".")
+    if len(tokens) == 9:
+        return int(tokens[5]), int(tokens[8])
+    meta = msg.metadata
+    return meta.sequence.stream, meta.num_pending
+
+
+class _Feed:
+    """Where an ordered consumer has got to, and who waits for it to get further."""
+
+    def __init__(self) -> None:
+        self.position = 0
+        self._waiters: list[tuple[int, asyncio.Future[None]]] = []
+
+    def advance(self, position: int) -> None:
+        self.position = max(self.position, position)
+        if self._waiters:
+            waiting = []
+            for wanted, waiter in self._waiters:
+                if wanted <= position:
+                    if not waiter.done():
+                        waiter.set_result(None)
+                else:
+                    waiting.append((wanted, waiter))
+            self._waiters = waiting
+
+    async def reach(self, position: int, timeout: float) -> bool:
+        """Wait (at most ``timeout`` seconds) until the feed has passed ``position``; whether it has."""
+        if self.position >= position:
+            return True
+        waiter = asyncio.get_running_loop().create_future()
+        self._waiters.append((position, waiter))
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.shield(waiter), timeout=timeout)
+        return self.position >= position
+
+
+class _Window:
+    """The newest stretch of the history, as wire bytes (revision appended), kept from the live feed.
+
+    Catch-up inside it is served from memory, at the speed of the SQLite
+    store's reads; older revisions are read from JetStream in batches. It
+    holds at most ``max_bytes`` (the oldest go first); every message from
+    ``low`` up to the live feed's position is in it.
+    """
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self.low = 1
+        self._seqs: list[int] = []
+        self._wire: list[bytes] = []
+        self._first = 0  # index of the oldest kept entry
+        self._bytes = 0
+
+    def restart(self, position: int) -> None:
+        """Forget everything: the feed goes on after ``position``."""
+        self._seqs, self._wire, self._first, self._bytes = [], [], 0, 0
+        self.low = position + 1
+
+    def add(self, seq: int, wire: bytes) -> None:
+        if not self.max_bytes:
+            self.low = seq + 1
+            return
+        self._seqs.append(seq)
+        self._wire.append(wire)
+        self._bytes += len(wire)
+        while self._bytes > self.max_bytes and self._first < len(self._seqs):
+            self._bytes -= len(self._wire[self._first])
+            self.low = self._seqs[self._first] + 1
+            self._first += 1
+        if self._first > 4096 and self._first * 2 > len(self._seqs):
+            del self._seqs[: self._first], self._wire[: self._first]
+            self._first = 0
+
+    def read(self, start: int, end: int, limit: int) -> list[tuple[int, bytes]]:
+        """The kept messages with ``start <= seq <= end``, at most ``limit``; the caller checked ``start >= low``."""
+        i = bisect.bisect_left(self._seqs, start, lo=self._first)
+        j = min(bisect.bisect_right(self._seqs, end, lo=i), i + limit)
+        return list(zip(self._seqs[i:j], self._wire[i:j], strict=True))
+
+
 class NatsStore(Store):
-    """A :class:`~shellinfo_grpc.stores.Store` on one JetStream stream.
+    """A :class:`~shellinfo_grpc.stores.Store` on a JetStream stream and a key-value bucket.
 
     ``servers``: NATS URLs (``nats://host:port``, with credentials in the URL
-    if needed). ``stream``/``subject_prefix``: where updates live (created on
-    start if missing, with ``replicas`` copies and the retention limits).
+    if needed). ``stream``/``subject_prefix``: where the history lives;
+    ``latest_bucket``: the key-value bucket of latest states (default
+    ``<stream>_LATEST``). Both are created on start if missing, with
+    ``replicas`` copies; the retention limits apply to the history only.
     ``connect_options`` go to ``nats.connect`` (``tls``, ``user_credentials``,
     ...). ``timeout``: seconds for each JetStream request. ``max_attempts``:
     how often a publish retries when other replicas keep writing the same run.
+    ``window_mib``: how much of the newest history each replica keeps in
+    memory for catch-up (0: none; every catch-up reads JetStream).
     """
 
     def __init__(
@@ -91,11 +262,13 @@ class NatsStore(Store):
         *,
         stream: str = "SHELLINFO_RUNS",
         subject_prefix: str = "shellinfo.runs",
+        latest_bucket: str | None = None,
         replicas: int = 1,
         retention: Retention | None = None,
         connect_options: Mapping[str, Any] | None = None,
         timeout: float = 5.0,
         max_attempts: int = 10,
+        window_mib: float = _WINDOW_MIB,
     ) -> None:
         super().__init__()
         if not servers:
@@ -104,24 +277,49 @@ class NatsStore(Store):
             raise ConfigurationError(f"NATS store: stream name {stream!r} must be one token without . * >")
         if not subject_prefix or any(c in subject_prefix for c in " *>\t") or subject_prefix.endswith("."):
             raise ConfigurationError(f"NATS store: subject prefix {subject_prefix!r} is not a valid subject")
+        bucket = latest_bucket if latest_bucket is not None else f"{stream}_LATEST"
+        if not bucket or not all(c.isascii() and (c.isalnum() or c in "_-") for c in bucket):
+            raise ConfigurationError(
+                f"NATS store: latest_bucket {bucket!r} must be letters, digits, _ and - only"
+                + ("" if latest_bucket is not None else " (it defaults to <stream>_LATEST: give latest_bucket)")
+            )
+        if window_mib < 0:
+            raise ConfigurationError("NATS store: window_mib must not be negative")
         if replicas < 1 or max_attempts < 1 or timeout <= 0:
             raise ConfigurationError("NATS store: replicas, max_attempts and timeout must be positive")
         self._servers = list(servers)
         self._stream = stream
         self._prefix = subject_prefix
+        self._bucket = bucket
+        self._latest_stream = f"KV_{bucket}"
+        self._latest_prefix = f"$KV.{bucket}"
         self._replicas = replicas
         self._retention = retention or Retention()
         self._connect_options = dict(connect_options or {})
         self._timeout = timeout
         self._max_attempts = max_attempts
+        self._pause_on = os.environ.get(PAUSE_HOOK_ENV) or None
         self._nc: Any = None
         self._js: Any = None
         self._jsm: Any = None
         self._live: Any = None
-        self._head = 0
+        self._keys_feed: Any = None
+        self._history_feed = _Feed()  # position: the newest history sequence followed
+        self._window = _Window(int(window_mib * (1 << 20)))
+        self._latest_feed = _Feed()  # position: the newest bucket sequence followed
+        # Every run's (revision, bucket sequence), from the key feed and this replica's writes,
+        # and the runs' keys in order: the ListRuns index.
+        self._latest: dict[tuple[str, int], tuple[int, int]] = {}
+        self._keys: list[tuple[str, int]] = []
+        # The latest update of recently written runs, by history subject (LRU).
+        self._remembered: OrderedDict[str, _svc.RunUpdate] = OrderedDict()
         self._locks: dict[str, asyncio.Lock] = {}
-        self._waiters: list[tuple[int, asyncio.Future[None]]] = []
         self._lock_users: dict[str, int] = {}
+        self._connect_failures = 0
+        self._outage_errors = 0
+        self._keys_live = False
+        self._keys_loading = False
+        self._history_keeps_long = False
 
     # --- configuration -----------------------------------------------------------
 
@@ -129,7 +327,8 @@ class NatsStore(Store):
     def from_url(cls, url: str, *, options: Mapping[str, str], retention: Retention | None = None) -> NatsStore:
         """Build a store from a ``--store`` URL.
 
-        ``nats://[user:password@]host:port[,host:port...]?stream=...&subject_prefix=...&replicas=3``;
+        ``nats://[user:password@]host:port[,host:port...]?stream=...&subject_prefix=...&replicas=3``
+        (``latest_bucket=...`` names the bucket of latest states);
         ``creds=PATH`` for a credentials file; ``tls_ca``, ``tls_cert``,
         ``tls_key`` (PEM paths) for TLS (``tls://`` also turns TLS on).
         """
@@ -155,11 +354,13 @@ class NatsStore(Store):
                 servers,
                 stream=options.get("stream", "SHELLINFO_RUNS"),
                 subject_prefix=options.get("subject_prefix", "shellinfo.runs"),
+                latest_bucket=options.get("latest_bucket"),
                 replicas=int(options.get("replicas", "1")),
                 retention=retention,
                 connect_options=connect,
                 timeout=float(options.get("timeout", "5")),
                 max_attempts=int(options.get("max_attempts", "10")),
+                window_mib=float(options.get("window_mib", str(_WINDOW_MIB))),
             )
         except ValueError as exc:
             raise ConfigurationError(f"store URL {url!r}: {exc}") from None
@@ -173,13 +374,16 @@ class NatsStore(Store):
             shown.append(f"{parts.scheme}://{'***@' if '@' in parts.netloc else ''}{host}")
         return ", ".join(shown)
 
-    def _subject(self, source: str, job_run_id: int) -> str:
-        return f"{self._prefix}.{_source_token(source)}.{job_run_id}"
+    def _subjects(self, source: str, job_run_id: int) -> tuple[str, str]:
+        """The run's subject in the history, and in the bucket of latest states."""
+        tail = f"{_source_token(source)}.{job_run_id}"
+        return f"{self._prefix}.{tail}", f"{self._latest_prefix}.{tail}"
 
     # --- lifecycle ---------------------------------------------------------------
 
     async def start(self) -> None:
-        """Connect, create the stream if it is missing, and follow it from its head."""
+        """Connect, create what is missing, index the runs, repair, and follow the history from its head."""
+        self._connect_failures = 0
         connect = nats.connect(
             self._servers,
             name="shellinfo-grpc",
@@ -188,6 +392,8 @@ class NatsStore(Store):
             connect_timeout=max(1, int(self._timeout)),
             allow_reconnect=True,
             error_cb=self._on_nats_error,
+            disconnected_cb=self._on_disconnected,
+            reconnected_cb=self._on_reconnected,
             **self._connect_options,
         )
         try:
@@ -196,22 +402,36 @@ class NatsStore(Store):
             self._nc = await asyncio.wait_for(connect, timeout=2 * self._timeout)
         except (*_UNREACHABLE, TimeoutError) as exc:
             reason = f"no answer within {2 * self._timeout:g} s" if isinstance(exc, TimeoutError) else str(exc)
-            raise ConfigurationError(f"NATS store: cannot connect to {self._shown_servers()}: {reason}") from None
+            attempts = self._connect_failures
+            raise ConfigurationError(
+                f"NATS store: cannot connect to {self._shown_servers()}: {reason}"
+                + (f" ({attempts} failed attempts)" if attempts > 1 else "")
+            ) from None
+        self._connect_failures = -1  # connected once: from now on, outages are logged
         self._js = self._nc.jetstream(timeout=self._timeout)
         self._jsm = self._nc.jsm(timeout=self._timeout)
         try:
             info = await self._ensure_stream()
-            self._head = info.state.last_seq
+            max_msgs, max_age = info.config.max_msgs or -1, info.config.max_age or 0
+            self._history_keeps_long = (max_msgs < 0 or max_msgs >= 10_000) and (not max_age or max_age >= 60)
+            await self._ensure_bucket()
+            await self._follow_keys()
+            repaired = await self._repair_all()
+            if repaired:
+                _log.warning("bucket %s: copied %d run(s) the history had ahead of it", self._bucket, repaired)
+            head = max(info.state.last_seq, self._history_feed.position)
+            self._history_feed.advance(head)
+            self._window.restart(head)
             self._live = await self._js.subscribe(
                 f"{self._prefix}.>",
                 stream=self._stream,
                 ordered_consumer=True,
                 deliver_policy=api.DeliverPolicy.BY_START_SEQUENCE,
-                config=api.ConsumerConfig(opt_start_seq=self._head + 1),
+                config=api.ConsumerConfig(opt_start_seq=head + 1),
                 cb=self._on_message,
                 idle_heartbeat=2.0,
             )
-        except _UNREACHABLE as exc:
+        except (*_UNREACHABLE, StoreUnavailable) as exc:
             await self._nc.close()
             raise ConfigurationError(f"NATS store: cannot set up stream {self._stream}: {exc}") from None
 
@@ -233,40 +453,135 @@ class NatsStore(Store):
         await self._jsm.add_stream(config)
         return await self._jsm.stream_info(self._stream)
 
+    async def _ensure_bucket(self) -> None:
+        """The key-value bucket of latest states: one entry per run, no limits."""
+        try:
+            await self._jsm.stream_info(self._latest_stream)
+            return
+        except nats.js.errors.NotFoundError:
+            pass
+        await self._js.create_key_value(
+            api.KeyValueConfig(
+                bucket=self._bucket,
+                description=f"latest state of every run of stream {self._stream} (shellinfo-grpc)",
+                history=1,
+                storage=api.StorageType.FILE,
+                replicas=self._replicas,
+                direct=True,
+            )
+        )
+
+    async def _follow_keys(self) -> None:
+        """Follow the bucket's keys (headers only) from its start; return once the index is complete."""
+        last = (await self._jsm.stream_info(self._latest_stream)).state.last_seq
+        self._keys_loading = True
+        self._keys_feed = await self._js.subscribe(
+            f"{self._latest_prefix}.>",
+            stream=self._latest_stream,
+            ordered_consumer=True,
+            deliver_policy=api.DeliverPolicy.ALL,
+            headers_only=True,
+            cb=self._on_key,
+            idle_heartbeat=2.0,
+        )
+        # The bucket's messages up to `last` arrive at the rate the feed takes them:
+        # wait while it makes progress.
+        while not await self._latest_feed.reach(last, self._timeout):
+            before = self._latest_feed.position
+            if not await self._latest_feed.reach(before + 1, self._timeout):
+                raise StoreUnavailable(f"NATS store: the keys of bucket {self._bucket} stopped arriving")
+        self._keys.sort()
+        self._keys_loading = False
+        self._keys_live = True
+
     async def close(self) -> None:
-        """Stop following the stream and drain the connection."""
+        """Stop following the streams and drain the connection."""
         nc, self._nc = self._nc, None
         if nc is None:
             return
-        with contextlib.suppress(*_UNREACHABLE):
-            if self._live is not None:
-                await self._live.unsubscribe()
+        for sub in (self._live, self._keys_feed):
+            if sub is not None:
+                with contextlib.suppress(*_UNREACHABLE):
+                    await sub.unsubscribe()
         with contextlib.suppress(*_UNREACHABLE):
             await nc.drain()
         with contextlib.suppress(*_UNREACHABLE):
             await nc.close()
 
     async def _on_nats_error(self, exc: Exception) -> None:
-        # nats-py reports connection trouble here (and keeps reconnecting):
-        # one line, no traceback, no credentials.
+        # nats-py reports each failed (re)connection attempt here, every
+        # reconnect_time_wait: while the connection is down, say the first one
+        # and count the others; the reconnection says the count. Before the
+        # first connection, start() says it all in one error. One line, no
+        # traceback, no credentials.
+        if self._connect_failures >= 0:
+            self._connect_failures += 1
+            return
+        nc = self._nc
+        if nc is not None and (nc.is_reconnecting or not nc.is_connected):
+            self._outage_errors += 1
+            if self._outage_errors > 1:
+                return
+            _log.warning(
+                "NATS %s: %s: %s (retrying every 0.5 s; said once)", self._shown_servers(), type(exc).__name__, exc
+            )
+            return
         _log.warning("NATS %s: %s: %s", self._shown_servers(), type(exc).__name__, exc)
 
+    async def _on_disconnected(self) -> None:
+        self._keys_live = False  # until the key feed has caught up again
+        if self._connect_failures < 0 and self._nc is not None:
+            _log.warning("NATS %s: disconnected; reconnecting", self._shown_servers())
+
+    async def _on_reconnected(self) -> None:
+        failed, self._outage_errors = self._outage_errors, 0
+        _log.warning(
+            "NATS %s: reconnected%s", self._shown_servers(), f" after {failed} failed attempt(s)" if failed else ""
+        )
+
     async def _on_message(self, msg: Any) -> None:
-        seq = msg.metadata.sequence.stream
-        self._head = max(self._head, seq)
-        if self._waiters:
-            waiting = []
-            for wanted, waiter in self._waiters:
-                if wanted <= seq:
-                    if not waiter.done():
-                        waiter.set_result(None)
-                else:
-                    waiting.append((wanted, waiter))
-            self._waiters = waiting
+        seq = _position(msg)[0]
+        if seq <= self._history_feed.position:
+            return  # delivered again after a reset of the ordered consumer
         update = self._decode(msg.data, seq)
         if update is None:
+            self._remembered.pop(msg.subject, None)  # a foreign message: the next publish reads the run
+        else:
+            self._remember(msg.subject, update)
+            self._window.add(seq, msg.data + _REVISION_TAG + _varint(seq))
+        self._history_feed.advance(seq)
+        if update is not None:
+            self.notify_listeners((update,))
+
+    async def _on_key(self, msg: Any) -> None:
+        seq, pending = _position(msg)
+        headers = msg.headers or {}
+        revision = headers.get(_REVISION_HEADER)
+        key = _run_key(*msg.subject.rsplit(".", 2)[-2:])
+        if key is not None and revision is not None and revision.isdigit():
+            self._note_latest(key, int(revision), seq)
+        self._keys_live = pending == 0
+        self._latest_feed.advance(seq)
+
+    def _note_latest(self, key: tuple[str, int], revision: int, bucket_seq: int) -> None:
+        known = self._latest.get(key)
+        if known is None:
+            if self._keys_loading:
+                self._keys.append(key)  # sorted once the start-up load is complete
+            else:
+                bisect.insort(self._keys, key)
+        elif known[1] >= bucket_seq:
             return
-        self.notify_listeners((update,))
+        self._latest[key] = (revision, bucket_seq)
+
+    def _remember(self, subject: str, update: _svc.RunUpdate) -> None:
+        known = self._remembered.get(subject)
+        if known is not None and known.revision >= update.revision:
+            return
+        self._remembered[subject] = update
+        self._remembered.move_to_end(subject)
+        if len(self._remembered) > _REMEMBERED:
+            self._remembered.popitem(last=False)
 
     def _decode(self, data: bytes, seq: int) -> _svc.RunUpdate | None:
         try:
@@ -282,10 +597,10 @@ class NatsStore(Store):
         error.__cause__ = exc
         return error
 
-    # --- writing -----------------------------------------------------------------
+    # --- the two records of a run ---------------------------------------------------------
 
-    async def _last(self, subject: str) -> tuple[int, _svc.RunUpdate | None]:
-        """The sequence of the last message on ``subject`` (0: none) and its update.
+    async def _last_in_history(self, subject: str) -> tuple[int, _svc.RunUpdate | None]:
+        """The sequence of the last message on ``subject`` in the history (0: none) and its update.
 
         The update is ``None`` when there is no message, or when the last one
         is not a RunUpdate (a foreign publisher): its sequence still counts for
@@ -297,64 +612,175 @@ class NatsStore(Store):
             return 0, None
         return raw.seq, self._decode(raw.data or b"", raw.seq)
 
-    async def _followed(self, seq: int) -> None:
-        """Wait (bounded) until this replica's live feed has passed ``seq``.
+    async def _latest_entry(self, subject: str) -> tuple[int, _svc.RunUpdate | None]:
+        """The bucket's sequence of the run's entry (0: none) and its update (revision included)."""
+        try:
+            raw = await self._jsm.get_last_msg(self._latest_stream, subject)
+        except nats.js.errors.NotFoundError:
+            return 0, None
+        try:
+            return raw.seq, _svc.RunUpdate.FromString(raw.data or b"")
+        except Exception:
+            _log.warning("bucket %s: entry %s is not a RunUpdate; ignored", self._bucket, subject)
+            return raw.seq, None
 
-        Then the update is in ``head_revision()`` and its listeners have heard
-        of it when the publish returns, as with the other stores. If the feed
-        is slow (NATS trouble), the publish still returns: it is stored.
+    async def _write_latest(self, key: tuple[str, int], subject: str, update: _svc.RunUpdate, bucket_seq: int) -> None:
+        """Make the run's bucket entry ``update``, unless it already holds that revision or a newer one.
+
+        ``bucket_seq`` is the entry's sequence as last known; when it is stale
+        the entry is read again (another replica, or a repair, wrote it).
         """
-        if self._head >= seq:
+        data = update.SerializeToString()
+        for _ in range(self._max_attempts):
+            headers = {_EXPECTED_LAST_SUBJECT_SEQ: str(bucket_seq), _REVISION_HEADER: str(update.revision)}
+            try:
+                ack = await self._js.publish(subject, data, stream=self._latest_stream, headers=headers)
+            except nats.js.errors.APIError as exc:
+                if exc.err_code != _WRONG_LAST_SEQUENCE:
+                    raise
+                bucket_seq, current = await self._latest_entry(subject)
+                if current is not None and current.revision >= update.revision:
+                    self._note_latest(key, current.revision, bucket_seq)
+                    return
+                continue
+            self._note_latest(key, update.revision, ack.seq)
             return
-        waiter = asyncio.get_running_loop().create_future()
-        self._waiters.append((seq, waiter))
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(asyncio.shield(waiter), timeout=self._timeout)
+        raise StoreUnavailable(f"NATS store: bucket {self._bucket}: entry {subject} kept changing; try again")
+
+    async def _read_run(
+        self, key: tuple[str, int], subject: str, latest_subject: str
+    ) -> tuple[int, _svc.RunUpdate | None, int]:
+        """The run as it is: (history sequence to expect, latest update, bucket sequence).
+
+        When the history holds a newer update of the run than the bucket (its
+        writer died between the two writes), the bucket is repaired first.
+        """
+        (expected, in_history), (bucket_seq, latest) = await asyncio.gather(
+            self._last_in_history(subject), self._latest_entry(latest_subject)
+        )
+        if in_history is not None and (latest is None or in_history.revision > latest.revision):
+            _log.warning("run %s: the history is ahead of bucket %s; repaired", subject, self._bucket)
+            await self._write_latest(key, latest_subject, in_history, bucket_seq)
+            bucket_seq, latest = self._latest[key][1], in_history
+        return expected, latest, bucket_seq
+
+    async def _repair_all(self) -> int:
+        """Copy into the bucket every run whose last message in the history is newer than its entry."""
+        state = (await self._jsm.stream_info(self._stream)).state
+        if not state.messages:
+            return 0
+        behind: list[tuple[tuple[str, int], int]] = []
+
+        def check(msg: Any) -> None:
+            key = _run_key(*msg.subject.rsplit(".", 2)[-2:])
+            seq = _position(msg)[0]
+            if key is not None and self._latest.get(key, (0, 0))[0] < seq:
+                behind.append((key, seq))
+
+        await self._consume(self._stream, api.DeliverPolicy.LAST_PER_SUBJECT, check, headers_only=True)
+
+        async def repair(key: tuple[str, int], seq: int) -> bool:
+            raw = await self._jsm.get_msg(self._stream, seq)
+            update = self._decode(raw.data or b"", seq)
+            if update is None:
+                return False
+            await self._write_latest(key, self._subjects(*key)[1], update, self._latest.get(key, (0, 0))[1])
+            return True
+
+        repaired = 0
+        for start in range(0, len(behind), 64):  # 64 at a time: an upgrade copies every run
+            repaired += sum(await asyncio.gather(*(repair(key, seq) for key, seq in behind[start : start + 64])))
+        return repaired
+
+    # --- writing -----------------------------------------------------------------
 
     async def _publish_one(
         self, source: str, run: _pb.ProtectionShellInfo, job: _job_pb.ProtectionJob | None
     ) -> PublishOutcome | RunRejected:
-        subject = self._subject(source, run.job_run_id)
+        subject, latest_subject = self._subjects(source, run.job_run_id)
         # Publishes of one run through this replica take turns, so that only
         # other replicas can make the optimistic write of a run fail.
         lock = self._locks.setdefault(subject, asyncio.Lock())
         self._lock_users[subject] = self._lock_users.get(subject, 0) + 1
         try:
             async with lock:
-                outcome = await self._publish_locked(subject, source, run, job)
+                outcome = await self._publish_locked((source, run.job_run_id), subject, latest_subject, run, job)
         finally:
             self._lock_users[subject] -= 1
             if not self._lock_users[subject]:
                 del self._lock_users[subject], self._locks[subject]
         if isinstance(outcome, PublishOutcome) and outcome.changed:
-            await self._followed(outcome.update.revision)  # outside the lock: a slow feed delays only this call
+            # outside the lock: a slow feed delays only this call; if NATS is slow, it is stored all the same
+            await self._history_feed.reach(outcome.update.revision, self._timeout)
         return outcome
 
+    def _new_runs_known(self) -> bool:
+        """Whether a key missing from the index means a new run, so that its first publish needs no read.
+
+        The key feed must be live (its last message had nothing pending, and
+        the connection has not dropped since), and the history must keep a
+        message far longer than that feed lags (milliseconds): a run that
+        another replica created a moment ago is then still in the history,
+        and JetStream refuses a write that expects it not to be (then the
+        publish reads the run, as always).
+        """
+        return self._keys_live and self._history_keeps_long
+
     async def _publish_locked(
-        self, subject: str, source: str, run: _pb.ProtectionShellInfo, job: _job_pb.ProtectionJob | None
+        self,
+        key: tuple[str, int],
+        subject: str,
+        latest_subject: str,
+        run: _pb.ProtectionShellInfo,
+        job: _job_pb.ProtectionJob | None,
     ) -> PublishOutcome | RunRejected:
         payload_run = run.SerializeToString(deterministic=True)
-        for attempt in range(self._max_attempts):
-            if attempt:
-                await asyncio.sleep(random.uniform(0, min(0.2, 0.005 * 2**attempt)))  # noqa: S311 - jitter
-            last_seq, current = await self._last(subject)
+        # What this replica knows without asking: the run's latest update as it
+        # remembers it, or that the run is new (not in the bucket's key index).
+        guess: tuple[int, _svc.RunUpdate | None] | None = None
+        remembered = self._remembered.get(subject)
+        if remembered is not None:
+            guess = (remembered.revision, remembered)
+        elif key not in self._latest and self._new_runs_known():
+            guess = (0, None)
+        fresh = guess is None
+        conflicts = 0
+        while True:
+            if fresh or guess is None:
+                expected, current, bucket_seq = await self._read_run(key, subject, latest_subject)
+            else:
+                (expected, current), bucket_seq = guess, self._latest.get(key, (0, 0))[1]
             outcome = decide(current, run, job)
             if outcome is not None:
-                return outcome
+                if fresh:
+                    return outcome
+                fresh = True  # only a write is checked by JetStream: decide anything else on a fresh read
+                continue
             # The job travels inside the stored RunUpdate, as the run does.
-            update = new_update(source, _pb.ProtectionShellInfo(), job, current, accepted_time_usecs=now_usecs())
+            update = new_update(key[0], _pb.ProtectionShellInfo(), job, current, accepted_time_usecs=now_usecs())
             update.run.MergeFromString(payload_run)
-            headers = {_EXPECTED_LAST_SUBJECT_SEQ: str(last_seq)}
+            headers = {_EXPECTED_LAST_SUBJECT_SEQ: str(expected)}
             try:
                 ack = await self._js.publish(subject, update.SerializeToString(), stream=self._stream, headers=headers)
             except nats.js.errors.APIError as exc:
-                if exc.err_code == _WRONG_LAST_SEQUENCE:
-                    continue  # another replica wrote this run: decide again on its new state
-                raise
+                if exc.err_code != _WRONG_LAST_SEQUENCE:
+                    raise
+                if fresh:  # another replica wrote this run: decide again on its new state
+                    conflicts += 1
+                    if conflicts >= self._max_attempts:
+                        break
+                    await asyncio.sleep(random.uniform(0, min(0.2, 0.005 * 2**conflicts)))  # noqa: S311 - jitter
+                fresh = True
+                continue
             update.revision = ack.seq
+            self._remember(subject, update)
+            if self._pause_on is not None and run.error == self._pause_on:
+                _log.warning("test hook %s: stopped between the two writes of revision %d", PAUSE_HOOK_ENV, ack.seq)
+                await asyncio.Event().wait()
+            await self._write_latest(key, latest_subject, update, bucket_seq)
             return PublishOutcome(update, changed=True)
         raise StoreUnavailable(
-            f"NATS store: run {run.job_run_id} of source {source!r} kept changing under "
+            f"NATS store: run {run.job_run_id} of source {key[0]!r} kept changing under "
             f"{self._max_attempts} attempts; try again"
         )
 
@@ -383,71 +809,213 @@ class NatsStore(Store):
     # --- reading -----------------------------------------------------------------
 
     async def get(self, source: str, job_run_id: int) -> _svc.RunUpdate | None:
-        """The last message on the run's subject."""
+        """The run's entry in the bucket of latest states."""
         try:
-            return (await self._last(self._subject(source, job_run_id)))[1]
+            return (await self._latest_entry(self._subjects(source, job_run_id)[1]))[1]
         except _UNREACHABLE as exc:
             raise self._unavailable("cannot read the run", exc) from None
 
-    async def _read(self, deliver: api.DeliverPolicy, start: int, end: int, limit: int) -> list[_svc.RunUpdate]:
-        """Read messages through an ephemeral ordered consumer, up to ``end`` or ``limit``."""
-        out: list[_svc.RunUpdate] = []
-        config = api.ConsumerConfig(opt_start_seq=start) if deliver == api.DeliverPolicy.BY_START_SEQUENCE else None
+    async def _consume(
+        self, stream: str, deliver: api.DeliverPolicy, handle: Callable[[Any], None], *, headers_only: bool = False
+    ) -> None:
+        """Hand every message an ephemeral ordered consumer delivers to ``handle``, until none is pending.
+
+        The caller checked that the stream has messages.
+        """
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        seen = 0
+
+        async def on_message(msg: Any) -> None:
+            nonlocal seen
+            if done.done():
+                return
+            seen += 1
+            handle(msg)
+            if _position(msg)[1] == 0:
+                done.set_result(None)
+
+        subject = f"{self._prefix}.>" if stream == self._stream else f"{self._latest_prefix}.>"
         sub = await self._js.subscribe(
-            f"{self._prefix}.>", stream=self._stream, ordered_consumer=True, deliver_policy=deliver, config=config
+            subject,
+            stream=stream,
+            ordered_consumer=True,
+            deliver_policy=deliver,
+            headers_only=headers_only,
+            cb=on_message,
         )
         try:
-            while len(out) < limit:
-                msg = await sub.next_msg(timeout=self._timeout)
-                meta = msg.metadata
-                if not out and deliver == api.DeliverPolicy.BY_START_SEQUENCE and meta.sequence.stream > start:
-                    # Retention trimmed the start away after the oldest
-                    # revision was checked: JetStream began at the oldest
-                    # message it still has. Never skip updates silently.
-                    raise HistoryExpired(start, meta.sequence.stream)
-                if meta.sequence.stream > end:
+            while True:  # bounded by progress: no message for a timeout ends the read
+                before = seen
+                try:
+                    await asyncio.wait_for(asyncio.shield(done), timeout=self._timeout)
                     break
-                update = self._decode(msg.data, meta.sequence.stream)
-                if update is not None:
-                    out.append(update)
-                if meta.num_pending == 0 or meta.sequence.stream == end:
-                    break
+                except TimeoutError:
+                    if seen == before:
+                        raise
         finally:
             with contextlib.suppress(*_UNREACHABLE):
                 await sub.unsubscribe()
-        return out
 
-    async def _state(self) -> Any:
-        return (await self._jsm.stream_info(self._stream)).state
+    async def _oldest(self) -> tuple[int, int]:
+        """The oldest revision the history keeps, and its newest one.
+
+        With an age limit, messages older than it count as gone even before
+        JetStream's expiry timer removes them, as in the other stores.
+        """
+        state = (await self._jsm.stream_info(self._stream)).state
+        oldest = state.first_seq if state.messages else state.last_seq + 1
+        max_age = self._retention.max_age_seconds
+        if max_age and state.messages:
+            oldest = max(oldest, await self._first_since(time.time() - max_age, state.last_seq))
+        return oldest, state.last_seq
+
+    async def _first_since(self, cutoff: float, last: int) -> int:
+        """The sequence of the first message stored at or after ``cutoff`` (Unix seconds)."""
+        start = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(cutoff)) + f".{int(cutoff % 1 * 1e9):09d}Z"
+        request = json.dumps({"start_time": start}).encode()
+        reply = await self._nc.request(f"$JS.API.DIRECT.GET.{self._stream}", request, timeout=self._timeout)
+        seq = (reply.headers or {}).get("Nats-Sequence")
+        return int(seq) if seq else last + 1
+
+    async def _pull(self, start: int, count: int) -> list[tuple[int, bytes]]:
+        """Up to ``count`` ``(sequence, stored bytes)`` of the history from ``start`` on, in one pull.
+
+        An ephemeral pull consumer (no acks, in memory) delivers them in one
+        batch on an inbox of this call: one message costs nats-py only its
+        stored header line (a direct get adds six), and the sequence is read
+        from the reply subject.
+        """
+        config = api.ConsumerConfig(
+            deliver_policy=api.DeliverPolicy.BY_START_SEQUENCE,
+            opt_start_seq=start,
+            ack_policy=api.AckPolicy.NONE,
+            filter_subject=f"{self._prefix}.>",
+            inactive_threshold=max(10.0, 2 * self._timeout),
+            mem_storage=True,
+            num_replicas=1,
+        )
+        consumer = (await self._jsm.add_consumer(self._stream, config)).name
+        messages: list[tuple[int, bytes]] = []
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+        async def on_message(msg: Any) -> None:
+            if msg.reply:
+                messages.append((_position(msg)[0], msg.data))
+                if len(messages) >= count and not done.done():
+                    done.set_result(None)
+            elif not done.done():
+                done.set_result(None)  # a status: 404 no (more) messages, 408 request expired
+
+        inbox = self._nc.new_inbox()
+        sub = await self._nc.subscribe(inbox, cb=on_message)
+        try:
+            request = {"batch": count, "no_wait": True, "max_bytes": _BATCH_BYTES}
+            await self._nc.publish(
+                f"$JS.API.CONSUMER.MSG.NEXT.{self._stream}.{consumer}", json.dumps(request).encode(), reply=inbox
+            )
+            await asyncio.wait_for(done, timeout=self._timeout)
+        finally:
+            with contextlib.suppress(*_UNREACHABLE):
+                await sub.unsubscribe()
+            with contextlib.suppress(*_UNREACHABLE, nats.js.errors.Error):
+                await self._jsm.delete_consumer(self._stream, consumer)
+        return messages
+
+    async def _history_wire(self, start: int, end: int, limit: int) -> list[tuple[int, bytes]]:
+        """``(revision, RunUpdate bytes)`` of the history in ``[start, end]``, at most ``limit``.
+
+        From the in-memory window when it covers the range, else from
+        JetStream in pulls of up to 1,000 messages (each checked to be a
+        RunUpdate; a foreign one is skipped, loudly). The bytes are the stored
+        ones with the revision field appended.
+        """
+        oldest, last = await self._oldest()
+        if start < oldest:
+            raise HistoryExpired(start, oldest)
+        end = min(end, last)
+        if start > end or limit <= 0:
+            return []
+        if start >= self._window.low and end <= self._history_feed.position:
+            return self._window.read(start, end, limit)
+        out: list[tuple[int, bytes]] = []
+        parse = _svc.RunUpdate.FromString
+        position = start
+        empty = 0
+        first = 0  # the first sequence JetStream returned
+        while position <= end and len(out) < limit:
+            batch = await self._pull(position, min(_BATCH, limit - len(out), end - position + 1))
+            if not batch:
+                # Never report a gap as the end: JetStream said it has up to `end`.
+                empty += 1
+                if empty * 0.05 > self._timeout:
+                    raise StoreUnavailable(f"NATS store: stream {self._stream} did not return revision {position}")
+                await asyncio.sleep(0.05)
+                continue
+            for seq, data in batch:
+                first = first or seq
+                if seq > end:
+                    break
+                try:
+                    parse(data)
+                except Exception:
+                    _log.warning("stream %s: message %d is not a RunUpdate; skipped", self._stream, seq)
+                    continue
+                out.append((seq, data + _REVISION_TAG + _varint(seq)))
+            position = batch[-1][0] + 1
+        if first > start:
+            # Retention (or an age expiry) trimmed the start away after the oldest
+            # revision was checked: never skip updates silently.
+            raise HistoryExpired(start, out[0][0])
+        return out
 
     async def history(self, start_revision: int, end_revision: int, limit: int) -> list[_svc.RunUpdate]:
         """Messages with sequence in ``[start_revision, end_revision]``, from the stream."""
         try:
-            state = await self._state()
-            oldest = state.first_seq if state.messages else state.last_seq + 1
-            if start_revision < oldest:
-                raise HistoryExpired(start_revision, oldest)
-            last = min(end_revision, state.last_seq)
-            if start_revision > last or limit <= 0:
-                return []
-            return await self._read(api.DeliverPolicy.BY_START_SEQUENCE, start_revision, last, limit)
+            wire = await self._history_wire(start_revision, end_revision, limit)
+        except _UNREACHABLE as exc:
+            raise self._unavailable("cannot read the history", exc) from None
+        return [_svc.RunUpdate.FromString(data) for _, data in wire]
+
+    async def history_wire(self, start_revision: int, end_revision: int, limit: int) -> list[tuple[int, bytes]]:
+        """As :meth:`history`, as the stored bytes with the revision appended: nothing is re-encoded."""
+        try:
+            return await self._history_wire(start_revision, end_revision, limit)
         except _UNREACHABLE as exc:
             raise self._unavailable("cannot read the history", exc) from None
 
     async def snapshot(self, flt: _svc.RunFilter | None) -> tuple[list[_svc.RunUpdate], int]:
-        """The last message of every run (a last-per-subject consumer), in revision order."""
+        """The latest update of every run, in revision order, and the head they are consistent with.
+
+        The bucket has every run; the history's last message per subject is
+        read as well, and the newer of the two taken, so that an update whose
+        bucket write is still on its way (or was lost with its writer) is in
+        the snapshot that a watch from the returned head continues.
+        """
+        latest: dict[tuple[str, int], _svc.RunUpdate] = {}
+
+        def keep(update: _svc.RunUpdate | None) -> None:
+            if update is None:
+                return
+            key = (update.source, update.run.job_run_id)
+            known = latest.get(key)
+            if known is None or known.revision < update.revision:
+                latest[key] = update
+
+        def from_bucket(msg: Any) -> None:
+            with contextlib.suppress(Exception):
+                keep(_svc.RunUpdate.FromString(msg.data))
+
+        def from_history(msg: Any) -> None:
+            keep(self._decode(msg.data, _position(msg)[0]))
+
         try:
-            state = await self._state()
-            if not state.messages:
-                return [], state.last_seq
-            latest: dict[tuple[str, int], _svc.RunUpdate] = {}
-            for update in await self._read(api.DeliverPolicy.LAST_PER_SUBJECT, 0, 2**63 - 1, 2**62):
-                latest[(update.source, update.run.job_run_id)] = update
+            state = (await self._jsm.stream_info(self._stream)).state
+            if (await self._jsm.stream_info(self._latest_stream)).state.messages:
+                await self._consume(self._latest_stream, api.DeliverPolicy.ALL, from_bucket)
+            if state.messages:
+                await self._consume(self._stream, api.DeliverPolicy.LAST_PER_SUBJECT, from_history)
         except _UNREACHABLE as exc:
             raise self._unavailable("cannot read the runs", exc) from None
-        # Every message up to the highest sequence read is reflected: the
-        # consumer delivered the last message of every subject as of its
-        # creation, then everything after that until nothing was pending.
         head = max(max((u.revision for u in latest.values()), default=0), state.last_seq)
         matches = compile_filter(flt)
         return sorted((u for u in latest.values() if matches(u)), key=lambda u: u.revision), head
@@ -455,14 +1023,34 @@ class NatsStore(Store):
     async def list_runs(
         self, flt: _svc.RunFilter | None, after: tuple[str, int] | None, limit: int
     ) -> list[_svc.RunUpdate]:
-        """Latest states ordered by (source, job_run_id); reads every run's last message."""
-        updates, _ = await self.snapshot(flt)
-        keyed = sorted(((u.source, u.run.job_run_id), u) for u in updates)
-        return [u for key, u in keyed if after is None or key > after][: max(limit, 0)]
+        """Latest states ordered by (source, job_run_id): one page of the key index, and those entries.
+
+        The index is first brought up to the bucket's last sequence, so a run
+        another replica created before this call is listed.
+        """
+        if limit <= 0:
+            return []
+        matches = compile_filter(flt)
+        out: list[_svc.RunUpdate] = []
+        try:
+            last = (await self._jsm.stream_info(self._latest_stream)).state.last_seq
+            await self._latest_feed.reach(last, self._timeout)
+            position = after
+            while len(out) < limit:
+                index = 0 if position is None else bisect.bisect_right(self._keys, position)
+                page = self._keys[index : index + limit - len(out)]
+                if not page:
+                    break
+                position = page[-1]
+                entries = await asyncio.gather(*(self._latest_entry(self._subjects(*key)[1]) for key in page))
+                out.extend(u for _, u in entries if u is not None and matches(u))
+        except _UNREACHABLE as exc:
+            raise self._unavailable("cannot read the runs", exc) from None
+        return out
 
     def head_revision(self) -> int:
         """The newest sequence this replica has followed (and told its listeners about)."""
-        return self._head
+        return self._history_feed.position
 
 
 def _tls_context(options: Mapping[str, str]) -> ssl.SSLContext:
