@@ -83,7 +83,8 @@ FINAL_SPELLINGS: Final = frozenset({"kSuccess", "kFailure", "kWarning", "kCancel
 
 def _power(exponent: int) -> int:
     """Plus or minus 10**|exponent| (hypothesis never prints the number itself: 10**5000 has no str())."""
-    return 10 ** abs(exponent) if exponent > 0 else -(10 ** abs(exponent))
+    power: int = 10 ** abs(exponent)
+    return power if exponent > 0 else -power
 
 
 def _encodable(text: str) -> bool:
@@ -255,8 +256,8 @@ def python_records(draw: st.DrawFn) -> Any:
     if draw(st.integers(0, 9)) == 0:
         return draw(hostile_values)
     record: dict[Any, Any] = {}
-    for key in draw(st.lists(st.sampled_from(REST_KEYS), unique=True)):
-        record[key] = draw(_KNOWN_VALUES[key] if draw(st.booleans()) else hostile_values)
+    for known in draw(st.lists(st.sampled_from(REST_KEYS), unique=True)):
+        record[known] = draw(_KNOWN_VALUES[known] if draw(st.booleans()) else hostile_values)
     for key, value in draw(st.lists(st.tuples(odd_keys | st.builds(_Raises), hostile_values), max_size=3)):
         try:
             record[key] = value
@@ -387,9 +388,9 @@ def messages(draw: st.DrawFn, *, job_run_id: bool = False) -> ProtectionShellInf
     if draw(st.booleans()):
         msg.end_time_usecs = draw(int64s)
     if draw(st.booleans()):
-        msg.run_type = draw(st.integers(0, 5) | int32s)
+        msg.run_type = draw(st.integers(0, 5) | int32s)  # type: ignore[assignment]  # any int32 on purpose
     if draw(st.booleans()):
-        msg.status = draw(st.integers(0, 11) | int32s)
+        msg.status = draw(st.integers(0, 11) | int32s)  # type: ignore[assignment]  # any int32 on purpose
     if draw(st.booleans()):
         msg.error = draw(texts)
     for name in ("start_time_hhmm", "end_time_hhmm"):
@@ -510,11 +511,11 @@ def _request_message(draw: st.DrawFn, method: str) -> Any:
         return request
     if method == "GetRun":
         return svc.GetRunRequest(source=draw(sources), job_run_id=draw(int64s))
-    flt = svc.RunFilter(
+    flt = svc.RunFilter(  # enum numbers: any int32 on purpose
         sources=draw(st.lists(sources, max_size=2)),
         job_run_ids=draw(st.lists(int64s, max_size=2)),
-        statuses=draw(st.lists(st.integers(0, 12) | int32s, max_size=2)),
-        run_types=draw(st.lists(st.integers(0, 5) | int32s, max_size=2)),
+        statuses=draw(st.lists(st.integers(0, 12) | int32s, max_size=2)),  # type: ignore[arg-type]
+        run_types=draw(st.lists(st.integers(0, 5) | int32s, max_size=2)),  # type: ignore[arg-type]
     )
     if method == "ListRuns":
         token = draw(st.sampled_from(["", "!!", "e30", "W10"]) | st.text(max_size=20) | page_token_texts())
@@ -557,7 +558,7 @@ def request_bytes(draw: st.DrawFn, method: str) -> bytes:
     kind = draw(st.integers(0, 5))
     if kind == 0:
         return draw(st.binary(max_size=64))
-    data = draw(_request_message(method)).SerializeToString()
+    data: bytes = draw(_request_message(method)).SerializeToString()
     if kind == 1 and data:  # flip a byte
         at = draw(st.integers(0, len(data) - 1))
         return data[:at] + bytes([draw(st.integers(0, 255))]) + data[at + 1 :]
@@ -760,13 +761,13 @@ class ServerThread:
         responses: list[bytes] = []
         try:
             if method == "PublishRuns":
-                call = self.channel.stream_stream(path)
+                call = self.channel.stream_stream(path, None, None)
                 responses.extend(call(iter(data), timeout=timeout))
             elif method == "WatchRuns":
-                stream = self.channel.unary_stream(path)(data[0], timeout=0.2)
+                stream = self.channel.unary_stream(path, None, None)(data[0], timeout=0.2)
                 responses.extend(stream)
             else:
-                responses.append(self.channel.unary_unary(path)(data[0], timeout=timeout))
+                responses.append(self.channel.unary_unary(path, None, None)(data[0], timeout=timeout))
         except grpc.RpcError as exc:
             code = exc.code()
             if method == "WatchRuns" and code == grpc.StatusCode.DEADLINE_EXCEEDED:
