@@ -63,7 +63,7 @@ __all__ = [
 #: Classes of failure that are known and open (each has a strict xfail test of
 #: its own in test_robustness.py); the generic properties step around them so
 #: that they keep guarding everything else. Remove an entry once its fix lands.
-KNOWN_OPEN: set[str] = {"unparsable-request", "binary-unstorable"}
+KNOWN_OPEN: set[str] = {"unparsable-request", "binary-unstorable", "extra-key-shadows-field", "unbounded-refusal"}
 
 #: The longest error message any entry point may produce, in characters.
 MAX_MESSAGE_CHARS: Final = 1000
@@ -607,6 +607,11 @@ def check_from_rest(value: Any, strict: bool = False) -> None:
     json.dumps(back, allow_nan=False)
 
 
+def _shadowing(msg: ProtectionShellInfo) -> bool:
+    """Whether an unknown key kept in ``unrecognized`` is a known REST key (which to_rest then writes)."""
+    return msg.HasField("unrecognized") and any(e.key in REST_KEYS for e in msg.unrecognized.extra_keys)
+
+
 def check_to_rest(msg: ProtectionShellInfo) -> None:
     """to_rest raises only RestDecodeError; a storable message round trips; is_final agrees with the shown status."""
     try:
@@ -614,7 +619,8 @@ def check_to_rest(msg: ProtectionShellInfo) -> None:
         check_storable(msg)
     except RunRejected as exc:
         storable = False
-        check_message_line(str(exc))
+        if "unbounded-refusal" not in KNOWN_OPEN or len(exc.violations) < 4:
+            check_message_line(str(exc))
     refused: RestDecodeError | None = None
     try:
         out = to_rest(msg)
@@ -625,7 +631,10 @@ def check_to_rest(msg: ProtectionShellInfo) -> None:
         assert not storable, f"to_rest refused a storable message: {refused}"
         return
     json.dumps(out, allow_nan=False)
-    assert is_final(msg) == (out.get("status") in FINAL_SPELLINGS), (is_final(msg), out.get("status"))
+    shown = out.get("status")
+    shown_final = isinstance(shown, str) and shown in FINAL_SPELLINGS
+    if not ("extra-key-shadows-field" in KNOWN_OPEN and _shadowing(msg)):
+        assert is_final(msg) == shown_final, f"is_final says {is_final(msg)} but to_rest shows status {shown!r}"
     if storable:
         back = from_rest(out)
         assert back == storable_json_value(msg), (back, msg)

@@ -106,6 +106,26 @@ def test_to_rest_of_any_message(msg: ProtectionShellInfo) -> None:
     S.check_to_rest(msg)
 
 
+@pytest.mark.xfail(
+    strict=True,
+    reason="to_rest writes an unrecognized.extra_keys entry whose key is a known REST key where that field is"
+    " unset, so a run with extra key 'status' = \"kSuccess\" shows status kSuccess while rules.is_final says"
+    " False (the server refuses such runs, but files and older stores may hold them); fix owned by codec"
+    " (rest.py _with_unrecognized, or rules.is_final)",
+)
+@bounded(30)
+@given(spelling=st.sampled_from(sorted(S.FINAL_SPELLINGS)), job_run_id=S.int64s)
+@example(spelling="kSuccess", job_run_id=1)
+def test_is_final_agrees_with_to_rest_when_an_extra_key_is_named_status(spelling: str, job_run_id: int) -> None:
+    extra = {"key": "status", "json_value": json.dumps(spelling)}
+    msg = ProtectionShellInfo(job_run_id=job_run_id, unrecognized={"extra_keys": [extra]})  # type: ignore[arg-type]
+    S.KNOWN_OPEN.discard("extra-key-shadows-field")
+    try:
+        S.check_to_rest(msg)
+    finally:
+        S.KNOWN_OPEN.add("extra-key-shadows-field")
+
+
 # --- framing -----------------------------------------------------------------------------------
 
 
@@ -279,6 +299,24 @@ def test_a_source_longer_than_256_bytes_is_refused(server: S.ServerThread, sourc
     assert code == "INVALID_ARGUMENT"
 
 
+@pytest.mark.xfail(
+    strict=True,
+    reason="a refusal lists every violation in its message and BadRequest, without bound: a 3.8 KB run with 300"
+    " bad extra keys reaches the client as RESOURCE_EXHAUSTED 'received metadata size exceeds hard limit"
+    " (33078 vs. 16384)' instead of INVALID_ARGUMENT; fix owned by server/rules (cap the violations reported)",
+)
+@bounded(8)
+@given(count=st.integers(200, 3000), bad=st.sampled_from(["NaN", "[1,]", "01"]))
+@example(count=300, bad="NaN")
+def test_a_refusal_with_many_violations_stays_invalid_argument(server: S.ServerThread, count: int, bad: str) -> None:
+    run = ProtectionShellInfo(job_run_id=1)
+    for i in range(count):
+        run.unrecognized.extra_keys.add(key=f"k{i}", json_value=bad)
+    code, details, _ = server.raw("PublishRun", [svc.PublishRunRequest(run=run).SerializeToString()])
+    assert code == "INVALID_ARGUMENT", (code, details[:200])
+    S.check_message_line(details)
+
+
 @bounded(150)
 @given(source=S.sources.filter(lambda s: len(s.encode()) <= 256), run=S.publish_runs())
 def test_accepted_runs_read_back_through_every_read(
@@ -317,6 +355,8 @@ def test_the_server_accepts_exactly_the_storable_runs(server: S.ServerThread, ru
 def test_the_module_has_no_leftover_open_classes() -> None:
     """Every class KNOWN_OPEN steps around has a strict xfail test here (so a fix is noticed)."""
     source = Path(__file__).read_text()
-    assert {"unparsable-request", "binary-unstorable"} == S.KNOWN_OPEN
+    assert {"unparsable-request", "binary-unstorable", "extra-key-shadows-field", "unbounded-refusal"} == S.KNOWN_OPEN
     assert "test_unparsable_request_is_invalid_argument" in source
     assert "test_binary_input_is_accepted_exactly_when_its_rest_form_is" in source
+    assert "test_is_final_agrees_with_to_rest_when_an_extra_key_is_named_status" in source
+    assert "test_a_refusal_with_many_violations_stays_invalid_argument" in source
