@@ -63,7 +63,13 @@ __all__ = [
 #: Classes of failure that are known and open (each has a strict xfail test of
 #: its own in test_robustness.py); the generic properties step around them so
 #: that they keep guarding everything else. Remove an entry once its fix lands.
-KNOWN_OPEN: set[str] = {"unparsable-request", "binary-unstorable", "extra-key-shadows-field", "unbounded-refusal"}
+KNOWN_OPEN: set[str] = {
+    "unparsable-request",
+    "binary-unstorable",
+    "extra-key-shadows-field",
+    "unbounded-refusal",
+    "forged-page-token",
+}
 
 #: The longest error message any entry point may produce, in characters.
 MAX_MESSAGE_CHARS: Final = 1000
@@ -807,6 +813,12 @@ def check_request(server: ServerThread, method: str, data: list[bytes]) -> None:
     """Whatever the bytes, the call ends with a status the service chose: never UNKNOWN or INTERNAL."""
     code, details, _ = server.raw(method, data)
     if "unparsable-request" in KNOWN_OPEN and not _parses(method, data):
+        return
+    if (
+        "forged-page-token" in KNOWN_OPEN
+        and method == "ListRuns"
+        and svc.ListRunsRequest.FromString(data[0]).page_token
+    ):
         return
     assert code not in UNHANDLED, f"{method} ended {code}: {details!r} for request bytes {[d.hex() for d in data]}"
     if code != "OK":
