@@ -269,19 +269,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--seed", type=int, default=20261201, help="seed of hypothesis and of the derivation")
     parser.add_argument(
+        "--weights",
+        default=",".join(f"{k}={v}" for k, v in WEIGHTS.items()),
+        help="how --count is shared by the in-process targets (default %(default)s)",
+    )
+    parser.add_argument(
         "--no-known-open", action="store_true", help="do not step around the classes strategies.KNOWN_OPEN lists"
     )
     args = parser.parse_args(argv)
     chosen = args.target or [*IN_PROCESS, "server"]
     local = [name for name in IN_PROCESS if name in chosen]
-    weight = sum(WEIGHTS[name] for name in local)
+    weights = {k: int(v) for k, _, v in (part.partition("=") for part in args.weights.split(","))}
+    weight = sum(weights.get(name, 0) for name in local) or 1
     if args.no_known_open:
         S.KNOWN_OPEN.clear()
     print(f"fuzz: seed {args.seed}; known open classes stepped around: {sorted(S.KNOWN_OPEN) or 'none'}", flush=True)
     tallies: list[Tally] = []
     begin = time.perf_counter()
     for name in local:
-        count = args.count * WEIGHTS[name] // weight
+        count = args.count * weights.get(name, 0) // weight
         tally = fuzz_in_process(name, count, args.pool, args.seed)
         tallies.append(tally)
         print(
