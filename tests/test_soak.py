@@ -72,6 +72,7 @@ class Soak:
     seen: dict[str, list[tuple[int, str, int, bytes]]] = field(default_factory=dict)
     errors: list[str] = field(default_factory=list)
     streams: dict[str, Any] = field(default_factory=dict)
+    reconnects: dict[str, int] = field(default_factory=dict)
     lock: threading.Lock = field(default_factory=threading.Lock)
     publish_failures: int = 0
 
@@ -86,7 +87,7 @@ def run_dict(source: str, n: int, step: int) -> dict[str, Any]:
         "jobRunId": n,
         "startTimeUsecs": 1_700_000_000_000_000 + n,
         "status": "kRunning" if step % 2 else "kAccepted",
-        "error": f"{source} step {step}",
+        "error": f"{source} step {step} " + "." * 2000,  # 2 KB: a paused watcher soon has megabytes waiting
         "progressNote": {"step": step, "by": source},
     }
 
@@ -150,8 +151,8 @@ def watch(soak: Soak, name: str, kind: str) -> None:
                     if soak.stop.is_set():
                         break
                     if kind == "slow" and time.monotonic() > pause_at and not soak.stop_publishing.is_set():
-                        time.sleep(1.5)  # stops reading: the server cuts it as too slow; the watch resumes
-                        pause_at = time.monotonic() + rng.uniform(2, 5)
+                        time.sleep(3)  # stops reading: the server cuts it as too slow; the watch resumes
+                        pause_at = time.monotonic() + rng.uniform(2, 4)
                     if kind == "reconnecting" and time.monotonic() - opened > rng.uniform(1, 3):
                         break
             except ServiceError as exc:
@@ -160,6 +161,7 @@ def watch(soak: Soak, name: str, kind: str) -> None:
                 return
             finally:
                 stream.close()
+                soak.reconnects[name] = soak.reconnects.get(name, 0) + stream.reconnects
 
 
 @pytest.fixture
@@ -175,7 +177,7 @@ def servers() -> Iterator[list[Server]]:
 
 def test_soak_kill_and_restart_loses_and_repeats_nothing(tmp_path: Path, servers: list[Server]) -> None:
     store = sqlite_url(tmp_path / "soak.sqlite3")
-    args = ("--max-watch-queue", str(MAX_WATCH_QUEUE))
+    args = ("--max-watch-queue", str(MAX_WATCH_QUEUE), "--log-level", "info")
     servers.append(Server(store, 0, args, ENV))
     port = servers[0].port
     soak = Soak(servers[0].address)
@@ -239,11 +241,14 @@ def test_soak_kill_and_restart_loses_and_repeats_nothing(tmp_path: Path, servers
         for revision, *what in seen:
             assert by_revision.setdefault(revision, tuple(what)) == tuple(what), f"revision {revision} handed out twice"
     rss_mib = peak["rss"] / 1024
+    cut = sum(server.err.text().count("WATCHER_TOO_SLOW") for server in servers)
     print(
         f"soak {SOAK_SECONDS:.0f} s: {len(soak.acked)} acknowledged updates (last revision {last}; SIGKILL after"
         f" {killed_at}), {soak.publish_failures} publishes failed while the server was down;"
-        f" watchers saw {', '.join(f'{n} {len(s)}' for n, s in sorted(soak.seen.items()))};"
-        f" peak server RSS {rss_mib:.0f} MiB; restart took {restart_seconds:.1f} s, the watchers caught up"
+        f" watchers saw {', '.join(f'{n} {len(s)}' for n, s in sorted(soak.seen.items()))}"
+        f" (resumed {', '.join(f'{n} {k}' for n, k in sorted(soak.reconnects.items()))} times);"
+        f" {cut} watches cut as too slow (server log); peak server RSS {rss_mib:.0f} MiB;"
+        f" restart took {restart_seconds:.1f} s, the watchers caught up"
         f" {catch_up_seconds:.1f} s after the publishers stopped"
     )
     assert rss_mib < RSS_BOUND_MIB, f"server RSS peaked at {rss_mib:.0f} MiB (bound {RSS_BOUND_MIB})"
