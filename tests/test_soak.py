@@ -252,3 +252,39 @@ def test_soak_kill_and_restart_loses_and_repeats_nothing(tmp_path: Path, servers
         f" {catch_up_seconds:.1f} s after the publishers stopped"
     )
     assert rss_mib < RSS_BOUND_MIB, f"server RSS peaked at {rss_mib:.0f} MiB (bound {RSS_BOUND_MIB})"
+
+
+#: What one stalled watcher may cost the server while 1 MiB runs are published (issue 7.4: the
+#: 64 MiB default byte limit of a watcher's queue, plus 32 MiB for gRPC's transport buffers).
+STALLED_WATCHER_BOUND_MIB = 96
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="a watcher that stops reading holds every published update in its queue (10,000 by count, no byte"
+    " limit): with 0.9 MiB runs the server grows by the size of everything published (issue 7.4,"
+    " --max-watch-queue-bytes); fix owned by fan-out (_fanout.py)",
+)
+def test_a_stalled_watcher_costs_the_server_a_bounded_amount(tmp_path: Path, servers: list[Server]) -> None:
+    import grpc
+
+    from shellinfo_grpc._gen.shellinfo.v1 import run_update_service_pb2 as svc
+    from shellinfo_grpc._gen.shellinfo.v1 import run_update_service_pb2_grpc as svc_grpc
+
+    servers.append(Server(sqlite_url(tmp_path / "stalled.sqlite3"), 0, (), ENV))
+    server = servers[0]
+    with grpc.insecure_channel(server.address) as channel:
+        stalled = svc_grpc.RunUpdateServiceStub(channel).WatchRuns(svc.WatchRunsRequest(start_revision=1))
+        time.sleep(0.5)
+        baseline = rss_kib(server.proc.pid) or 0
+        peak = baseline
+        with RunUpdateClient(server.address, timeout=20, options=FAST) as client:
+            for n in range(200):  # 180 MiB in all, published while the watcher reads nothing
+                client.publish({"jobRunId": n, "status": "kRunning", "error": "x" * 900_000}, source="big")
+                peak = max(peak, rss_kib(server.proc.pid) or 0)
+        time.sleep(1)
+        peak = max(peak, rss_kib(server.proc.pid) or 0)
+        stalled.cancel()
+    grown = (peak - baseline) / 1024
+    print(f"stalled watcher, 200 runs of 0.9 MiB: server RSS {baseline / 1024:.0f} -> {peak / 1024:.0f} MiB")
+    assert grown < STALLED_WATCHER_BOUND_MIB, f"the server grew by {grown:.0f} MiB for one stalled watcher"
