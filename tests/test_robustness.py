@@ -352,6 +352,25 @@ def test_the_server_accepts_exactly_the_storable_runs(server: S.ServerThread, ru
         assert not storable, refused.details()
 
 
+@bounded(40)
+@given(runs=st.lists(S.publish_runs() | S.messages(), min_size=1, max_size=6))
+def test_a_bad_request_in_a_publish_stream_is_acknowledged_with_its_error_and_the_stream_goes_on(
+    server: S.ServerThread, runs: list[ProtectionShellInfo]
+) -> None:
+    """Issue 7.8: every request of a PublishRuns stream gets its ack, in order; a refused one carries its error."""
+    requests = [svc.PublishRunsRequest(source="stream", run=run) for run in runs]
+    acks = list(server.stub.PublishRuns(iter(requests), timeout=10))
+    assert [ack.index for ack in acks] == list(range(len(runs)))
+    for ack, run in zip(acks, runs, strict=True):
+        if ack.HasField("error"):
+            assert ack.error.code in (3, 9), ack.error  # INVALID_ARGUMENT, FAILED_PRECONDITION (a final run)
+            if "unbounded-refusal" not in S.KNOWN_OPEN or len(ack.error.field_violations) < 4:
+                S.check_message_line(ack.error.message)
+        else:
+            assert ack.revision > 0
+            check_storable(run)
+
+
 def test_the_module_has_no_leftover_open_classes() -> None:
     """Every class KNOWN_OPEN steps around has a strict xfail test here (so a fix is noticed)."""
     source = Path(__file__).read_text()
