@@ -22,8 +22,8 @@ inputs combined) and byte flips, with ``random.Random(seed)``. The split is
 printed. Everything is deterministic for a given ``--seed``.
 
 ``--count`` (default 10**6) is the number of inputs shared by the in-process
-targets (from_rest, to_rest, framing, cli, weighted 3:3:3:1 since a cli
-input runs the command four times); the server target gets
+targets (from_rest, to_rest, framing, cli, weighted 49:49:49:3 since a cli
+input runs the command four times, at a few ms each); the server target gets
 ``--server-count`` (default 20 000) as its calls take milliseconds each.
 Every failure prints the target, the seed, the input's index, its repr (and
 hex for bytes) and the error; the exit status is 1 if any target failed.
@@ -53,7 +53,7 @@ from shellinfo_grpc import ProtectionShellInfo
 __all__ = ["TARGETS", "main"]
 
 IN_PROCESS: Final = ("from_rest", "to_rest", "framing", "cli")
-WEIGHTS: Final = {"from_rest": 3, "to_rest": 3, "framing": 3, "cli": 1}
+WEIGHTS: Final = {"from_rest": 49, "to_rest": 49, "framing": 49, "cli": 3}
 #: Failures kept in full per target; the rest are only counted.
 MAX_REPORTED: Final = 5
 
@@ -286,8 +286,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"fuzz: seed {args.seed}; known open classes stepped around: {sorted(S.KNOWN_OPEN) or 'none'}", flush=True)
     tallies: list[Tally] = []
     begin = time.perf_counter()
+    counts = {name: args.count * weights.get(name, 0) // weight for name in local}
+    if local:
+        counts[local[0]] += args.count - sum(counts.values())  # what rounding left over
     for name in local:
-        count = args.count * weights.get(name, 0) // weight
+        count = counts[name]
         tally = fuzz_in_process(name, count, args.pool, args.seed)
         tallies.append(tally)
         print(

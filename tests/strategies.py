@@ -378,6 +378,19 @@ _UNKNOWN_FIELDS: Final = (
 )
 
 
+_HHMM_LIKE: Final = st.sampled_from(["00:00", "23:59", "24:00", "1:00", ""]) | texts
+#: The fields of a message besides jobRunId and unrecognized, and what they may hold (enums: any int32).
+_MESSAGE_FIELDS: Final[dict[str, st.SearchStrategy[Any]]] = {
+    "start_time_usecs": int64s,
+    "end_time_usecs": int64s,
+    "run_type": st.integers(0, 5) | int32s,
+    "status": st.integers(0, 11) | int32s,
+    "error": texts,
+    "start_time_hhmm": _HHMM_LIKE,
+    "end_time_hhmm": _HHMM_LIKE,
+}
+
+
 @st.composite
 def messages(draw: st.DrawFn, *, job_run_id: bool = False) -> ProtectionShellInfo:
     """A ``ProtectionShellInfo`` as a newer, older or hostile producer may write it.
@@ -389,19 +402,9 @@ def messages(draw: st.DrawFn, *, job_run_id: bool = False) -> ProtectionShellInf
     msg = ProtectionShellInfo()
     if job_run_id or draw(st.booleans()):
         msg.job_run_id = draw(int64s)
-    if draw(st.booleans()):
-        msg.start_time_usecs = draw(int64s)
-    if draw(st.booleans()):
-        msg.end_time_usecs = draw(int64s)
-    if draw(st.booleans()):
-        msg.run_type = draw(st.integers(0, 5) | int32s)  # type: ignore[assignment]  # any int32 on purpose
-    if draw(st.booleans()):
-        msg.status = draw(st.integers(0, 11) | int32s)  # type: ignore[assignment]  # any int32 on purpose
-    if draw(st.booleans()):
-        msg.error = draw(texts)
-    for name in ("start_time_hhmm", "end_time_hhmm"):
+    for name, values in _MESSAGE_FIELDS.items():
         if draw(st.booleans()):
-            setattr(msg, name, draw(st.sampled_from(["00:00", "23:59", "24:00", "1:00", ""]) | texts))
+            setattr(msg, name, draw(values))
     if draw(st.integers(0, 2)) == 0:
         msg.unrecognized.CopyFrom(draw(_unrecognized()))
     extra = draw(st.sampled_from(_UNKNOWN_FIELDS))

@@ -22,13 +22,18 @@ import random
 import signal
 import threading
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pytest
-from test_cli_service import ENV, FAST, Server, sqlite_url
+from test_cli_service import (
+    FAST,
+    ServeFactory,
+    Server,
+    serve,  # noqa: F401 - the fixture: real `shellinfo serve` processes, killed at teardown
+    sqlite_url,
+)
 
 from shellinfo_grpc.client import ReconnectPolicy, RunUpdateClient
 from shellinfo_grpc.errors import ServiceError
@@ -164,21 +169,10 @@ def watch(soak: Soak, name: str, kind: str) -> None:
                 soak.reconnects[name] = soak.reconnects.get(name, 0) + stream.reconnects
 
 
-@pytest.fixture
-def servers() -> Iterator[list[Server]]:
-    started: list[Server] = []
-    yield started
-    for server in started:
-        if server.proc.poll() is None:
-            server.kill()
-    for server in started:
-        assert "Traceback" not in server.err.text(), server.err.text()
-
-
-def test_soak_kill_and_restart_loses_and_repeats_nothing(tmp_path: Path, servers: list[Server]) -> None:
+def test_soak_kill_and_restart_loses_and_repeats_nothing(tmp_path: Path, serve: ServeFactory) -> None:
     store = sqlite_url(tmp_path / "soak.sqlite3")
     args = ("--max-watch-queue", str(MAX_WATCH_QUEUE), "--log-level", "info")
-    servers.append(Server(store, 0, args, ENV))
+    servers: list[Server] = [serve(store, args=args)]
     port = servers[0].port
     soak = Soak(servers[0].address)
     peak = {"rss": 0}
@@ -207,7 +201,7 @@ def test_soak_kill_and_restart_loses_and_repeats_nothing(tmp_path: Path, servers
     servers[-1].proc.wait(20)
     killed_at = max(soak.acked, default=0)
     restart_began = time.monotonic()
-    servers.append(Server(store, port, args, ENV))
+    servers.append(serve(store, port=port, args=args))
     restart_seconds = time.monotonic() - restart_began
     time.sleep(SOAK_SECONDS / 2)
 
@@ -265,14 +259,13 @@ STALLED_WATCHER_BOUND_MIB = 96
     " limit): with 0.9 MiB runs the server grows by the size of everything published (issue 7.4,"
     " --max-watch-queue-bytes); fix owned by fan-out (_fanout.py)",
 )
-def test_a_stalled_watcher_costs_the_server_a_bounded_amount(tmp_path: Path, servers: list[Server]) -> None:
+def test_a_stalled_watcher_costs_the_server_a_bounded_amount(tmp_path: Path, serve: ServeFactory) -> None:
     import grpc
 
     from shellinfo_grpc._gen.shellinfo.v1 import run_update_service_pb2 as svc
     from shellinfo_grpc._gen.shellinfo.v1 import run_update_service_pb2_grpc as svc_grpc
 
-    servers.append(Server(sqlite_url(tmp_path / "stalled.sqlite3"), 0, (), ENV))
-    server = servers[0]
+    server = serve(sqlite_url(tmp_path / "stalled.sqlite3"))
     with grpc.insecure_channel(server.address) as channel:
         stalled = svc_grpc.RunUpdateServiceStub(channel).WatchRuns(svc.WatchRunsRequest(start_revision=1))
         time.sleep(0.5)
