@@ -169,7 +169,7 @@ def watch(soak: Soak, name: str, kind: str) -> None:
                 soak.reconnects[name] = soak.reconnects.get(name, 0) + stream.reconnects
 
 
-def test_soak_kill_and_restart_loses_and_repeats_nothing(tmp_path: Path, serve: ServeFactory) -> None:
+def test_soak_kill_and_restart_loses_and_repeats_nothing(tmp_path: Path, serve: ServeFactory) -> None:  # noqa: F811
     store = sqlite_url(tmp_path / "soak.sqlite3")
     args = ("--max-watch-queue", str(MAX_WATCH_QUEUE), "--log-level", "info")
     servers: list[Server] = [serve(store, args=args)]
@@ -259,7 +259,7 @@ STALLED_WATCHER_BOUND_MIB = 96
     " limit): with 0.9 MiB runs the server grows by the size of everything published (issue 7.4,"
     " --max-watch-queue-bytes); fix owned by fan-out (_fanout.py)",
 )
-def test_a_stalled_watcher_costs_the_server_a_bounded_amount(tmp_path: Path, serve: ServeFactory) -> None:
+def test_a_stalled_watcher_costs_the_server_a_bounded_amount(tmp_path: Path, serve: ServeFactory) -> None:  # noqa: F811
     import grpc
 
     from shellinfo_grpc._gen.shellinfo.v1 import run_update_service_pb2 as svc
