@@ -56,6 +56,7 @@ __all__ = [
     "publish_runs",
     "python_records",
     "request_bytes",
+    "rest_like_records",
     "sources",
     "storable_json_value",
 ]
@@ -323,6 +324,15 @@ _odd_json = st.sampled_from(
         "[" * 10_000,
     ]
 )
+
+
+@st.composite
+def rest_like_records(draw: st.DrawFn) -> dict[str, Any]:
+    """A JSON object as a REST producer may send it: known keys, good or wrong values; unknown keys, any JSON."""
+    record = {key: draw(values | json_values) for key, values in _KNOWN_VALUES.items() if draw(st.booleans())}
+    for key in draw(st.lists(st.text(max_size=6), max_size=3)):
+        record[key] = draw(json_values | st.sampled_from([10**99, 10**100, -(10**120), 1e308]))
+    return record
 
 
 @st.composite

@@ -154,6 +154,31 @@ def test_convert_and_validate_exit_0_or_2_with_one_line_per_problem(case: tuple[
     S.check_cli(case, to)
 
 
+def _exit_status(form: str, data: bytes) -> tuple[int, str]:
+    err = io.StringIO()
+    code = main(["validate", "--from", form], stdin=io.BytesIO(data), stdout=io.BytesIO(), stderr=err)
+    return code, err.getvalue()
+
+
+@bounded(40)
+@given(record=S.rest_like_records())
+@example(record={"jobRunId": 1, "x": deep(63)})
+@example(record={"jobRunId": 1, "x": deep(64)})
+@example(record={"jobRunId": 1, "x": deep(200)})
+@example(record={"jobRunId": 1, "x": 10**99})
+@example(record={"jobRunId": 1, "x": 10**100})
+def test_every_format_decides_alike(record: Any) -> None:
+    """Issue 7.3: a record is valid in json exactly when it is in jsonl, and then also once converted to binary."""
+    text = json.dumps(record)
+    in_json = _exit_status("json", f"[{text}]".encode())
+    in_jsonl = _exit_status("jsonl", text.encode() + b"\n")
+    assert in_json[0] == in_jsonl[0], (in_json, in_jsonl)
+    if in_jsonl[0] == 0:
+        out = io.BytesIO()
+        assert main(["convert", "--from", "jsonl", "--to", "binary"], stdin=io.BytesIO(text.encode()), stdout=out) == 0
+        assert _exit_status("binary", out.getvalue())[0] == 0
+
+
 def _one_record_stream(msg: ProtectionShellInfo) -> tuple[str, bytes]:
     return "binary", encode_delimited(msg)
 
