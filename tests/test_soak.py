@@ -315,3 +315,51 @@ def test_a_second_server_on_the_same_file_refuses_to_start(tmp_path: Path, serve
     assert len(lines) == 1, lines
     with RunUpdateClient(first.address, timeout=10, options=FAST) as client:
         assert client.publish({"jobRunId": 1}).revision == 1  # the first one keeps working
+
+
+#: Numeric options and values beyond what they can hold (int32 page sizes, int64 revisions, finite seconds).
+OUT_OF_RANGE_OPTIONS = {
+    "list --page-size": (["list", "--address", "127.0.0.1:1", "--page-size"], [2**31, 10**11, 2**63]),
+    "watch --from-revision": (["watch", "--address", "127.0.0.1:1", "--from-revision"], [2**63, 10**30]),
+    "serve --retain-seconds": (
+        ["serve", "--address", "127.0.0.1:0", "--store", "memory://", "--retain-seconds"],
+        [1e303, 1e20],
+    ),
+    "serve --retain-updates": (
+        ["serve", "--address", "127.0.0.1:0", "--store", "memory://", "--retain-updates"],
+        [2**63, 10**23],
+    ),
+    "serve --max-watch-queue": (
+        ["serve", "--address", "127.0.0.1:0", "--store", "memory://", "--max-watch-queue"],
+        [2**63, 10**23],
+    ),
+}
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="out-of-range numbers are not refused by the argument types: list --page-size beyond int32 and watch"
+    " --from-revision beyond int64 end in a traceback (ValueError: Value out of range), serve accepts"
+    " --retain-seconds 1e303 and --retain-updates/--max-watch-queue 10**23 and serves (issue 7.8); fix owned"
+    " by CLI (cli/_io.py argparse types)",
+)
+@pytest.mark.parametrize("option", list(OUT_OF_RANGE_OPTIONS))
+def test_out_of_range_options_exit_2_naming_the_option(option: str) -> None:
+    command, values = OUT_OF_RANGE_OPTIONS[option]
+    for value in values:
+        proc = subprocess.Popen(
+            [str(Path(sys.executable).with_name("shellinfo")), *command, str(value)],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            env=ENV,
+        )
+        try:
+            _, err = proc.communicate(timeout=8)  # a refusal is immediate; a server or a watch would run on
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            _, err = proc.communicate()
+        text = err.decode()
+        assert "Traceback" not in text, text[-300:]
+        assert proc.returncode == 2, (value, proc.returncode, text[-300:])
+        assert option.split()[1] in text.splitlines()[-1], text
