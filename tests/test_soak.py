@@ -20,10 +20,12 @@ a second server on the same SQLite file refuses to start (issue 7.7).
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 import random
 import signal
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -38,10 +40,13 @@ from test_cli_service import (
     FAST,
     ServeFactory,
     Server,
+    cli,
     serve,  # noqa: F401 - the fixture: real `shellinfo serve` processes, killed at teardown
     sqlite_url,
 )
 
+from shellinfo_grpc import ProtectionShellInfo
+from shellinfo_grpc._gen.shellinfo.v1 import run_update_service_pb2 as svc
 from shellinfo_grpc.client import ReconnectPolicy, RunUpdateClient
 from shellinfo_grpc.errors import ServiceError
 
@@ -363,3 +368,58 @@ def test_out_of_range_options_exit_2_naming_the_option(option: str) -> None:
         assert "Traceback" not in text, text[-300:]
         assert proc.returncode == 2, (value, proc.returncode, text[-300:])
         assert option.split()[1] in text.splitlines()[-1], text
+
+
+#: Runs REST cannot show (to_rest refuses them), as a store written before the checks may hold.
+UNSHOWABLE = {
+    "NaN": ProtectionShellInfo(job_run_id=1, unrecognized={"extra_keys": [{"key": "x", "json_value": "NaN"}]}),
+    "deep": ProtectionShellInfo(
+        job_run_id=1, unrecognized={"extra_keys": [{"key": "x", "json_value": "[" * 100 + "]" * 100}]}
+    ),
+    "trailing data": ProtectionShellInfo(
+        job_run_id=1, unrecognized={"extra_keys": [{"key": "x", "json_value": "1 2"}]}
+    ),
+}
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="a run in the store that to_rest cannot write (json_value NaN, nested 100 deep, trailing data) makes"
+    " `shellinfo list` exit 2 with one line and print none of the other runs (issue 7.1: skip it or show it raw,"
+    " serve the rest); fix owned by CLI (cli/calls.py, cli/watch.py)",
+)
+@pytest.mark.parametrize("kind", list(UNSHOWABLE))
+def test_a_bad_record_already_in_the_store_is_skipped_or_shown_raw(
+    tmp_path: Path,
+    serve: ServeFactory,  # noqa: F811
+    kind: str,
+) -> None:
+    """Issue 7.1: get, list and watch survive a stored run REST cannot show: one line on stderr, the rest served."""
+    path = tmp_path / "planted.sqlite3"
+    server = serve(sqlite_url(path))
+    with RunUpdateClient(server.address, timeout=10, options=FAST) as client:
+        client.publish({"jobRunId": 1, "status": "kRunning"})
+        client.publish({"jobRunId": 2, "status": "kRunning"})
+    assert server.stop() == 0
+    bad = UNSHOWABLE[kind]
+    with contextlib.closing(sqlite3.connect(path)) as conn, conn:
+        update = svc.RunUpdate(source="", run=bad, revision=1)
+        conn.execute(
+            "UPDATE updates SET run = ?, wire = ? WHERE revision = 1",
+            (bad.SerializeToString(), update.SerializeToString()),
+        )
+        conn.execute("UPDATE runs SET run = ? WHERE job_run_id = 1", (bad.SerializeToString(),))
+    server = serve(sqlite_url(path))
+    at = ("--address", server.address)
+    for args in (
+        ("list", "--format", "jsonl", *at),
+        ("watch", "--format", "jsonl", "--from-revision", "1", "--count", "2", *at),
+    ):
+        result = cli(*args)
+        problems = result.stderr.decode().splitlines()
+        assert len(problems) <= 1 + (args[0] == "watch"), problems  # watch also says where it starts
+        assert b'"jobRunId":2' in result.stdout.replace(b" ", b""), (args, result.stdout, problems)
+    result = cli("get", "1", *at)
+    assert result.returncode != 0 or result.stdout, result
+    assert len(result.stderr.decode().splitlines()) <= 1
+    assert cli("get", "2", *at).returncode == 0
