@@ -13,9 +13,12 @@ them, and all watchers agree on what each revision is (a revision is never
 handed out twice). The server's resident memory (``VmRSS`` of
 ``/proc/<pid>/status``, sampled every 0.2 s) stays under RSS_BOUND_MIB.
 
-Two more tests with real server processes: a watcher that stops reading while
-0.9 MiB runs are published costs the server a bounded amount (issue 7.4), and
-a second server on the same SQLite file refuses to start (issue 7.7).
+More tests with real processes, for the classes that need them: a watcher
+that stops reading while 0.9 MiB runs are published costs the server a bounded
+amount (issue 7.4); a second server on the same SQLite file refuses to start
+(7.7); out-of-range numeric options exit 2 naming the option (7.8); a run in
+the store that REST cannot show does not stop ``list``/``watch``/``get`` from
+serving the others (7.1).
 """
 
 from __future__ import annotations
