@@ -945,7 +945,7 @@ async def serve(
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_signal, sig)
-    log.info("serving on port %d", running.port)
+    log.debug("serving on port %d", running.port)  # the CLI prints its own "serving on" line
     if on_started is not None:  # only now: a signal right after it shuts down gracefully
         on_started(running)
     try:

@@ -58,7 +58,7 @@ class _OneLineFormatter(logging.Formatter):
         if record.exc_info and record.exc_info[1] is not None:
             exc = record.exc_info[1]
             message = f"{message} ({type(exc).__name__}: {exc})"
-        return one_line(f"{PROG}: {record.levelname.lower()}: {record.name}: {message}")
+        return one_line(f"{PROG}: {record.levelname.lower()}: {record.name.removeprefix('shellinfo_grpc.')}: {message}")
 
 
 @contextlib.contextmanager
@@ -253,6 +253,6 @@ def add_serve(subparsers: Subparsers[argparse.ArgumentParser]) -> None:
     parser.add_argument(
         "--log-level",
         choices=("debug", "info", "warning", "error"),
-        default="warning",
+        default="info",
         help="what the server logs to standard error (default %(default)s)",
     )
