@@ -49,7 +49,7 @@ import secrets
 import ssl
 import threading
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any, Final, Self
@@ -595,8 +595,11 @@ class FakeCluster:
             return "token", _error(401, "Token expired")
         return "token", None
 
-    async def _protection_runs(self, request: web.Request) -> web.Response:
-        fault = await self._fault("protectionRuns")
+    async def _authorized(
+        self, request: web.Request, endpoint: str, answer: Callable[[], web.Response]
+    ) -> web.Response:
+        """An endpoint's answer: an injected fault first, then a refused credential, else ``answer()``."""
+        fault = await self._fault(endpoint)
         auth, refusal = self._authenticate(request)
         if fault is not None:
             response = self._fault_response(fault)
@@ -604,11 +607,14 @@ class FakeCluster:
             response = refusal
         else:
             try:
-                response = self._runs_answer(request.query)
+                response = answer()
             except _BadQuery as exc:
                 response = _error(400, str(exc), "KStatusBadRequest")
-        self._record(request, "protectionRuns", auth, response.status)
+        self._record(request, endpoint, auth, response.status)
         return response
+
+    async def _protection_runs(self, request: web.Request) -> web.Response:
+        return await self._authorized(request, "protectionRuns", lambda: self._runs_answer(request.query))
 
     def _runs_answer(self, query: Mapping[str, str]) -> web.Response:
         job_filter = _int_param(query, "jobId")
@@ -668,24 +674,18 @@ class FakeCluster:
         return instance
 
     async def _protection_jobs(self, request: web.Request) -> web.Response:
-        fault = await self._fault("protectionJobs")
-        auth, refusal = self._authenticate(request)
-        if fault is not None:
-            response = self._fault_response(fault)
-        elif refusal is not None:
-            response = refusal
-        else:
-            with self._lock:
-                jobs = [
-                    {
-                        "id": job.job_id,
-                        "name": job.name,
-                        "uid": self._uid(job.job_id),
-                        "environment": "kVMware",
-                        "viewBoxId": 5,
-                    }
-                    for job in sorted(self._jobs.values(), key=lambda j: j.job_id)
-                ]
-            response = web.json_response(jobs)
-        self._record(request, "protectionJobs", auth, response.status)
-        return response
+        return await self._authorized(request, "protectionJobs", self._jobs_answer)
+
+    def _jobs_answer(self) -> web.Response:
+        with self._lock:
+            jobs = [
+                {
+                    "id": job.job_id,
+                    "name": job.name,
+                    "uid": self._uid(job.job_id),
+                    "environment": "kVMware",
+                    "viewBoxId": 5,
+                }
+                for job in sorted(self._jobs.values(), key=lambda j: j.job_id)
+            ]
+        return web.json_response(jobs)
