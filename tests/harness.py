@@ -17,17 +17,24 @@ __all__ = ["BUF", "DEADLINE", "aio_test", "buf_curl"]
 DEADLINE = 10.0
 
 
-def aio_test(fn: Callable[..., Awaitable[None]]) -> Callable[..., None]:
-    """Run an async test body in a fresh event loop, cancelled after DEADLINE."""
+def aio_test_within(deadline: float) -> Callable[[Callable[..., Awaitable[None]]], Callable[..., None]]:
+    """A decorator: run an async test body in a fresh event loop, cancelled after ``deadline`` seconds."""
 
-    @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> None:
-        async def bounded() -> None:
-            await asyncio.wait_for(fn(*args, **kwargs), DEADLINE)
+    def decorate(fn: Callable[..., Awaitable[None]]) -> Callable[..., None]:
+        @functools.wraps(fn)
+        def wrapper(*args: Any, **kwargs: Any) -> None:
+            async def bounded() -> None:
+                await asyncio.wait_for(fn(*args, **kwargs), deadline)
 
-        asyncio.run(bounded())
+            asyncio.run(bounded())
 
-    return wrapper
+        return wrapper
+
+    return decorate
+
+
+#: Run an async test body in a fresh event loop, cancelled after DEADLINE.
+aio_test = aio_test_within(DEADLINE)
 
 
 def _buf() -> str | None:

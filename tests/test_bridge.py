@@ -21,16 +21,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import logging
 import socket
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from certs import make_pki
+from harness import aio_test_within
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -56,17 +56,7 @@ FAST = RetryPolicy(attempts=3, initial_delay=0.01, max_delay=0.05)
 ADMIN = Credentials(username="admin", password="admin")
 
 
-def aio_test(fn: Callable[..., Awaitable[None]]) -> Callable[..., None]:
-    """Run an async test body in a fresh event loop, cancelled after DEADLINE."""
-
-    @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> None:
-        async def bounded() -> None:
-            await asyncio.wait_for(fn(*args, **kwargs), DEADLINE)
-
-        asyncio.run(bounded())
-
-    return wrapper
+aio_test = aio_test_within(DEADLINE)
 
 
 @contextlib.asynccontextmanager
