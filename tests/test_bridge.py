@@ -44,7 +44,6 @@ from shellinfo_grpc.metrics import BridgeMetrics
 from shellinfo_grpc.run_instance import job_from_rest, job_to_rest
 from shellinfo_grpc.server import RunningServer, create_server
 
-# The one import of a store: the layout change moves it (stores/).
 from shellinfo_grpc.stores._registry import open_store
 from shellinfo_grpc.testing import FakeCluster
 

@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 from json_oracle import canonical_text, value_key
+from samples import COMPLETED
 
 from shellinfo_grpc import (
     REST_KEYS,
@@ -75,16 +76,6 @@ ATTR = {
 }
 INT64_MIN = -(2**63)
 INT64_MAX = 2**63 - 1
-
-COMPLETED = {
-    "jobRunId": 41234,
-    "startTimeUsecs": 1700000000123456,
-    "endTimeUsecs": 1700000360654321,
-    "runType": "kRegular",
-    "status": "kSuccess",
-    "startTimeHhmm": "22:13",
-    "endTimeHhmm": "22:19",
-}
 
 
 def roundtrip(data: dict[str, Any], **kw: Any) -> dict[str, Any]:
