@@ -111,7 +111,8 @@ class ServerConfig:
     """Settings of the service that are not the address or the store.
 
     ``max_watch_queue``: updates a watcher may fall behind before it is ended
-    with RESOURCE_EXHAUSTED. ``max_batch_updates``/``max_batch_bytes``: the
+    with RESOURCE_EXHAUSTED; ``max_watch_queue_bytes``: the same bound in
+    bytes of pending responses. ``max_batch_updates``/``max_batch_bytes``: the
     most updates (and their approximate size) in one WatchRuns response.
     ``tokens``: accepted bearer tokens; empty means no authentication.
     ``shutdown_grace``: seconds in-flight calls get to finish on shutdown.
@@ -121,6 +122,7 @@ class ServerConfig:
     """
 
     max_watch_queue: int = 10_000
+    max_watch_queue_bytes: int = 64 << 20
     max_batch_updates: int = 1_000
     max_batch_bytes: int = 1 << 20
     tokens: frozenset[str] = frozenset()
@@ -217,6 +219,7 @@ class RunUpdateServicer(_svc_grpc.RunUpdateServiceServicer):
         self._hub = Hub(
             store,
             max_queue=config.max_watch_queue,
+            max_queue_bytes=config.max_watch_queue_bytes,
             max_batch_updates=config.max_batch_updates,
             max_batch_bytes=config.max_batch_bytes,
         )

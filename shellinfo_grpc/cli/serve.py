@@ -158,7 +158,9 @@ def _cmd_serve(args: argparse.Namespace, io: Streams) -> int:
             Path(args.tls_client_ca) if args.tls_client_ca is not None else None,
         )
         tls.credentials()  # read the files now: a missing one is reported before the store is opened
-    config = ServerConfig(max_watch_queue=args.max_watch_queue, tokens=tokens, tls=tls)
+    config = ServerConfig(
+        max_watch_queue=args.max_watch_queue, max_watch_queue_bytes=args.max_watch_queue_bytes, tokens=tokens, tls=tls
+    )
     store = open_store(url, retention=retention)
     _check_port(args.address, host, port)
 
@@ -221,6 +223,14 @@ def add_serve(subparsers: Subparsers[argparse.ArgumentParser]) -> None:
         default=10_000,
         metavar="N",
         help="updates a watcher may fall behind before its stream is ended to resume (default %(default)s)",
+    )
+    parser.add_argument(
+        "--max-watch-queue-bytes",
+        type=count,
+        default=64 << 20,
+        metavar="BYTES",
+        help="bytes of responses a watcher may fall behind before its stream is ended to resume"
+        " (default %(default)s: 64 MiB)",
     )
     parser.add_argument(
         "--log-level",
