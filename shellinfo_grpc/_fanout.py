@@ -53,8 +53,9 @@ __all__ = [
 #: One update and its serialized form.
 _Encoded = tuple[_svc.RunUpdate, bytes]
 
-#: One ready response of a live watch: its bytes, the updates in it, the revision it reports.
-_Chunk = tuple[bytes, list[_Encoded], int]
+#: One ready response of a live watch: its bytes, how many updates it holds, the revision of
+#: the first, the revision it reports. Only the bytes are kept: a queue's memory is its bytes.
+_Chunk = tuple[bytes, int, int, int]
 
 _UPDATES_TAG: Final = b"\x0a"  # field 1, length-delimited
 _REVISION_TAG: Final = b"\x10"  # field 2, varint
@@ -221,13 +222,12 @@ class Hub:
     def _chunks(self, items: list[_Encoded], last: int) -> list[_Chunk]:
         """The responses of one commit for one filter shape: at most a batch each; the last reports ``last``."""
         if len(items) <= self._max_updates and sum(len(data) for _, data in items) <= self._max_bytes:
-            return [(_watch_response(items, last), items, last)]
+            return [(_watch_response(items, last), len(items), items[0][0].revision, last)]
+        split = list(batches(items, self._max_updates, self._max_bytes))
         out: list[_Chunk] = []
-        for batch in batches(items, self._max_updates, self._max_bytes):
-            revision = batch[-1][0].revision
-            out.append((_watch_response(batch, revision), batch, revision))
-        batch = out[-1][1]
-        out[-1] = (_watch_response(batch, last), batch, last)
+        for k, batch in enumerate(split):
+            reported = last if k == len(split) - 1 else batch[-1][0].revision
+            out.append((_watch_response(batch, reported), len(batch), batch[0][0].revision, reported))
         return out
 
     def _deliver(self, shape: _Shape, chunks: list[_Chunk]) -> None:
@@ -239,8 +239,8 @@ class Hub:
         it is ended (it resumes from its last revision). A single large commit
         never overflows a watcher that is keeping up.
         """
-        count = sum(len(items) for _, items, _ in chunks)
-        size = sum(len(data) for data, _, _ in chunks)
+        count = sum(chunk[1] for chunk in chunks)
+        size = sum(len(chunk[0]) for chunk in chunks)
         one = chunks[0] if len(chunks) == 1 else None
         for watcher in shape.watchers:
             if watcher.overflow:
@@ -405,24 +405,25 @@ class Hub:
                     metadata={KEY_LAST_REVISION: str(sent)},
                 )
             if pending:
-                data, items, last = pending.popleft()
-                watcher.queued -= len(items)
+                data, n, first, last = pending.popleft()
+                watcher.queued -= n
                 watcher.queued_bytes -= len(data)
                 if last <= sent:
                     continue  # already sent by the snapshot
-                if items[0][0].revision <= sent:  # partly sent by the snapshot
-                    data = _watch_response([i for i in items if i[0].revision > sent], last)
+                if first <= sent:  # partly sent by the snapshot (rare): keep the rest
+                    rest = [u for u in _svc.WatchRunsResponse.FromString(data).updates if u.revision > sent]
+                    data = _watch_response(encode(rest), last)
                 elif pending:  # more is waiting: send it together, a response of the usual size at most
-                    parts, n, size = [data], len(items), len(data)
+                    parts, size = [data], len(data)
                     while pending:
-                        more, more_items, more_last = pending[0]
-                        if n + len(more_items) > limit_n or size + len(more) > limit_bytes:
+                        more, more_n, _, more_last = pending[0]
+                        if n + more_n > limit_n or size + len(more) > limit_bytes:
                             break
                         pending.popleft()
-                        watcher.queued -= len(more_items)
+                        watcher.queued -= more_n
                         watcher.queued_bytes -= len(more)
                         parts.append(more)  # concatenated responses are one response
-                        n += len(more_items)
+                        n += more_n
                         size += len(more)
                         last = more_last
                     data = b"".join(parts)
