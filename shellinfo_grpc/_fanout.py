@@ -30,6 +30,7 @@ bytes through (:func:`serialize_response`).
 from __future__ import annotations
 
 import asyncio
+import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from typing import Any, Final, TypeVar
@@ -127,6 +128,7 @@ class _Watcher:
         "closing",
         "due",
         "every",
+        "held",
         "max_bytes",
         "max_queue",
         "overflow",
@@ -148,6 +150,7 @@ class _Watcher:
         self.every = every  # ticks between progress responses while idle
         self.beat = beat
         self.due = False  # a progress response is due
+        self.held = False  # holding one response back to join it with the next commit's
 
     def wake(self) -> None:
         waiter = self.waiter
@@ -174,6 +177,10 @@ class _Shape:
 
 #: Seconds between the hub's progress ticks (the finest progress interval a watch gets).
 TICK: Final = 0.05
+
+#: A watch that gets to run this long (s) after the newest commit finds the loop behind: it
+#: holds its one waiting response until the next commit or tick, to send both in one.
+HOLD_LAG: Final = 0.005
 
 
 class Hub:
@@ -203,6 +210,7 @@ class Hub:
         self.watchers: dict[_Watcher, _Shape] = {}
         self.closed = False
         self._ticks = 0
+        self._commit_at = 0.0  # time.monotonic() of the newest commit
         self._timer: asyncio.TimerHandle | None = None
         self._store = store
         store.add_listener(self._on_commit)
@@ -212,6 +220,7 @@ class Hub:
         self.revision = last
         if not self._shapes:
             return
+        self._commit_at = time.monotonic()
         encoded = encode(updates)  # once per commit, whatever the number of watchers
         for shape in self._shapes.values():
             matches = shape.matches
@@ -291,7 +300,11 @@ class Hub:
         """Wake the idle watches whose progress response is due; one timer for all."""
         self._ticks = ticks = self._ticks + 1
         for watcher in self.watchers:
-            if watcher.waiter is not None and ticks - watcher.beat >= watcher.every:
+            if watcher.waiter is None:
+                continue
+            if watcher.held:
+                watcher.wake()
+            elif ticks - watcher.beat >= watcher.every:
                 watcher.due = True
                 watcher.wake()
         self._timer = None
@@ -405,6 +418,15 @@ class Hub:
                     metadata={KEY_LAST_REVISION: str(sent)},
                 )
             if pending:
+                if not watcher.held and len(pending) == 1 and time.monotonic() - self._commit_at > HOLD_LAG:
+                    # Under load (the loop reaches this watch long after the commit), one
+                    # response for two commits halves the sends that keep the loop behind.
+                    watcher.held = True
+                    waiter = loop.create_future()
+                    watcher.waiter = waiter
+                    await waiter
+                    continue
+                watcher.held = False
                 data, n, first, last = pending.popleft()
                 watcher.queued -= n
                 watcher.queued_bytes -= len(data)

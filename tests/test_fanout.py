@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
+import time
 from collections.abc import AsyncGenerator
 from typing import Any
 
@@ -222,3 +224,37 @@ def test_each_watcher_gets_exactly_its_matching_updates_in_order(
         assert [r.SerializeToString() for r in got[0]] == [r.SerializeToString() for r in got[1]]
 
     asyncio.run(asyncio.wait_for(body(), 20))
+
+
+def test_a_watch_that_runs_late_joins_two_commits_and_never_holds_one_past_a_tick() -> None:
+    """Under load (the watch reaches its response long after the commit) it waits for the next
+    commit to send both in one response; with no next commit the hub's tick sends it."""
+
+    async def body() -> None:
+        store = MemoryStore()
+        await store.start()
+        hub = Hub(store, max_queue=100, max_batch_updates=100, max_batch_bytes=1 << 20)
+        stream: Any = hub.watch(None, 0, False, 60.0)
+        assert (await anext(stream)).revision == 0  # the first says where now is
+        runs = (from_rest({"jobRunId": i, "status": "kRunning"}) for i in itertools.count(1))
+        for rounds in range(2):
+            reading = asyncio.ensure_future(anext(stream))
+            await asyncio.sleep(0.01)  # the watch waits for its queue
+            await store.publish_batch([("a", next(runs))])
+            time.sleep(0.02)  # the loop is behind: the watch runs 20 ms after the commit
+            if rounds == 0:  # a second commit comes while the first is held
+                await asyncio.sleep(0.001)
+                await store.publish_batch([("b", next(runs))])
+            started = time.monotonic()
+            response = svc.WatchRunsResponse.FromString(await asyncio.wait_for(reading, 2))
+            waited = time.monotonic() - started
+            if rounds == 0:
+                assert [u.source for u in response.updates] == ["a", "b"]  # one response for both
+            else:
+                assert [u.source for u in response.updates] == ["a"]
+                assert waited < 0.5  # sent at the next tick, not at the next commit (there is none)
+            assert response.revision == store.head_revision()
+        await stream.aclose()
+        hub.close()
+
+    asyncio.run(asyncio.wait_for(body(), 10))
