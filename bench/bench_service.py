@@ -807,14 +807,25 @@ async def watchers_role(port: int, method: str, watchers: int, per_channel: int,
     for task in pending:
         task.cancel()
     await asyncio.gather(*tasks, return_exceptions=True)
-    digests = {hashlib.sha256(json.dumps(seq).encode()).hexdigest() for seq in ids}
+    await report_watchers(
+        ids,
+        ordered,
+        channels,
+        first_recv_ns=min((t for t in first_recv if t), default=0),
+        last_recv_ns=max(last_recv),
+        latencies_us=latencies,
+    )
+
+
+async def report_watchers(
+    ids: list[list[int]], ordered: list[bool], channels: list[grpc.aio.Channel], **extra: Any
+) -> None:
+    """A watcher process's last line: per watcher the count and SHA-256 of its job ids, and ``extra``."""
     result = {
         "counts": [len(seq) for seq in ids],
         "ordered": all(ordered),
-        "sequences": sorted(digests),
-        "first_recv_ns": min((t for t in first_recv if t), default=0),
-        "last_recv_ns": max(last_recv),
-        "latencies_us": latencies,
+        "sequences": sorted({hashlib.sha256(json.dumps(seq).encode()).hexdigest() for seq in ids}),
+        **extra,
     }
     print(json.dumps(result), flush=True)
     for ch in channels:
@@ -1013,16 +1024,7 @@ async def lean_watchers_role(
     for task in pending:
         task.cancel()
     await asyncio.gather(*tasks, return_exceptions=True)
-    result = {
-        "counts": [len(seq) for seq in ids],
-        "ordered": all(ordered),
-        "sequences": sorted({hashlib.sha256(json.dumps(seq).encode()).hexdigest() for seq in ids}),
-        "latest_us": latest_us,
-        "cpu_s": cpu,
-    }
-    print(json.dumps(result), flush=True)
-    for ch in channels:
-        await ch.close(None)
+    await report_watchers(ids, ordered, channels, latest_us=latest_us, cpu_s=cpu)
 
 
 @dataclass(slots=True)

@@ -179,8 +179,11 @@ class _Shape:
 TICK: Final = 0.05
 
 #: A watch that gets to run this long (s) after the newest commit finds the loop behind: it
-#: holds its one waiting response until the next commit or tick, to send both in one.
+#: holds its one waiting response until the next commit or tick, to send both in one...
 HOLD_LAG: Final = 0.005
+#: ...if commits come at least this often (s), so that the next one is near; a slow publisher's
+#: updates are never held.
+HOLD_INTERVAL: Final = 0.025
 
 
 class Hub:
@@ -211,6 +214,7 @@ class Hub:
         self.closed = False
         self._ticks = 0
         self._commit_at = 0.0  # time.monotonic() of the newest commit
+        self._interval = 1.0  # seconds between the two newest commits
         self._timer: asyncio.TimerHandle | None = None
         self._store = store
         store.add_listener(self._on_commit)
@@ -220,7 +224,8 @@ class Hub:
         self.revision = last
         if not self._shapes:
             return
-        self._commit_at = time.monotonic()
+        now = time.monotonic()
+        self._interval, self._commit_at = now - self._commit_at, now
         encoded = encode(updates)  # once per commit, whatever the number of watchers
         for shape in self._shapes.values():
             matches = shape.matches
@@ -418,7 +423,12 @@ class Hub:
                     metadata={KEY_LAST_REVISION: str(sent)},
                 )
             if pending:
-                if not watcher.held and len(pending) == 1 and time.monotonic() - self._commit_at > HOLD_LAG:
+                if (
+                    not watcher.held
+                    and len(pending) == 1
+                    and self._interval < HOLD_INTERVAL
+                    and time.monotonic() - self._commit_at > HOLD_LAG
+                ):
                     # Under load (the loop reaches this watch long after the commit), one
                     # response for two commits halves the sends that keep the loop behind.
                     watcher.held = True
