@@ -241,6 +241,8 @@ def test_a_watch_that_runs_late_joins_two_commits_and_never_holds_one_past_a_tic
         stream: Any = hub.watch(None, 0, False, 60.0)
         assert (await anext(stream)).revision == 0  # the first says where now is
         runs = (from_rest({"jobRunId": i, "status": "kRunning"}) for i in itertools.count(1))
+        await store.publish_batch([("warm", next(runs))])  # the hub has seen a commit before
+        assert [u.source for u in svc.WatchRunsResponse.FromString(await anext(stream)).updates] == ["warm"]
         for rounds in range(2):
             reading = asyncio.ensure_future(anext(stream))
             await asyncio.sleep(0.005)  # the watch waits for its queue
