@@ -163,7 +163,7 @@ class _Subscriber:
     __slots__ = ("event", "pending")
 
     def __init__(self) -> None:
-        self.pending: deque[_svc.RunUpdate] = deque()
+        self.pending: deque[bytes] = deque()  # encoded WatchRunsResponse of one update each
         self.event = asyncio.Event()
 
 
@@ -174,9 +174,10 @@ class BareServer:
     as ``RunUpdate`` messages, one per response or ``batch`` per response,
     building each ``WatchRunsResponse`` as it is sent (as the service must);
     ``StreamPrebuilt`` sends responses built in advance (a ceiling, not a
-    target). ``Publish``/``PublishStream`` give each update a revision and
-    hand it to every ``Watch`` stream, which sends whatever is queued as one
-    response. No store, rules, progress or flow control.
+    target). ``Publish``/``PublishStream`` give each update a revision,
+    encode its ``WatchRunsResponse`` once and hand those bytes to every
+    ``Watch`` stream, which sends whatever is queued as one response (the
+    encodings concatenated). No store, rules, progress or flow control.
     """
 
     def __init__(self, records: int, batch: int) -> None:
@@ -218,8 +219,9 @@ class BareServer:
         update = _svc.RunUpdate(
             source=request.source, run=request.run, revision=self.revision, accepted_time_usecs=time.time_ns() // 1000
         )
+        data = _svc.WatchRunsResponse(updates=[update], revision=self.revision).SerializeToString()  # once
         for sub in self.subscribers:
-            sub.pending.append(update)
+            sub.pending.append(data)
             sub.event.set()
         return self.revision
 
@@ -234,16 +236,19 @@ class BareServer:
             yield _svc.PublishRunsResponse(index=index, revision=self._accept(request), changed=True)
             index += 1
 
-    async def watch(self, _request: _svc.WatchRunsRequest, _context: Any) -> AsyncIterator[_svc.WatchRunsResponse]:
+    async def watch(self, _request: _svc.WatchRunsRequest, _context: Any) -> AsyncIterator[bytes]:
         sub = _Subscriber()
         self.subscribers.add(sub)
         try:
+            pending = sub.pending
             while True:  # ends when the client cancels
                 await sub.event.wait()
                 sub.event.clear()
-                while sub.pending:
-                    batch = [sub.pending.popleft() for _ in range(min(len(sub.pending), 1000))]
-                    yield _svc.WatchRunsResponse(updates=batch, revision=batch[-1].revision)
+                while pending:
+                    if len(pending) == 1:
+                        yield pending.popleft()
+                    else:  # concatenated encodings are one response
+                        yield b"".join([pending.popleft() for _ in range(min(len(pending), 1000))])
         finally:
             self.subscribers.discard(sub)
 
@@ -254,7 +259,7 @@ class BareServer:
             "StreamOne": grpc.unary_stream_rpc_method_handler(self.stream_one, req, ser),
             "StreamBatched": grpc.unary_stream_rpc_method_handler(self.stream_batched, req, ser),
             "StreamPrebuilt": grpc.unary_stream_rpc_method_handler(self.stream_prebuilt, req, ser),
-            "Watch": grpc.unary_stream_rpc_method_handler(self.watch, req, ser),
+            "Watch": grpc.unary_stream_rpc_method_handler(self.watch, req, None),  # sends bytes as they are
             "Publish": grpc.unary_unary_rpc_method_handler(
                 self.publish, _svc.PublishRunRequest.FromString, _svc.PublishRunResponse.SerializeToString
             ),
@@ -802,14 +807,25 @@ async def watchers_role(port: int, method: str, watchers: int, per_channel: int,
     for task in pending:
         task.cancel()
     await asyncio.gather(*tasks, return_exceptions=True)
-    digests = {hashlib.sha256(json.dumps(seq).encode()).hexdigest() for seq in ids}
+    await report_watchers(
+        ids,
+        ordered,
+        channels,
+        first_recv_ns=min((t for t in first_recv if t), default=0),
+        last_recv_ns=max(last_recv),
+        latencies_us=latencies,
+    )
+
+
+async def report_watchers(
+    ids: list[list[int]], ordered: list[bool], channels: list[grpc.aio.Channel], **extra: Any
+) -> None:
+    """A watcher process's last line: per watcher the count and SHA-256 of its job ids, and ``extra``."""
     result = {
         "counts": [len(seq) for seq in ids],
         "ordered": all(ordered),
-        "sequences": sorted(digests),
-        "first_recv_ns": min((t for t in first_recv if t), default=0),
-        "last_recv_ns": max(last_recv),
-        "latencies_us": latencies,
+        "sequences": sorted({hashlib.sha256(json.dumps(seq).encode()).hexdigest() for seq in ids}),
+        **extra,
     }
     print(json.dumps(result), flush=True)
     for ch in channels:
@@ -944,6 +960,264 @@ async def idle_memory(server: Child, paths: Paths, watchers: int, per_channel: i
 
 
 # --------------------------------------------------------------------------
+# 6. Many idle watchers and one steady publisher (issue 11.3)
+# --------------------------------------------------------------------------
+
+
+async def lean_watchers_role(
+    port: int, method: str, watchers: int, per_channel: int, expect: int, timeout: float
+) -> None:
+    """Role ``lean``: ``watchers`` live watches at the least client cost grpc.aio allows.
+
+    The request goes out pre-serialized and responses come in as bytes (no
+    deserializer in gRPC); each response is parsed once with upb, and per
+    update only the revision order is checked and the run's job id kept (for
+    the order) with the time of its latest delivery in this process. Prints
+    READY once a probe reached every watch, then one JSON line: per watcher
+    the count and digest of its "fan" updates, whether revisions only rose,
+    per update the latest delivery latency in this process, and this
+    process's CPU seconds.
+    """
+    request = _svc.WatchRunsRequest().SerializeToString()
+    channels = [channel(port) for _ in range(math.ceil(watchers / per_channel))]
+    calls = [
+        channels[i // per_channel].unary_stream(method, None, None)(request, timeout=timeout + 60)
+        for i in range(watchers)
+    ]
+    seen_any = [False] * watchers
+    ids: list[list[int]] = [[] for _ in range(watchers)]
+    ordered = [True] * watchers
+    latest_us: dict[int, int] = {}  # job run id -> latency (µs) of its latest delivery here
+    parse = _svc.WatchRunsResponse.FromString
+
+    async def watch(i: int) -> None:
+        last_revision = 0
+        mine = ids[i]
+        async for raw in calls[i]:
+            response = parse(raw)
+            updates = response.updates
+            if not updates:
+                continue
+            now = time.time_ns() // 1000
+            seen_any[i] = True
+            for update in updates:
+                if update.revision <= last_revision:
+                    ordered[i] = False
+                last_revision = update.revision
+                if update.source == "fan":
+                    run = update.run
+                    mine.append(run.job_run_id)
+                    latest_us[run.job_run_id] = now - run.start_time_usecs
+            if len(mine) >= expect:
+                return
+
+    tasks = [asyncio.create_task(watch(i)) for i in range(watchers)]
+    deadline = time.monotonic() + 120
+    while not all(seen_any) and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    print("READY" if all(seen_any) else "NOT READY", flush=True)
+    cpu = time.process_time()
+    _done, pending = await asyncio.wait(tasks, timeout=timeout)
+    cpu = time.process_time() - cpu
+    for call in calls:
+        call.cancel()
+    for task in pending:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    await report_watchers(ids, ordered, channels, latest_us=latest_us, cpu_s=cpu)
+
+
+@dataclass(slots=True)
+class Scale:
+    """One round of many idle watchers and one paced publisher against one target."""
+
+    name: str
+    watchers: int
+    updates: int
+    complete: int  # watchers that got every update, in the publisher's revision order
+    in_order: bool
+    offered: float  # updates/s the publisher was asked for
+    ack_rate: float  # updates/s acknowledged (first send to last acknowledgement)
+    p50_ms: float  # publish to the last watcher's delivery, per update
+    p99_ms: float
+    cpu_us: float  # server CPU per delivery (one update to one watcher)
+    server_busy: float  # server CPU seconds per wall second over the round
+    watchers_cpu_s: float  # CPU seconds of all watcher processes over the round
+    wall_s: float
+
+
+async def scale_run(
+    server: Child, paths: Paths, watchers: int, processes: int, updates: int, rate: float, per_channel: int
+) -> Scale:
+    """Open ``watchers`` idle live watches in ``processes`` lean processes, then publish ``updates`` at ``rate``/s."""
+    per_process = math.ceil(watchers / processes)
+    timeout = updates / rate + 180
+    kids = [
+        await Child.start(
+            f"lean-{k}",
+            "--role=lean",
+            f"--port={server.port}",
+            f"--method={paths.watch}",
+            f"--watchers={min(per_process, watchers - k * per_process)}",
+            f"--per-channel={per_channel}",
+            f"--expect={updates}",
+            f"--timeout={timeout}",
+        )
+        for k in range(processes)
+    ]
+    pub_ch = channel(server.port)
+    try:
+        ready = [asyncio.create_task(kid.readline(150)) for kid in kids]
+        await probe_until(pub_ch, paths, lambda: all(t.done() for t in ready), 150)
+        said = [t.result() for t in ready]
+        if any(x != "READY" for x in said):
+            raise RuntimeError(f"{paths.name}: watcher processes said {said}")
+        await asyncio.sleep(0.5)  # the probes' deliveries settle
+        cpu, wall = cpu_ns(server.pid), time.perf_counter()
+        paced = await paced_unary(pub_ch, paths, "fan", updates, rate)
+        reports = [json.loads(await kid.readline(timeout + 30)) for kid in kids]
+        cpu, wall = cpu_ns(server.pid) - cpu, time.perf_counter() - wall
+    finally:
+        await pub_ch.close(None)
+        for kid in kids:
+            await kid.stop()
+    expected = hashlib.sha256(json.dumps([job for _rev, job in sorted(paced.revisions)]).encode()).hexdigest()
+    counts = [c for r in reports for c in r["counts"]]
+    in_order = all(r["ordered"] for r in reports) and {d for r in reports for d in r["sequences"]} == {expected}
+    to_last: dict[str, int] = {}
+    for r in reports:
+        for job, us in r["latest_us"].items():
+            to_last[job] = max(to_last.get(job, 0), us)
+    lat = [us / 1000 for us in to_last.values()]
+    return Scale(
+        name=paths.name,
+        watchers=len(counts),
+        updates=updates,
+        complete=sum(1 for c in counts if c == updates) if in_order else 0,
+        in_order=in_order,
+        offered=rate,
+        ack_rate=paced.rate,
+        p50_ms=pct(lat, 50),
+        p99_ms=pct(lat, 99),
+        cpu_us=cpu / 1000 / (len(counts) * updates),
+        server_busy=cpu / 1e9 / wall,
+        watchers_cpu_s=sum(r["cpu_s"] for r in reports),
+        wall_s=wall,
+    )
+
+
+# --------------------------------------------------------------------------
+# 7. A watcher that stops reading (issue 7.4): server RSS under 1 MiB runs
+# --------------------------------------------------------------------------
+
+
+async def start_cli_server(*extra: str) -> tuple[asyncio.subprocess.Process, int]:
+    """``shellinfo serve`` on a free loopback port with a memory store keeping a short history."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "shellinfo_grpc.cli",
+        "serve",
+        "--address",
+        "127.0.0.1:0",
+        "--store",
+        "memory://",
+        "--retain-updates",
+        "8",
+        *extra,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    assert proc.stderr is not None
+    line = (await asyncio.wait_for(proc.stderr.readline(), 60)).decode()
+    if "serving on" not in line:
+        proc.kill()
+        await proc.wait()
+        raise RuntimeError(f"shellinfo serve did not start: {line!r}")
+    return proc, int(line.split("serving on ", 1)[1].split()[0].rsplit(":", 1)[1])
+
+
+@dataclass(slots=True)
+class Stall:
+    name: str
+    updates: int
+    rss_before_mib: float
+    rss_peak_mib: float
+    rss_end_mib: float
+    stalled_got: int  # updates the stalled watcher had been sent before it was ended (-1: no stalled watcher)
+    stalled_error: str
+    fast_got: int
+
+    @property
+    def growth_mib(self) -> float:
+        return self.rss_peak_mib - self.rss_before_mib
+
+
+async def stall_run(name: str, updates: int, pad: int, stalled: bool, *serve_args: str) -> Stall:
+    """One fresh ``shellinfo serve``; a fast watcher reads everything; maybe a watcher that never reads.
+
+    ``updates`` updates of one running run, each carrying ``pad`` bytes of
+    error text (about 1 MiB), are published one at a time; the server's VmRSS
+    is sampled every 20 ms throughout. The stalled watcher is an ordinary
+    grpc.aio client (default options) that opened its watch and never reads.
+    """
+    proc, port = await start_cli_server(*serve_args)
+    channels = [channel(port) for _ in range(3)]
+    try:
+        fast = watch_call(channels[0], SERVICE_PATHS.watch)(_svc.WatchRunsRequest(), timeout=600)
+        await fast.read()
+        slow = None
+        if stalled:
+            slow = watch_call(channels[1], SERVICE_PATHS.watch)(_svc.WatchRunsRequest(), timeout=600)
+            await slow.read()  # registered; from here on it reads nothing until the end
+        before = await _settled_rss(proc.pid)
+        peak = before
+        fast_got = 0
+
+        async def read_fast() -> None:
+            nonlocal fast_got
+            while fast_got < updates:
+                fast_got += len((await fast.read()).updates)
+
+        async def sample() -> None:
+            nonlocal peak
+            while True:
+                peak = max(peak, rss_kib(proc.pid))
+                await asyncio.sleep(0.02)
+
+        reader, sampler = asyncio.create_task(read_fast()), asyncio.create_task(sample())
+        publish = unary_publish(channels[2], SERVICE_PATHS.publish)
+        for i in range(updates):
+            run = live_run(77)
+            run.error = f"{i:08d}" + "x" * pad
+            await publish(_svc.PublishRunRequest(source="stall", run=run), timeout=60)
+        await asyncio.wait_for(reader, 120)
+        await asyncio.sleep(0.5)
+        sampler.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await sampler
+        end = rss_kib(proc.pid)
+        got, error = -1, ""
+        if slow is not None:
+            got = 0
+            try:
+                while (response := await asyncio.wait_for(slow.read(), 5)) is not grpc.aio.EOF:  # type: ignore[attr-defined]
+                    got += len(response.updates)
+                error = "ended without an error"
+            except grpc.aio.AioRpcError as exc:
+                error = f"{exc.code().name}: {exc.details()}"
+            except TimeoutError:
+                error = "still open: not ended"
+            slow.cancel()
+        fast.cancel()
+    finally:
+        for ch in channels:
+            await ch.close(None)
+        proc.terminate()
+        await proc.wait()
+    return Stall(name, updates, before / 1024, peak / 1024, end / 1024, got, error, fast_got)
+
+
+# --------------------------------------------------------------------------
 # Environment and report
 # --------------------------------------------------------------------------
 
@@ -1029,10 +1303,24 @@ class Sizes:
     unary: int  # sequential PublishRun per sample
     streamed: int  # PublishRuns updates per sample
     publish_rounds: int
+    scale_watchers: int = 1000  # idle live watches in the many-watchers run
+    scale_processes: int = 4  # lean watcher processes they are spread over
+    scale_rate: float = 50.0  # updates/s the one publisher offers
+    scale_seconds: float = 10.0
+    scale_rounds: int = 3  # each round runs the service and the bare server once, the order alternating
+    stall_updates: int = 160  # 1 MiB updates published past a watcher that stopped reading
 
 
 FULL: Final = Sizes(100_000, 5, 10.0, 1000.0, 500, 500.0, 100, 2, 2000, 1000.0, 1000, 2000, 20_000, 3)
-QUICK: Final = Sizes(10_000, 3, 3.0, 1000.0, 200, 0.0, 20, 1, 300, 1000.0, 200, 300, 3000, 1)
+QUICK: Final = dataclasses.replace(
+    Sizes(10_000, 3, 3.0, 1000.0, 200, 0.0, 20, 1, 300, 1000.0, 200, 300, 3000, 1),
+    scale_watchers=100,
+    scale_processes=2,
+    scale_seconds=3.0,
+    scale_rounds=1,
+    stall_updates=24,
+)
+SECTIONS: Final = ("catch-up", "latency", "fan-out", "publish", "idle", "scale", "stall")
 
 
 def sqlite_available() -> bool:
@@ -1291,6 +1579,136 @@ class Bench:
             k: {"per_watcher": m[0], "before": m[1], "after": m[2]} for k, m in mem.items()
         }
 
+    async def scale(self) -> None:
+        sz = self.sizes
+        n, procs, rate, secs = sz.scale_watchers, sz.scale_processes, sz.scale_rate, sz.scale_seconds
+        updates = int(rate * secs)
+        print(
+            f"\n[6] {n:,} idle watchers in {procs} lean processes (100 streams per connection, responses as bytes),"
+            f" one PublishRun publisher at {rate:g}/s for {secs:g} s; {sz.scale_rounds} round(s), fresh servers"
+        )
+        rounds: list[dict[str, Scale]] = []
+        for r in range(sz.scale_rounds):
+            found: dict[str, Scale] = {}
+            order = ["service", "bare"] if r % 2 == 0 else ["bare", "service"]
+            for label in order:
+                if label == "service":
+                    server = await self.service("service-scale")
+                else:
+                    server = await Child.server("bare-scale", "--role=bare", "--records=0")
+                try:
+                    paths = SERVICE_PATHS if label == "service" else BARE_PATHS
+                    x = await scale_run(server, paths, n, procs, updates, rate, 100)
+                finally:
+                    await server.stop()
+                found[label] = x
+                print(
+                    f"  round {r + 1} {label:7} complete {x.complete}/{x.watchers} (in order {x.in_order}); "
+                    f"acks {x.ack_rate:5.1f}/s of {x.offered:g}; to last watcher p50 {x.p50_ms:7.1f} ms "
+                    f"p99 {x.p99_ms:7.1f} ms; server CPU {x.cpu_us:5.2f} µs/delivery, busy {x.server_busy:.2f} "
+                    f"of a core; watchers' CPU {x.watchers_cpu_s / x.wall_s:.2f} cores",
+                    flush=True,
+                )
+            rounds.append(found)
+
+        def ratios(key: Callable[[Scale], float]) -> list[float]:
+            return [key(f["service"]) / key(f["bare"]) for f in rounds]
+
+        def both(key: Callable[[Scale], float], fmt: str) -> tuple[str, str]:
+            return (
+                " / ".join(fmt.format(key(f["service"])) for f in rounds),
+                " / ".join(fmt.format(key(f["bare"])) for f in rounds),
+            )
+
+        p99, cpu, acks = ratios(lambda x: x.p99_ms), ratios(lambda x: x.cpu_us), ratios(lambda x: x.ack_rate)
+        complete = all(f["service"].complete == f["service"].watchers == n for f in rounds)
+        self.rows += [
+            Row(
+                f"{n:,} watchers: all got every update, in order",
+                " / ".join(f"{f['service'].complete}/{f['service'].watchers}" for f in rounds),
+                " / ".join(f"{f['bare'].complete}/{f['bare'].watchers}" for f in rounds),
+                "",
+                "all",
+                complete,
+            ),
+            Row(
+                f"{n:,} watchers: acks/s (offered {rate:g}/s)",
+                *both(lambda x: x.ack_rate, "{:.1f}"),
+                f"{statistics.median(acks):.2f}x ({_spread(acks)})",
+                f">= {0.95 * rate:g}/s",
+                all(f["service"].ack_rate >= 0.95 * rate for f in rounds),
+            ),
+            Row(
+                f"{n:,} watchers: p99 publish to last watcher",
+                *both(lambda x: x.p99_ms, "{:.1f} ms"),
+                f"{statistics.median(p99):.2f}x ({_spread(p99)})",
+                "<= 1.1x",
+                statistics.median(p99) <= 1.1,
+            ),
+            Row(
+                f"{n:,} watchers: p50 publish to last watcher",
+                *both(lambda x: x.p50_ms, "{:.1f} ms"),
+                f"{statistics.median(ratios(lambda x: x.p50_ms)):.2f}x",
+            ),
+            Row(
+                f"{n:,} watchers: server CPU/delivery",
+                *both(lambda x: x.cpu_us, "{:.2f} µs"),
+                f"{statistics.median(cpu):.2f}x ({_spread(cpu)})",
+                "<= 1.1x",
+                statistics.median(cpu) <= 1.1,
+            ),
+            Row(
+                f"{n:,} watchers: server busy (cores)",
+                *both(lambda x: x.server_busy, "{:.2f}"),
+            ),
+            Row(
+                f"{n:,} watchers: watcher processes (cores)",
+                *both(lambda x: x.watchers_cpu_s / x.wall_s, "{:.2f}"),
+            ),
+        ]
+        self.results["scale"] = [{k: dataclasses.asdict(v) for k, v in f.items()} for f in rounds]
+
+    async def stall(self) -> None:
+        sz = self.sizes
+        pad = (1 << 20) - 64
+        print(
+            f"\n[7] a watcher that stops reading: {sz.stall_updates} updates of 1 MiB published one at a time to a"
+            " fresh `shellinfo serve --store memory:// --retain-updates 8`, a fast watcher reading throughout"
+        )
+        cases = [
+            ("fast watcher only", False, ()),
+            ("stalled watcher, default 64 MiB bound", True, ()),
+            ("stalled watcher, --max-watch-queue-bytes 16 MiB", True, ("--max-watch-queue-bytes", str(16 << 20))),
+        ]
+        found = []
+        for name, stalled, extra in cases:
+            x = await stall_run(name, sz.stall_updates, pad, stalled, *extra)
+            found.append(x)
+            print(
+                f"  {name:48} RSS {x.rss_before_mib:6.1f} MiB before, peak {x.rss_peak_mib:6.1f} "
+                f"(+{x.growth_mib:.1f}), end {x.rss_end_mib:6.1f}; fast watcher got {x.fast_got}; "
+                + (f"stalled watcher got {x.stalled_got}, then {x.stalled_error}" if x.stalled_got >= 0 else ""),
+                flush=True,
+            )
+        base = found[0].growth_mib
+        for x, bound in zip(found[1:], (64, 16), strict=True):
+            # Judged only where more was published than the bound and gRPC's windows hold (quick
+            # runs publish less); then it must be ended, at a cost near the bound.
+            judged = sz.stall_updates > bound + 16
+            self.rows.append(
+                Row(
+                    f"stalled watcher: peak RSS growth, {x.name.split(', ')[1]}",
+                    f"+{x.growth_mib:.1f} MiB",
+                    f"+{base:.1f} MiB",
+                    f"+{x.growth_mib - base:.1f} MiB",
+                    f"ended, <= +{bound + 16} MiB" if judged else "",
+                    x.stalled_error.startswith("RESOURCE_EXHAUSTED") and x.growth_mib - base <= bound + 16
+                    if judged
+                    else None,
+                )
+            )
+        self.results["stall"] = [dataclasses.asdict(x) for x in found]
+
 
 async def run(args: argparse.Namespace) -> int:
     sizes = QUICK if args.quick else FULL
@@ -1309,17 +1727,28 @@ async def run(args: argparse.Namespace) -> int:
     with tempfile.TemporaryDirectory(prefix="bench-service-") as tmp:
         bench = Bench(sizes, args.store, profile, Path(tmp))
         bench.results.update(environment=env, store=args.store, quick=args.quick, sizes=dataclasses.asdict(sizes))
-        service = await bench.service()
-        bare = await Child.server("bare", "--role=bare", f"--records={sizes.records}")
-        try:
-            await bench.catch_up(service, bare)
-            await bench.latency(service, bare)
-            await bench.fan_out(service, bare)
-            await bench.publish(service, bare)
-        finally:
-            await service.stop()
-            await bare.stop()
-        await bench.idle()
+        wanted = set(args.sections.split(",")) if args.sections else set(SECTIONS)
+        if wanted & {"catch-up", "latency", "fan-out", "publish"}:
+            service = await bench.service()
+            bare = await Child.server("bare", "--role=bare", f"--records={sizes.records}")
+            try:
+                if "catch-up" in wanted:
+                    await bench.catch_up(service, bare)
+                if "latency" in wanted:
+                    await bench.latency(service, bare)
+                if "fan-out" in wanted:
+                    await bench.fan_out(service, bare)
+                if "publish" in wanted:
+                    await bench.publish(service, bare)
+            finally:
+                await service.stop()
+                await bare.stop()
+        if "idle" in wanted:
+            await bench.idle()
+        if "scale" in wanted:
+            await bench.scale()
+        if "stall" in wanted:
+            await bench.stall()
     print()
     print_table(bench.rows)
     failed = [r.metric for r in bench.rows if r.passed is False]
@@ -1341,9 +1770,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--store", choices=("memory", "sqlite"), default="memory", help="the service's store")
     parser.add_argument("--json", metavar="PATH", help="also write every figure to PATH as JSON")
     parser.add_argument("--profile", metavar="DIR", help="run the service under cProfile; statistics go to DIR")
+    parser.add_argument(
+        "--sections",
+        metavar="LIST",
+        help=f"run only these sections, comma-separated, of: {', '.join(SECTIONS)} (default all)",
+    )
     # Roles of the child processes this file starts.
     hidden = argparse.SUPPRESS
-    parser.add_argument("--role", choices=("bench", "service", "bare", "watchers"), default="bench", help=hidden)
+    parser.add_argument(
+        "--role", choices=("bench", "service", "bare", "watchers", "lean"), default="bench", help=hidden
+    )
     parser.add_argument("--store-url", default="memory://", help=hidden)
     parser.add_argument("--records", type=int, default=0, help=hidden)
     parser.add_argument("--port", type=int, default=0, help=hidden)
@@ -1351,6 +1787,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--watchers", type=int, default=0, help=hidden)
     parser.add_argument("--expect", type=int, default=0, help=hidden)
     parser.add_argument("--timeout", type=float, default=60.0, help=hidden)
+    parser.add_argument("--per-channel", type=int, default=100, help=hidden)
     args = parser.parse_args(argv)
     if args.role == "bench":
         return asyncio.run(run(args))
@@ -1363,6 +1800,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             asyncio.run(serve_service(args.store_url))
         elif args.role == "bare":
             asyncio.run(serve_bare(args.records, 1000))
+        elif args.role == "lean":
+            asyncio.run(
+                lean_watchers_role(args.port, args.method, args.watchers, args.per_channel, args.expect, args.timeout)
+            )
         else:
             asyncio.run(watchers_role(args.port, args.method, args.watchers, 10, args.expect, args.timeout))
     finally:

@@ -149,7 +149,8 @@ class ServerConfig:
     """Settings of the service that are not the address or the store.
 
     ``max_watch_queue``: updates a watcher may fall behind before it is ended
-    with RESOURCE_EXHAUSTED. ``max_batch_updates``/``max_batch_bytes``: the
+    with RESOURCE_EXHAUSTED; ``max_watch_queue_bytes``: the same bound in
+    bytes of pending responses. ``max_batch_updates``/``max_batch_bytes``: the
     most updates (and their approximate size) in one WatchRuns response.
     ``tokens``: accepted bearer tokens; empty means no authentication.
     ``shutdown_grace``: seconds in-flight calls get to finish on shutdown.
@@ -162,6 +163,7 @@ class ServerConfig:
     """
 
     max_watch_queue: int = 10_000
+    max_watch_queue_bytes: int = 64 << 20
     max_batch_updates: int = 1_000
     max_batch_bytes: int = 1 << 20
     tokens: frozenset[str] = frozenset()
@@ -400,6 +402,7 @@ class RunUpdateServicer(_svc_grpc.RunUpdateServiceServicer):
         self._hub = Hub(
             store,
             max_queue=config.max_watch_queue,
+            max_queue_bytes=config.max_watch_queue_bytes,
             max_batch_updates=config.max_batch_updates,
             max_batch_bytes=config.max_batch_bytes,
         )
@@ -868,11 +871,14 @@ class RunningServer:
         in-flight calls finish for ``grace`` seconds, then close the store.
         ``why`` goes to the log lines that say the server stops and stopped."""
         seconds = self.config.shutdown_grace if grace is None else grace
+        watchers = self.servicer.watcher_count()
         log.info(
-            "stopping (%s): port %d, %d watchers, %.1f s for calls in flight",
+            "stopping (%s): port %d, %d watcher%s to end, %.1f s for calls in flight",
             why,
             self.port,
-            *(self.servicer.watcher_count(), seconds),
+            watchers,
+            "" if watchers == 1 else "s",
+            seconds,
         )
         await self.health.enter_graceful_shutdown()
         self.servicer.close_watchers()

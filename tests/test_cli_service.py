@@ -697,7 +697,11 @@ def test_sigterm_shuts_down_gracefully_and_the_watcher_resumes(serve: ServeFacto
         began = time.monotonic()
         assert server.stop() == 0  # SIGTERM: the watcher is ended, the store closed, exit 0
         assert time.monotonic() - began < 8.0  # well within the 10 s grace
-        assert server.err.text().splitlines() == [f"shellinfo: serving on {server.address} (store {store})"]
+        serving, stopping, stopped = server.err.text().splitlines()  # one line each, at the default level info
+        assert serving == f"shellinfo: serving on {server.address} (store {store})"
+        assert stopping.startswith("shellinfo: info: server: stopping (received SIGTERM): ")
+        assert "1 watcher to end" in stopping
+        assert stopped == "shellinfo: info: server: stopped (received SIGTERM)"
         notice = err.wait_for("reconnecting")
         assert notice.startswith("shellinfo watch: UNAVAILABLE: ")
         assert notice.endswith("; reconnecting (nothing will be missed or repeated)")
