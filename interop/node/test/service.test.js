@@ -319,7 +319,8 @@ describe("jobs (ProtectionRunInstance, docs/contract.md 5.5)", () => {
     const again = await client.publishRun({ source: "jobs", run: shellInfo });
     assert.deepEqual([again.revision, again.changed], [first.revision, false]);
     const got = await client.getRun({ source: "jobs", jobRunId: 77n });
-    assert.equal(instances.jobToRestText(got.update.job), '{"jobId":12,"jobName":"vm-daily","jobUid":{"clusterId":1,"clusterIncarnationId":2,"id":12}}');
+    const stored = '{"jobId":12,"jobName":"vm-daily","jobUid":{"clusterId":1,"clusterIncarnationId":2,"id":12}}';
+    assert.equal(instances.jobToRestText(got.update.job), stored);
     const renamed = instances.fromRunInstanceText(text.replace("vm-daily", "vm-nightly"));
     const third = await client.publishRun({ source: "jobs", run: renamed.run, job: renamed.job });
     assert.equal(third.changed, true);
