@@ -16,13 +16,16 @@ export const MAX_NUMBER_CHARS = 100;
 export class JsonError extends Error {
   /**
    * @param {string} reason what is wrong
-   * @param {string|null} topKey the member of the outermost object the problem is in, if any
+   * @param {string[]} path the member names from the outermost object down to the
+   *   member whose name or value the problem is in (empty: none)
    */
-  constructor(reason, topKey = null) {
+  constructor(reason, path = []) {
     super(reason);
     this.name = "JsonError";
     this.reason = reason;
-    this.topKey = topKey;
+    this.path = path;
+    /** the member of the outermost object the problem is in, or null */
+    this.topKey = path.length ? path[0] : null;
   }
 }
 
@@ -47,10 +50,12 @@ const ESCAPES = { '"': '"', "\\": "\\", "/": "/", b: "\b", f: "\f", n: "\n", r: 
  */
 export function parse(text, { maxDepth = MAX_DEPTH + 1 } = {}) {
   let pos = 0;
-  let topKey = null;
+  // The member names of the objects the reader is inside, down to the member
+  // whose value is being read: a problem names the innermost one it is in.
+  const path = [];
 
   const fail = (reason) => {
-    throw new JsonError(reason, topKey);
+    throw new JsonError(reason, [...path]);
   };
   const skip = () => {
     WHITESPACE.lastIndex = pos;
@@ -127,14 +132,14 @@ export function parse(text, { maxDepth = MAX_DEPTH + 1 } = {}) {
         skip();
         if (text[pos] !== '"') fail("not one JSON value: expected a member name");
         const name = string();
-        if (depth === 0) topKey = name;
+        path.push(name);
         if (names.has(name)) fail(`duplicate member name ${JSON.stringify(name)}`);
         names.add(name);
         skip();
         if (text[pos] !== ":") fail("not one JSON value: expected :");
         pos++;
         members.push([name, value(depth + 1)]);
-        if (depth === 0) topKey = null;
+        path.pop();
         skip();
         if (text[pos] === ",") pos++;
         else if (text[pos] === "}") {

@@ -42,6 +42,16 @@ const describe = (node) =>
         : "a boolean"
       : `${node.kind === "array" ? "an" : "a"} ${node.kind}`;
 
+/** An int64 REST value: an integer token within int64 (docs/contract.md 1.3), or throw naming `key`. */
+function int64(key, node) {
+  if (node.kind !== "number" || !node.integer) throw new RestError(key, `expected an integer, got ${describe(node)}`);
+  const n = BigInt(node.token);
+  if (n < INT64_MIN || n > INT64_MAX) throw new RestError(key, `integer ${node.token} is outside the int64 range`);
+  return n;
+}
+
+const isNull = (node) => node.kind === "literal" && node.value === "null";
+
 /**
  * Build the codec of the message `shellinfo.v1.ProtectionShellInfo` from a registry.
  *
@@ -88,12 +98,7 @@ export function createRestCodec(registry) {
   /** The value of one known key, or throw naming it. */
   function known(entry, node, strict, spellings) {
     const { key, kind } = entry;
-    if (kind === "int") {
-      if (node.kind !== "number" || !node.integer) throw new RestError(key, `expected an integer, got ${describe(node)}`);
-      const n = BigInt(node.token);
-      if (n < INT64_MIN || n > INT64_MAX) throw new RestError(key, `integer ${node.token} is outside the int64 range`);
-      return n;
-    }
+    if (kind === "int") return int64(key, node);
     if (kind === "enum") {
       if (node.kind === "string") {
         const number = entry.byName.get(node.value);
@@ -132,6 +137,14 @@ export function createRestCodec(registry) {
       if (error instanceof JsonError) throw new RestError(error.topKey, error.reason);
       throw error;
     }
+    return fromRestTree(tree, { strict });
+  }
+
+  /**
+   * Read one REST document already parsed by `parse` of json.js (its parse tree,
+   * numbers as tokens) into a message; errors name keys of this document.
+   */
+  function fromRestTree(tree, { strict = false } = {}) {
     if (tree.kind !== "object") throw new RestError(null, `expected a JSON object, got ${describe(tree)}`);
     const init = {};
     const spellings = new Map(); // enum field name -> unknown spelling
@@ -139,7 +152,7 @@ export function createRestCodec(registry) {
     for (const [key, node] of tree.members) {
       const entry = byKey.get(key);
       if (entry) {
-        if (node.kind === "literal" && node.value === "null") continue;
+        if (isNull(node)) continue;
         const value = known(entry, node, strict, spellings);
         if (value !== undefined) init[entry.field.localName] = value;
         continue;
@@ -202,8 +215,148 @@ export function createRestCodec(registry) {
   return {
     schema,
     fromRestText,
+    fromRestTree,
     toRestText,
     toBinary: (msg) => toBinary(schema, msg),
     fromBinary: (bytes) => fromBinary(schema, bytes),
   };
+}
+
+// --- the job of a ProtectionRunInstance (docs/contract.md 5.5) ---------------------------------
+
+export const JOB = "shellinfo.v1.ProtectionJob";
+/** The key of a ProtectionRunInstance that holds the run (the REST API's, not a field's JSON name). */
+export const RUN_KEY = "protectionShellInfo";
+// Deep enough for any REST instance; the json_value limit (64) of unknown keys
+// inside the run is checked on each value, so that its error names the key.
+const INSTANCE_MAX_DEPTH = 512;
+
+/**
+ * The REST keys of a message whose fields are all optional int64, string, or
+ * messages of the same kind (ProtectionJob, UniversalId), from its descriptor.
+ */
+function plainFields(schema) {
+  return schema.fields.map((field) => {
+    let kind;
+    if (field.fieldKind === "scalar" && field.scalar === ScalarType.INT64) kind = "int";
+    else if (field.fieldKind === "scalar" && field.scalar === ScalarType.STRING) kind = "string";
+    else if (field.fieldKind === "message") kind = "object";
+    else throw new Error(`no REST mapping for field ${schema.typeName}.${field.name}`);
+    return { key: field.jsonName, field, kind, nested: kind === "object" ? plainFields(field.message) : null };
+  });
+}
+
+/**
+ * The init object of a message from the members of a REST object: absent and
+ * null leave a field unset, members the schema does not know are not carried.
+ * Errors name the key as a dotted path from the instance (`jobUid.clusterId`).
+ */
+function readPlain(entries, members, prefix) {
+  const init = {};
+  for (const { key, field, kind, nested } of entries) {
+    const node = members.get(key);
+    if (node === undefined || isNull(node)) continue;
+    const path = prefix + key;
+    if (kind === "int") init[field.localName] = int64(path, node);
+    else if (kind === "string") {
+      if (node.kind !== "string") throw new RestError(path, `expected a string, got ${describe(node)}`);
+      init[field.localName] = node.value; // parse() refuses unpaired surrogates
+    } else {
+      if (node.kind !== "object") throw new RestError(path, `expected an object, got ${describe(node)}`);
+      init[field.localName] = readPlain(nested, new Map(node.members), path + ".");
+    }
+  }
+  return init;
+}
+
+/** The REST text of the set fields of a message, in field-number order. */
+function writePlain(entries, msg) {
+  const parts = [];
+  for (const { key, field, kind, nested } of entries) {
+    if (!isFieldSet(msg, field)) continue;
+    const value = msg[field.localName];
+    const text = kind === "int" ? value.toString() : kind === "string" ? quote(value) : writePlain(nested, value);
+    parts.push(quote(key) + ":" + text);
+  }
+  return "{" + parts.join(",") + "}";
+}
+
+/**
+ * Build the reader of REST `ProtectionRunInstance` objects: the run (through the
+ * ProtectionShellInfo codec) and its job (`shellinfo.v1.ProtectionJob`, keys from
+ * the descriptor's JSON names), and the writer of a job's REST keys.
+ *
+ * @param {import("@bufbuild/protobuf").Registry} registry holds ProtectionJob besides what createRestCodec needs
+ */
+export function createRunInstanceCodec(registry, codec = createRestCodec(registry)) {
+  const schema = registry.getMessage(JOB);
+  if (!schema) throw new Error(`the registry lacks ${JOB}`);
+  const entries = plainFields(schema);
+  const nestedKeys = new Map(entries.filter((e) => e.nested).map((e) => [e.key, new Set(e.nested.map((n) => n.key))]));
+
+  /** The key a parse error names: inside the run as the run's codec names it, else the job key (dotted). */
+  function parseErrorField(path) {
+    if (path.length === 0) return null;
+    if (path[0] === RUN_KEY) return path.length > 1 ? path[1] : RUN_KEY;
+    if (path.length > 1 && nestedKeys.get(path[0])?.has(path[1])) return `${path[0]}.${path[1]}`;
+    return path[0];
+  }
+
+  /** The job of a parsed object holding job keys, or null when it has none of them. */
+  function jobFromTree(tree) {
+    if (tree.kind !== "object") throw new RestError(null, `expected a JSON object, got ${describe(tree)}`);
+    const init = readPlain(entries, new Map(tree.members), "");
+    return Object.keys(init).length ? create(schema, init) : null;
+  }
+
+  function parseText(text) {
+    try {
+      return parse(text, { maxDepth: INSTANCE_MAX_DEPTH });
+    } catch (error) {
+      if (error instanceof JsonError) throw new RestError(parseErrorField(error.path), error.reason);
+      throw error;
+    }
+  }
+
+  /**
+   * Split one ProtectionRunInstance (JSON text) into `{run, job}`; `job` is null
+   * when the instance has no job key with a value. `strict` applies to the run.
+   */
+  function fromRunInstanceText(text, { strict = false } = {}) {
+    const tree = parseText(text);
+    if (tree.kind !== "object") throw new RestError(null, `expected a JSON object, got ${describe(tree)}`);
+    const info = new Map(tree.members).get(RUN_KEY);
+    if (info === undefined || info.kind !== "object")
+      throw new RestError(RUN_KEY, info === undefined ? "is missing" : `expected an object, got ${describe(info)}`);
+    const run = codec.fromRestTree(info, { strict });
+    return { run, job: jobFromTree(tree) };
+  }
+
+  return {
+    schema,
+    fromRunInstanceText,
+    /** The job of a REST object with (some of) the job keys, as text; null for none. */
+    jobFromRestText: (text) => jobFromTree(parseText(text)),
+    /** The REST text of a job: `jobId`, `jobName`, `jobUid` as set, in that order. */
+    jobToRestText: (job) => writePlain(entries, job),
+    toBinary: (job) => toBinary(schema, job),
+    fromBinary: (bytes) => fromBinary(schema, bytes),
+  };
+}
+
+/**
+ * Whether `RunFilter.job_ids` keeps a `RunUpdate` (docs/contract.md 5.5): an
+ * empty list keeps every run; otherwise the update's job must have a `job_id`
+ * in the list (no job, or a job without one, matches none).
+ *
+ * @param {bigint[]} jobIds
+ * @param {{job?: {jobId?: bigint}}} update with `job` a ProtectionJob or undefined
+ * @param {import("@bufbuild/protobuf").DescMessage} jobSchema
+ */
+export function jobIdsKeep(jobIds, update, jobSchema) {
+  if (jobIds.length === 0) return true;
+  const job = update.job;
+  const idField = jobSchema.fields.find((f) => f.name === "job_id");
+  if (!job || !isFieldSet(job, idField)) return false;
+  return jobIds.includes(job[idField.localName]);
 }

@@ -4,7 +4,7 @@
 // Everything goes through the JS REST adapter and the contract's rules only.
 
 import assert from "node:assert/strict";
-import { mkdtempSync, rmSync, writeFileSync } from "node:fs";
+import { mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { after, before, describe, test } from "node:test";
@@ -13,10 +13,12 @@ import { Code } from "@connectrpc/connect";
 import { RunFilterSchema } from "../gen/shellinfo/v1/run_update_service_pb.js";
 import { connect, describeError, ERROR_DOMAIN, watch } from "../src/client.js";
 import { registry } from "../src/registry.js";
-import { createRestCodec } from "../src/rest.js";
+import { createRestCodec, createRunInstanceCodec, jobIdsKeep } from "../src/rest.js";
 import { shellinfo, startServer } from "../src/server.js";
 
 const codec = createRestCodec(registry);
+const instances = createRunInstanceCodec(registry, codec);
+const vectors = JSON.parse(readFileSync(new URL("../../../tests/golden/conformance.json", import.meta.url), "utf8"));
 const TOKEN = "node-suite-token-4b1f";
 const dir = mkdtempSync(join(tmpdir(), "shellinfo-node-"));
 const tokenFile = join(dir, "tokens.txt");
@@ -291,5 +293,37 @@ describe("watch", () => {
     assert.equal(new Set(revisions).size, revisions.length);
     assert.ok(resumes.length >= 1, "the watch never had to resume");
     assert.equal(resumes[0][0], Code.Unavailable);
+  });
+});
+
+describe("jobs (ProtectionRunInstance, docs/contract.md 5.5)", () => {
+  test("the service's job_ids filter agrees with every job_filter vector", async () => {
+    for (const v of vectors.job_filter) {
+      const source = `job-filter/${v.name}`;
+      const job = v.job === null ? undefined : instances.jobFromRestText(v.job);
+      const ack = await client.publishRun({ source, run: run('{"jobRunId":1}'), job });
+      assert.equal(ack.changed, true, v.name);
+      const jobIds = v.job_ids.map((id) => BigInt(id));
+      const page = await client.listRuns({ filter: create(RunFilterSchema, { sources: [source], jobIds }) });
+      assert.equal(page.updates.length, v.matches ? 1 : 0, `${v.name}: ListRuns`);
+      for (const update of page.updates) assert.equal(jobIdsKeep(jobIds, update, instances.schema), true, v.name);
+    }
+  });
+
+  test("an instance's job is stored with its run; a publish without one keeps it", async () => {
+    const text = '{"jobId":12,"jobName":"vm-daily","jobUid":{"clusterId":1,"clusterIncarnationId":2,"id":12},' +
+      '"protectionShellInfo":{"jobRunId":77,"status":"kRunning"},"backupRun":{"x":1}}';
+    const { run: shellInfo, job } = instances.fromRunInstanceText(text, { strict: true });
+    const first = await client.publishRun({ source: "jobs", run: shellInfo, job });
+    assert.equal(first.changed, true);
+    const again = await client.publishRun({ source: "jobs", run: shellInfo });
+    assert.deepEqual([again.revision, again.changed], [first.revision, false]);
+    const got = await client.getRun({ source: "jobs", jobRunId: 77n });
+    const stored = '{"jobId":12,"jobName":"vm-daily","jobUid":{"clusterId":1,"clusterIncarnationId":2,"id":12}}';
+    assert.equal(instances.jobToRestText(got.update.job), stored);
+    const renamed = instances.fromRunInstanceText(text.replace("vm-daily", "vm-nightly"));
+    const third = await client.publishRun({ source: "jobs", run: renamed.run, job: renamed.job });
+    assert.equal(third.changed, true);
+    assert.ok(third.revision > first.revision);
   });
 });
