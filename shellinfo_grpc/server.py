@@ -945,9 +945,9 @@ async def serve(
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_signal, sig)
-    log.info("serving on port %d", running.port)
     if on_started is not None:  # only now: a signal right after it shuts down gracefully
         on_started(running)
+    log.info("serving on port %d", running.port)  # after on_started: the CLI's serving line stays the first
     try:
         await stop.wait()
     finally:

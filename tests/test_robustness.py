@@ -32,6 +32,7 @@ from hypothesis import strategies as st
 
 from shellinfo_grpc import ProtectionShellInfo
 from shellinfo_grpc._gen.shellinfo.v1 import run_update_service_pb2 as svc
+from shellinfo_grpc._status import KEY_HEAD_REVISION, REASON_REVISION_IN_FUTURE
 from shellinfo_grpc.cli import main
 from shellinfo_grpc.framing import encode_delimited
 from shellinfo_grpc.rules import check_storable
@@ -179,12 +180,6 @@ def test_every_format_decides_alike(record: Any) -> None:
         assert _exit_status("binary", out.getvalue())[0] == 0
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="empty input is handled differently by format: --from json exits 2 'input is not valid JSON: Expecting"
-    " value', --from jsonl and binary exit 0 '0 of 0 records invalid' (issue 7.10); fix owned by CLI"
-    " (cli/records.py)",
-)
 @bounded(10)
 @given(blank=st.sampled_from([b"", b"\n", b"  \r\n", b"\xef\xbb\xbf", b"\xef\xbb\xbf\n\n"]))
 @example(blank=b"")
@@ -199,21 +194,11 @@ def _one_record_stream(msg: ProtectionShellInfo) -> tuple[str, bytes]:
     return "binary", encode_delimited(msg)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="convert/validate --from binary accept a record whose REST form --from jsonl refuses (a HH:MM of"
-    " '24:00', an enum set to 0, a known spelling in unrecognized): records._binary_problem does not apply"
-    " rules.check_storable; fix owned by CLI (cli/records.py)",
-)
 @bounded(60)
 @given(msg=S.messages().filter(lambda m: not m.HasField("unrecognized")))
 @example(msg=ProtectionShellInfo(start_time_hhmm="24:00"))
 def test_binary_input_is_accepted_exactly_when_its_rest_form_is(msg: ProtectionShellInfo) -> None:
-    S.KNOWN_OPEN.discard("binary-unstorable")
-    try:
-        S.check_cli(_one_record_stream(msg), "jsonl")
-    finally:
-        S.KNOWN_OPEN.add("binary-unstorable")
+    S.check_cli(_one_record_stream(msg), "jsonl")
 
 
 def _bad_record_line(form: str, good: int) -> str:
@@ -229,11 +214,6 @@ def _bad_record_line(form: str, good: int) -> str:
     return err.getvalue().splitlines()[0]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="validate/convert number records from 0 ('record 0: ... (line 1)'); issue 7.10 wants them"
-    " counted from 1 like lines; fix owned by CLI (cli/records.py)",
-)
 @bounded(15)
 @given(form=st.sampled_from(S.CLI_FORMATS), good=st.integers(0, 5))
 @example(form="jsonl", good=0)
@@ -266,12 +246,6 @@ def test_any_request_bytes_end_with_a_chosen_status(server: S.ServerThread, meth
     run()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a request that does not parse (corrupt wire format, invalid UTF-8 in a string field) ends UNKNOWN"
-    " ('Unexpected DecodeError'), not INVALID_ARGUMENT: the handlers' request_deserializer raises; fix owned"
-    " by server (server.py)",
-)
 @pytest.mark.parametrize("method", list(S.REQUEST_TYPES))
 def test_unparsable_request_is_invalid_argument(server: S.ServerThread, method: str) -> None:
     @bounded(10)
@@ -279,8 +253,14 @@ def test_unparsable_request_is_invalid_argument(server: S.ServerThread, method: 
     @example(data=b"\x00")
     @example(data=b"\x0a\x01\xff")
     def run(data: bytes) -> None:
-        code, details, _ = server.raw(method, [data])
-        assert code == "INVALID_ARGUMENT", (code, details)
+        code, details, responses = server.raw(method, [data])
+        if method == "PublishRuns":  # contract: acknowledged with its error, and the stream goes on
+            assert code == "OK", (code, details)
+            (ack,) = (svc.PublishRunsResponse.FromString(r) for r in responses)
+            assert (ack.index, ack.revision, ack.error.code) == (0, 0, 3), ack
+            S.check_message_line(ack.error.message)
+        else:
+            assert code == "INVALID_ARGUMENT", (code, details)
 
     run()
 
@@ -289,12 +269,6 @@ def _token(inner: str) -> str:
     return base64.urlsafe_b64encode(inner.encode("utf-8", "surrogatepass")).decode().rstrip("=")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a forged page token ends UNKNOWN: deep nesting raises RecursionError in _decode_page_token, a lone"
-    " surrogate in its source raises UnicodeEncodeError in the SQLite store; issue 7.8; fix owned by server"
-    " (server.py _decode_page_token)",
-)
 @bounded(40)
 @given(token=S.page_token_texts())
 @example(token=_token("[" * 100_000))
@@ -304,11 +278,6 @@ def test_forged_page_tokens_are_invalid_argument_or_served(server: S.ServerThrea
     assert code in ("OK", "INVALID_ARGUMENT"), (code, details)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="WatchRuns with start_revision beyond head + 1 waits silently instead of OUT_OF_RANGE"
-    " REVISION_IN_FUTURE with head_revision (issue 7.6); fix owned by fan-out/server",
-)
 @bounded(10)
 @given(ahead=st.integers(2, 2**62))
 @example(ahead=10**6)
@@ -323,14 +292,11 @@ def test_watch_from_the_future_is_out_of_range(server: S.ServerThread, ahead: in
     with pytest.raises(grpc.RpcError) as caught:
         next(iter(stream))
     assert caught.value.code() == grpc.StatusCode.OUT_OF_RANGE
-    assert "REVISION_IN_FUTURE" in str(caught.value.trailing_metadata()) or caught.value.details()  # TODO(_status)
+    trailers = str(caught.value.trailing_metadata())
+    assert REASON_REVISION_IN_FUTURE in trailers, trailers
+    assert KEY_HEAD_REVISION in trailers, trailers
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a source of any length is accepted (300 bytes stored); issue 7.5 wants a documented limit of about"
-    " 256 bytes; fix owned by server (server.py)",
-)
 @bounded(10)
 @given(source=st.text(min_size=1, max_size=4).map(lambda s: (s * 300)[:300]))
 @example(source="x" * 300)
@@ -416,14 +382,8 @@ def test_the_module_has_no_leftover_open_classes() -> None:
     """Every class KNOWN_OPEN steps around has a strict xfail test here (so a fix is noticed)."""
     source = Path(__file__).read_text()
     assert {
-        "unparsable-request",
-        "binary-unstorable",
         "extra-key-shadows-field",
         "unbounded-refusal",
-        "forged-page-token",
     } == S.KNOWN_OPEN
-    assert "test_unparsable_request_is_invalid_argument" in source
-    assert "test_binary_input_is_accepted_exactly_when_its_rest_form_is" in source
     assert "test_is_final_agrees_with_to_rest_when_an_extra_key_is_named_status" in source
     assert "test_a_refusal_with_many_violations_stays_invalid_argument" in source
-    assert "test_forged_page_tokens_are_invalid_argument_or_served" in source

@@ -298,11 +298,6 @@ def test_a_stalled_watcher_costs_the_server_a_bounded_amount(tmp_path: Path, ser
     assert grown < STALLED_WATCHER_BOUND_MIB, f"the server grew by {grown:.0f} MiB for one stalled watcher"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a second `shellinfo serve` on a SQLite file another live server serves starts and serves too"
-    " (issue 7.7 wants an OS-level lock: one line, exit 2); fix owned by stores (stores/sqlite.py) and serve",
-)
 def test_a_second_server_on_the_same_file_refuses_to_start(tmp_path: Path, serve: ServeFactory) -> None:  # noqa: F811
     store = sqlite_url(tmp_path / "one.sqlite3")
     first = serve(store)
@@ -344,13 +339,6 @@ OUT_OF_RANGE_OPTIONS = {
 }
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="out-of-range numbers are not refused by the argument types: list --page-size beyond int32 and watch"
-    " --from-revision beyond int64 end in a traceback (ValueError: Value out of range), serve accepts"
-    " --retain-seconds 1e303 and --retain-updates/--max-watch-queue 10**23 and serves (issue 7.8); fix owned"
-    " by CLI (cli/_io.py argparse types)",
-)
 @pytest.mark.parametrize("option", list(OUT_OF_RANGE_OPTIONS))
 def test_out_of_range_options_exit_2_naming_the_option(option: str) -> None:
     command, values = OUT_OF_RANGE_OPTIONS[option]
