@@ -18,7 +18,7 @@ from shellinfo_grpc._gen.shellinfo.v1 import protection_shell_info_pb2 as _pb
 from shellinfo_grpc._gen.shellinfo.v1 import run_update_service_pb2 as _svc
 from shellinfo_grpc._jsonvalue import canonical, quote
 from shellinfo_grpc._jsonvalue import key_name as _key_name
-from shellinfo_grpc._status import REASON_INVALID_RUN, REASON_RUN_FINAL
+from shellinfo_grpc._status import MAX_VIOLATIONS, REASON_INVALID_RUN, REASON_RUN_FINAL, bounded
 from shellinfo_grpc.errors import RestDecodeError, RunRejected
 from shellinfo_grpc.rest import REST_KEYS, rest_names
 
@@ -124,7 +124,9 @@ def check_storable(run: _pb.ProtectionShellInfo) -> None:
       REST has no key for them, so they would be lost; named ``#<number>``.
 
     Raises :class:`RunRejected` (``INVALID_ARGUMENT``, reason ``INVALID_RUN``)
-    listing every violation. Called by :func:`check_run`.
+    listing the violations, at most ``_status.MAX_VIOLATIONS`` of them (the
+    message counts the others), so that any refusal fits in a gRPC status.
+    Called by :func:`check_run`.
     """
     violations = _storable_violations(run)
     if violations:
@@ -181,12 +183,9 @@ def _unknown_fields(message: object) -> list[tuple[int, int]]:
 
 
 def _reject(violations: list[tuple[str, str]]) -> None:
-    raise RunRejected(
-        "INVALID_ARGUMENT",
-        REASON_INVALID_RUN,
-        "; ".join(f"{field} {text}" for field, text in violations),
-        violations,
-    )
+    """Raise the refusal of ``violations``: the first ones, bounded as ``_status.bounded`` says, the rest counted."""
+    message, shown = bounded("; ".join(f"{field} {text}" for field, text in violations[:MAX_VIOLATIONS]), violations)
+    raise RunRejected("INVALID_ARGUMENT", REASON_INVALID_RUN, message, shown)
 
 
 def check_run(run: _pb.ProtectionShellInfo | None) -> None:

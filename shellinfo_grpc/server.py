@@ -56,6 +56,7 @@ from shellinfo_grpc._fanout import Hub, batches, encode, serialize_response
 from shellinfo_grpc._gen.shellinfo.v1 import protection_shell_info_pb2 as _pb
 from shellinfo_grpc._gen.shellinfo.v1 import run_update_service_pb2 as _svc
 from shellinfo_grpc._gen.shellinfo.v1 import run_update_service_pb2_grpc as _svc_grpc
+from shellinfo_grpc._jsonvalue import key_name
 from shellinfo_grpc._status import (
     KEY_JOB_RUN_ID,
     KEY_SOURCE,
@@ -309,7 +310,7 @@ def _violation_field(path: Sequence[tuple[descriptor.FieldDescriptor, bytes]]) -
         with contextlib.suppress(DecodeError, UnicodeDecodeError):
             keys = [p.decode("utf-8") for n, p in _fields(path[2][1]) if n == key_number]
             if keys and keys[-1]:
-                return keys[-1]
+                return key_name(keys[-1])  # escaped and cut as rules names it: one printable line
         return "run"
     return ".".join(fd.json_name for fd in fields)
 

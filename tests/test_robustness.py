@@ -32,7 +32,7 @@ from hypothesis import strategies as st
 
 from shellinfo_grpc import ProtectionShellInfo
 from shellinfo_grpc._gen.shellinfo.v1 import run_update_service_pb2 as svc
-from shellinfo_grpc._status import KEY_HEAD_REVISION, REASON_REVISION_IN_FUTURE
+from shellinfo_grpc._status import KEY_HEAD_REVISION, MAX_VIOLATIONS, REASON_REVISION_IN_FUTURE
 from shellinfo_grpc.cli import main
 from shellinfo_grpc.framing import encode_delimited
 from shellinfo_grpc.rules import check_storable
@@ -306,12 +306,6 @@ def test_a_source_longer_than_256_bytes_is_refused(server: S.ServerThread, sourc
     assert code == "INVALID_ARGUMENT"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a refusal lists every violation in its message and BadRequest, without bound: a 3.8 KB run with 300"
-    " bad extra keys reaches the client as RESOURCE_EXHAUSTED 'received metadata size exceeds hard limit"
-    " (33078 vs. 16384)' instead of INVALID_ARGUMENT; fix owned by server/rules (cap the violations reported)",
-)
 @bounded(8)
 @given(count=st.integers(200, 3000), bad=st.sampled_from(["NaN", "[1,]", "01"]))
 @example(count=300, bad="NaN")
@@ -322,6 +316,11 @@ def test_a_refusal_with_many_violations_stays_invalid_argument(server: S.ServerT
     code, details, _ = server.raw("PublishRun", [svc.PublishRunRequest(run=run).SerializeToString()])
     assert code == "INVALID_ARGUMENT", (code, details[:200])
     S.check_message_line(details)
+    assert details.endswith(f" ... and {count - MAX_VIOLATIONS} more"), details
+    (ack,) = server.stub.PublishRuns(iter([svc.PublishRunsRequest(run=run)]), timeout=10)
+    assert ack.error.code == 3, ack  # INVALID_ARGUMENT, in a stream too
+    assert len(ack.error.field_violations) == MAX_VIOLATIONS
+    S.check_message_line(ack.error.message)
 
 
 @bounded(150)
@@ -371,8 +370,7 @@ def test_a_bad_request_in_a_publish_stream_is_acknowledged_with_its_error_and_th
     for ack, run in zip(acks, runs, strict=True):
         if ack.HasField("error"):
             assert ack.error.code in (3, 9), ack.error  # INVALID_ARGUMENT, FAILED_PRECONDITION (a final run)
-            if "unbounded-refusal" not in S.KNOWN_OPEN or len(ack.error.field_violations) < 4:
-                S.check_message_line(ack.error.message)
+            S.check_message_line(ack.error.message)
         else:
             assert ack.revision > 0
             check_storable(run)
@@ -383,7 +381,5 @@ def test_the_module_has_no_leftover_open_classes() -> None:
     source = Path(__file__).read_text()
     assert {
         "extra-key-shadows-field",
-        "unbounded-refusal",
     } == S.KNOWN_OPEN
     assert "test_is_final_agrees_with_to_rest_when_an_extra_key_is_named_status" in source
-    assert "test_a_refusal_with_many_violations_stays_invalid_argument" in source
