@@ -35,7 +35,7 @@ from shellinfo_grpc.cli import main as cli_main
 from shellinfo_grpc.errors import FramingError, RunRejected
 from shellinfo_grpc.framing import encode_delimited, iter_delimited
 from shellinfo_grpc.rest import rest_names
-from shellinfo_grpc.rules import check_storable, is_final
+from shellinfo_grpc.rules import FINAL_STATUSES, check_storable, is_final
 
 __all__ = [
     "CLI_FORMATS",
@@ -64,9 +64,7 @@ __all__ = [
 #: Classes of failure that are known and open (each has a strict xfail test of
 #: its own in test_robustness.py); the generic properties step around them so
 #: that they keep guarding everything else. Remove an entry once its fix lands.
-KNOWN_OPEN: set[str] = {
-    "extra-key-shadows-field",
-}
+KNOWN_OPEN: set[str] = set()
 
 #: The longest error message any entry point may produce, in characters.
 MAX_MESSAGE_CHARS: Final = 1000
@@ -622,9 +620,13 @@ def check_from_rest(value: Any, strict: bool = False) -> None:
     json.dumps(back, allow_nan=False)
 
 
-def _shadowing(msg: ProtectionShellInfo) -> bool:
-    """Whether an unknown key kept in ``unrecognized`` is a known REST key (which to_rest then writes)."""
-    return msg.HasField("unrecognized") and any(e.key in REST_KEYS for e in msg.unrecognized.extra_keys)
+def _shows_final(shown: Any) -> bool:
+    """Whether a REST ``status`` value is final: a final spelling, or a number from_rest reads as a final status."""
+    if isinstance(shown, str):
+        return shown in FINAL_SPELLINGS
+    if type(shown) is int and INT32_MIN <= shown <= INT32_MAX:
+        return from_rest({"status": shown}).status in FINAL_STATUSES
+    return False
 
 
 def check_to_rest(msg: ProtectionShellInfo) -> None:
@@ -646,9 +648,7 @@ def check_to_rest(msg: ProtectionShellInfo) -> None:
         return
     json.dumps(out, allow_nan=False)
     shown = out.get("status")
-    shown_final = isinstance(shown, str) and shown in FINAL_SPELLINGS
-    if not ("extra-key-shadows-field" in KNOWN_OPEN and _shadowing(msg)):
-        assert is_final(msg) == shown_final, f"is_final says {is_final(msg)} but to_rest shows status {shown!r}"
+    assert is_final(msg) == _shows_final(shown), f"is_final says {is_final(msg)} but to_rest shows status {shown!r}"
     if storable:
         back = from_rest(out)
         assert back == storable_json_value(msg), (back, msg)
