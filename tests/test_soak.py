@@ -373,12 +373,6 @@ UNSHOWABLE = {
 }
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a run in the store that to_rest cannot write (json_value NaN, nested 100 deep, trailing data) makes"
-    " `shellinfo list` exit 2 with one line and print none of the other runs (issue 7.1: skip it or show it raw,"
-    " serve the rest); fix owned by CLI (cli/calls.py, cli/watch.py)",
-)
 @pytest.mark.parametrize("kind", list(UNSHOWABLE))
 def test_a_bad_record_already_in_the_store_is_skipped_or_shown_raw(
     tmp_path: Path,
