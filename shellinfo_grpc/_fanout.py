@@ -97,15 +97,34 @@ def batches(items: Iterable[_Item], max_updates: int, max_bytes: int) -> Iterabl
         yield batch
 
 
+def _held(item: _Encoded) -> int:
+    """The memory a queued update holds: its message and its encoding, each about the encoded size."""
+    return 2 * len(item[1])
+
+
 class _Watcher:
     """The live side of one WatchRuns call: a bounded queue fed by the hub."""
 
-    __slots__ = ("closing", "event", "matches", "max_queue", "overflow", "pending", "seen")
+    __slots__ = (
+        "closing",
+        "event",
+        "matches",
+        "max_queue",
+        "max_queue_bytes",
+        "overflow",
+        "pending",
+        "pending_bytes",
+        "seen",
+    )
 
-    def __init__(self, matches: Callable[[_svc.RunUpdate], bool], max_queue: int, revision: int) -> None:
+    def __init__(
+        self, matches: Callable[[_svc.RunUpdate], bool], max_queue: int, revision: int, max_queue_bytes: int
+    ) -> None:
         self.matches = matches
         self.max_queue = max_queue
+        self.max_queue_bytes = max_queue_bytes
         self.pending: deque[_Encoded] = deque()
+        self.pending_bytes = 0  # the memory ``pending`` holds: see _held
         self.event = asyncio.Event()
         self.overflow = False
         self.closing = False
@@ -114,25 +133,34 @@ class _Watcher:
     def offer(self, updates: Sequence[_Encoded]) -> None:
         """Queue the matching updates of one commit; never waits.
 
-        The bound applies to what earlier commits left unsent: a watcher that
-        still has ``max_queue`` updates waiting when the next commit arrives
-        cannot keep up, and its queue is dropped (it resumes from its last
-        revision). A single large commit never overflows a watcher that is
-        keeping up.
+        The bounds apply to what earlier commits left unsent: a watcher that
+        still has ``max_queue`` updates, or ``max_queue_bytes`` bytes of them,
+        waiting when the next commit arrives cannot keep up, and its queue is
+        dropped (it resumes from its last revision). So a stalled watcher holds
+        at most about ``max_queue_bytes`` plus one commit. A single large
+        commit never overflows a watcher that is keeping up.
         """
         self.seen = updates[-1][0].revision
         if self.overflow:
             return
-        if len(self.pending) >= self.max_queue:
+        if len(self.pending) >= self.max_queue or self.pending_bytes >= self.max_queue_bytes:
             self.overflow = True
             self.pending.clear()
+            self.pending_bytes = 0
             self.event.set()
             return
-        before = len(self.pending)
         matches = self.matches
-        self.pending.extend(item for item in updates if matches(item[0]))
-        if len(self.pending) != before:
+        added = [item for item in updates if matches(item[0])]
+        if added:
+            self.pending.extend(added)
+            self.pending_bytes += sum(_held(item) for item in added)
             self.event.set()
+
+    def take(self) -> _Encoded:
+        """The oldest queued update, out of the queue."""
+        item = self.pending.popleft()
+        self.pending_bytes -= _held(item)
+        return item
 
     def close(self) -> None:
         self.closing = True
@@ -142,8 +170,17 @@ class _Watcher:
 class Hub:
     """Fans committed updates out to every watcher; never waits on one."""
 
-    def __init__(self, store: Store, *, max_queue: int, max_batch_updates: int, max_batch_bytes: int) -> None:
+    def __init__(
+        self,
+        store: Store,
+        *,
+        max_queue: int,
+        max_batch_updates: int,
+        max_batch_bytes: int,
+        max_queue_bytes: int = 64 << 20,
+    ) -> None:
         self._max_queue = max_queue
+        self._max_queue_bytes = max_queue_bytes
         self._max_updates = max_batch_updates
         self._max_bytes = max_batch_bytes
         self.revision = store.head_revision()
@@ -160,7 +197,7 @@ class Hub:
                 watcher.offer(encoded)
 
     def register(self, matches: Callable[[_svc.RunUpdate], bool]) -> _Watcher:
-        watcher = _Watcher(matches, self._max_queue, self.revision)
+        watcher = _Watcher(matches, self._max_queue, self.revision, self._max_queue_bytes)
         if self.closed:
             watcher.close()
         self.watchers.add(watcher)
@@ -272,17 +309,18 @@ class Hub:
                 raise ServiceError(
                     "RESOURCE_EXHAUSTED",
                     REASON_WATCHER_TOO_SLOW,
-                    f"watcher fell more than {watcher.max_queue} updates behind; resume from revision {sent + 1}",
+                    f"watcher fell more than {watcher.max_queue} updates or {watcher.max_queue_bytes} bytes behind;"
+                    f" resume from revision {sent + 1}",
                     metadata={KEY_LAST_REVISION: str(sent)},
                 )
             while pending and pending[0][0].revision <= sent:
-                pending.popleft()  # already sent by the snapshot or the catch-up
+                watcher.take()  # already sent by the snapshot or the catch-up
             if pending:
                 batch: list[_Encoded] = []
                 size = 0
                 limit_n, limit_bytes = self._max_updates, self._max_bytes
                 while pending and len(batch) < limit_n and (not batch or size + len(pending[0][1]) <= limit_bytes):
-                    item = pending.popleft()
+                    item = watcher.take()
                     batch.append(item)
                     size += len(item[1])
                 last = batch[-1][0].revision

@@ -10,7 +10,8 @@ Guarantees (README.md, "Guarantees", says the same for users):
   is acknowledged only once the store made it durable;
 * a watcher receives matching updates once each, in revision order; a backlog
   is sent in batches, live updates at once;
-* a watcher that falls more than ``max_watch_queue`` updates behind is ended
+* a watcher that falls more than ``max_watch_queue`` updates (or
+  ``max_watch_queue_bytes`` bytes) behind is ended
   with RESOURCE_EXHAUSTED and the last revision it was sent, so it resumes
   without blocking publishers or other watchers;
 * on shutdown, health turns NOT_SERVING, watchers end with UNAVAILABLE and
@@ -150,7 +151,9 @@ class ServerConfig:
     """Settings of the service that are not the address or the store.
 
     ``max_watch_queue``: updates a watcher may fall behind before it is ended
-    with RESOURCE_EXHAUSTED. ``max_batch_updates``/``max_batch_bytes``: the
+    with RESOURCE_EXHAUSTED; ``max_watch_queue_bytes``: the same in bytes (the
+    encoded updates waiting for it), so that a stalled watcher costs the server
+    a bounded amount of memory however large the runs. ``max_batch_updates``/``max_batch_bytes``: the
     most updates (and their approximate size) in one WatchRuns response.
     ``tokens``: accepted bearer tokens; empty means no authentication.
     ``shutdown_grace``: seconds in-flight calls get to finish on shutdown.
@@ -163,6 +166,7 @@ class ServerConfig:
     """
 
     max_watch_queue: int = 10_000
+    max_watch_queue_bytes: int = 64 << 20
     max_batch_updates: int = 1_000
     max_batch_bytes: int = 1 << 20
     tokens: frozenset[str] = frozenset()
@@ -401,6 +405,7 @@ class RunUpdateServicer(_svc_grpc.RunUpdateServiceServicer):
         self._hub = Hub(
             store,
             max_queue=config.max_watch_queue,
+            max_queue_bytes=config.max_watch_queue_bytes,
             max_batch_updates=config.max_batch_updates,
             max_batch_bytes=config.max_batch_bytes,
         )

@@ -268,12 +268,6 @@ def test_soak_kill_and_restart_loses_and_repeats_nothing(tmp_path: Path, serve: 
 STALLED_WATCHER_BOUND_MIB = 96
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a watcher that stops reading holds every published update in its queue (10,000 by count, no byte"
-    " limit): with 0.9 MiB runs the server grows by the size of everything published (issue 7.4,"
-    " --max-watch-queue-bytes); fix owned by fan-out (_fanout.py)",
-)
 def test_a_stalled_watcher_costs_the_server_a_bounded_amount(tmp_path: Path, serve: ServeFactory) -> None:  # noqa: F811
     import grpc
 

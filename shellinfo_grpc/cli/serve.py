@@ -167,7 +167,13 @@ def _cmd_serve(args: argparse.Namespace, io: Streams) -> int:
 
         parse_metrics_address(args.metrics_address)  # a bad address is reported before anything starts
         metrics = ServiceMetrics()
-    config = ServerConfig(max_watch_queue=args.max_watch_queue, tokens=tokens, tls=tls, metrics=metrics)
+    config = ServerConfig(
+        max_watch_queue=args.max_watch_queue,
+        max_watch_queue_bytes=args.max_watch_queue_bytes,
+        tokens=tokens,
+        tls=tls,
+        metrics=metrics,
+    )
     store = open_store(url, retention=retention)
     _check_port(args.address, host, port)
     stop_metrics: Callable[[], None] | None = None
@@ -243,6 +249,14 @@ def add_serve(subparsers: Subparsers[argparse.ArgumentParser]) -> None:
         default=10_000,
         metavar="N",
         help="updates a watcher may fall behind before its stream is ended to resume (default %(default)s)",
+    )
+    parser.add_argument(
+        "--max-watch-queue-bytes",
+        type=count,
+        default=64 << 20,
+        metavar="BYTES",
+        help="bytes of updates a watcher may fall behind before its stream is ended to resume"
+        " (default %(default)s, 64 MiB)",
     )
     parser.add_argument(
         "--metrics-address",
