@@ -334,11 +334,11 @@ class _Shown:
             return True
         if self.match is not None and not self.match(update):
             return False
-        self.updates += 1  # a skipped one counts too: --count N ends after N matching updates, shown or not
         problem = unshowable(update)
         if problem is not None:
             view.skipped(one_line(f"skipped {describe(update)}: cannot be shown as REST: {problem}"))
             return False
+        self.updates += 1
         if self.first is None:
             self.first = event.revision
         return True
@@ -366,8 +366,8 @@ def _follow(pump: _Pump, notices: _Notices, view: _View, shown: _Shown, gone: Ca
         if shown.take(event, view):
             notices.delivered()
             view.event(event)
-        if shown.done:
-            return EXIT_OK
+            if shown.done:
+                return EXIT_OK
         if pump.items.empty():
             view.idle()
 
@@ -389,11 +389,6 @@ def add_watch(subparsers: Subparsers[argparse.ArgumentParser]) -> None:
     parser.add_argument(
         "--snapshot", action="store_true", help="first the latest state of every matching run, then live"
     )
-    parser.add_argument(
-        "--count",
-        type=count,
-        metavar="N",
-        help="exit (status 0) after N updates (one skipped as not showable counts too)",
-    )
+    parser.add_argument("--count", type=count, metavar="N", help="exit (status 0) after N updates")
     add_filters(parser)
     add_client_options(parser)
