@@ -33,6 +33,8 @@ __all__ = [
     "KEY_OLDEST_REVISION",
     "KEY_REQUESTED_REVISION",
     "KEY_SOURCE",
+    "MAX_MESSAGE_BYTES",
+    "MAX_VIOLATIONS",
     "REASON_HISTORY_EXPIRED",
     "REASON_INVALID_REQUEST",
     "REASON_INVALID_RUN",
@@ -46,6 +48,7 @@ __all__ = [
     "REFUSED_CODES",
     "Details",
     "ErrorParts",
+    "bounded",
     "code_name",
     "code_number",
     "details",
@@ -98,6 +101,52 @@ KEY_JOB_RUN_ID: Final = "job_run_id"
 REFUSED_CODES: Final = frozenset({"INVALID_ARGUMENT", "FAILED_PRECONDITION"})
 
 
+# --- bounds -------------------------------------------------------------------------
+#
+# A refusal travels in trailing metadata (grpc-message, grpc-status-details-bin),
+# which a gRPC client accepts only up to 8 KiB (16 KiB at the most): a refusal
+# that lists every violation of a hostile run would reach the client as
+# RESOURCE_EXHAUSTED instead. So every refusal is cut to these bounds, whatever
+# the input; the message says how many violations were left out. Worst case
+# (every character non-ASCII): grpc-message ~3 x 800 bytes percent-encoded, the
+# details ~4/3 x (800 + 20 x 300) bytes base64-encoded; well under 16 KiB.
+
+#: A refusal lists at most this many field violations (the first ones found).
+MAX_VIOLATIONS: Final = 20
+#: The longest status message, in UTF-8 bytes.
+MAX_MESSAGE_BYTES: Final = 800
+_MAX_FIELD_BYTES: Final = 120
+_MAX_DESCRIPTION_BYTES: Final = 180
+_CUT_MARK: Final = "..."
+
+
+def _cut(text: str, limit: int) -> str:
+    """``text`` cut to at most ``limit`` UTF-8 bytes (on a character boundary), marked as cut."""
+    data = text.encode("utf-8", "backslashreplace")
+    if len(data) <= limit:
+        return data.decode("utf-8")
+    return data[: limit - len(_CUT_MARK)].decode("utf-8", "ignore") + _CUT_MARK
+
+
+def bounded(message: str, violations: Iterable[tuple[str, str]]) -> tuple[str, tuple[tuple[str, str], ...]]:
+    """``message`` and ``violations`` cut to what one refusal may carry (see MAX_VIOLATIONS, MAX_MESSAGE_BYTES).
+
+    At most :data:`MAX_VIOLATIONS` violations are kept, each field and
+    description cut to a bounded length; when some are left out, the message
+    ends with ``... and N more``. The message is cut to
+    :data:`MAX_MESSAGE_BYTES`. A refusal within the bounds is returned as is.
+    """
+    kept: list[tuple[str, str]] = []
+    dropped = 0
+    for field, description in violations:
+        if len(kept) < MAX_VIOLATIONS:
+            kept.append((_cut(field, _MAX_FIELD_BYTES), _cut(description, _MAX_DESCRIPTION_BYTES)))
+        else:
+            dropped += 1
+    more = f" ... and {dropped} more" if dropped else ""
+    return _cut(message, MAX_MESSAGE_BYTES - len(more)) + more, tuple(kept)
+
+
 class ErrorParts(Protocol):
     """What a refusal is made of; :class:`~shellinfo_grpc.errors.ServiceError` has it all."""
 
@@ -129,7 +178,11 @@ def status_proto(
     violations: Iterable[tuple[str, str]] = (),
     metadata: dict[str, str] | None = None,
 ) -> status_pb2.Status:
-    """A google.rpc ``Status`` with an ``ErrorInfo`` (when ``reason`` is set) and a ``BadRequest`` detail."""
+    """A google.rpc ``Status`` with an ``ErrorInfo`` (when ``reason`` is set) and a ``BadRequest`` detail.
+
+    The message and the violations are cut to the bounds of :func:`bounded`.
+    """
+    message, violations = bounded(message, violations)
     parts: list[any_pb2.Any] = []
     if reason:
         info = any_pb2.Any()
@@ -176,10 +229,11 @@ def details(status: status_pb2.Status) -> Details:
 
 
 def publish_error(exc: ErrorParts) -> _svc.PublishError:
-    """The ``PublishError`` of a refused item of a ``PublishRuns`` stream."""
+    """The ``PublishError`` of a refused item of a ``PublishRuns`` stream (cut as :func:`bounded` says)."""
+    message, violations = bounded(exc.message, exc.violations)
     return _svc.PublishError(
         code=code_number(exc.code),
-        message=exc.message,
+        message=message,
         reason=exc.reason,
-        field_violations=[_svc.FieldViolation(field=f, description=d) for f, d in exc.violations],
+        field_violations=[_svc.FieldViolation(field=f, description=d) for f, d in violations],
     )

@@ -16,9 +16,9 @@ from google.protobuf.unknown_fields import UnknownFieldSet
 
 from shellinfo_grpc._gen.shellinfo.v1 import protection_shell_info_pb2 as _pb
 from shellinfo_grpc._gen.shellinfo.v1 import run_update_service_pb2 as _svc
-from shellinfo_grpc._jsonvalue import canonical, quote
+from shellinfo_grpc._jsonvalue import canonical, decode, quote
 from shellinfo_grpc._jsonvalue import key_name as _key_name
-from shellinfo_grpc._status import REASON_INVALID_RUN, REASON_RUN_FINAL
+from shellinfo_grpc._status import MAX_VIOLATIONS, REASON_INVALID_RUN, REASON_RUN_FINAL, bounded
 from shellinfo_grpc.errors import RestDecodeError, RunRejected
 from shellinfo_grpc.rest import REST_KEYS, rest_names
 
@@ -55,31 +55,62 @@ def _unrecognized_status(run: _pb.ProtectionShellInfo) -> str | None:
     return None
 
 
+def _extra_status(unrecognized: _pb.UnrecognizedRest) -> int | str | None:
+    """The value of an extra key named ``status``, if it is a spelling or a number.
+
+    :func:`~shellinfo_grpc.rest.to_rest` writes the first such key where
+    neither the enum nor ``unrecognized.status`` is set; :func:`check_run`
+    refuses it, but a file or a store written before that check may hold one.
+    A value that is not JSON (``to_rest`` refuses the run) or neither a
+    string nor an integer shows no status.
+    """
+    for extra in unrecognized.extra_keys:
+        if extra.key == "status":
+            try:
+                value = decode(extra.json_value)
+            except RestDecodeError:
+                return None
+            if isinstance(value, str) or (isinstance(value, int) and not isinstance(value, bool)):
+                return value
+            return None
+    return None
+
+
 def _shown_status(run: _pb.ProtectionShellInfo) -> int | str | None:
     """The ``status`` that :func:`~shellinfo_grpc.rest.to_rest` writes for ``run``.
 
     An enum number (spelled or not; ``0`` reads as unset), else the spelling
-    kept in ``unrecognized.status``, else ``None``.
+    kept in ``unrecognized.status``, else the value of an extra key named
+    ``status`` (see :func:`_extra_status`), else ``None``.
     """
     status = run.status
     if status:
         return status
-    return _unrecognized_status(run)
+    if not run.HasField("unrecognized"):
+        return None
+    unrecognized = run.unrecognized
+    if unrecognized.HasField("status"):
+        return unrecognized.status
+    return _extra_status(unrecognized)
 
 
 def is_final(run: _pb.ProtectionShellInfo) -> bool:
     """Whether ``run`` shows a final status (kSuccess, kFailure, kWarning, kCanceled, kMissed).
 
-    Exactly when :func:`~shellinfo_grpc.rest.to_rest` writes one of those
-    spellings as ``status``: the enum value, or, where the enum is unset, the
-    spelling kept in ``unrecognized.status`` (which :func:`check_run` accepts
-    only for spellings the schema does not know, but a stored record may
-    predate that check).
+    Exactly when :func:`~shellinfo_grpc.rest.to_rest` writes a final status
+    as ``status`` (a spelling, or a number that :func:`~shellinfo_grpc.rest.from_rest`
+    reads as one): the enum value, or, where the enum is unset, the spelling
+    kept in ``unrecognized.status``, or else an extra key named ``status``
+    (:func:`check_run` accepts neither a known spelling in
+    ``unrecognized.status`` nor a known REST key among the extra keys, but a
+    stored record may predate that check). The common case, the enum set,
+    costs one read.
     """
     status = run.status
     if status:
         return status in FINAL_STATUSES
-    return run.HasField("unrecognized") and _unrecognized_status(run) in _FINAL_SPELLINGS
+    shown = _shown_status(run)
+    return shown in _FINAL_SPELLINGS or shown in FINAL_STATUSES
 
 
 def _enum_violations(
@@ -124,7 +155,9 @@ def check_storable(run: _pb.ProtectionShellInfo) -> None:
       REST has no key for them, so they would be lost; named ``#<number>``.
 
     Raises :class:`RunRejected` (``INVALID_ARGUMENT``, reason ``INVALID_RUN``)
-    listing every violation. Called by :func:`check_run`.
+    listing the violations, at most ``_status.MAX_VIOLATIONS`` of them (the
+    message counts the others), so that any refusal fits in a gRPC status.
+    Called by :func:`check_run`.
     """
     violations = _storable_violations(run)
     if violations:
@@ -181,12 +214,9 @@ def _unknown_fields(message: object) -> list[tuple[int, int]]:
 
 
 def _reject(violations: list[tuple[str, str]]) -> None:
-    raise RunRejected(
-        "INVALID_ARGUMENT",
-        REASON_INVALID_RUN,
-        "; ".join(f"{field} {text}" for field, text in violations),
-        violations,
-    )
+    """Raise the refusal of ``violations``: the first ones, bounded as ``_status.bounded`` says, the rest counted."""
+    message, shown = bounded("; ".join(f"{field} {text}" for field, text in violations[:MAX_VIOLATIONS]), violations)
+    raise RunRejected("INVALID_ARGUMENT", REASON_INVALID_RUN, message, shown)
 
 
 def check_run(run: _pb.ProtectionShellInfo | None) -> None:

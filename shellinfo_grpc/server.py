@@ -10,7 +10,8 @@ Guarantees (README.md, "Guarantees", says the same for users):
   is acknowledged only once the store made it durable;
 * a watcher receives matching updates once each, in revision order; a backlog
   is sent in batches, live updates at once;
-* a watcher that falls more than ``max_watch_queue`` updates behind is ended
+* a watcher that falls more than ``max_watch_queue`` updates (or
+  ``max_watch_queue_bytes`` bytes) behind is ended
   with RESOURCE_EXHAUSTED and the last revision it was sent, so it resumes
   without blocking publishers or other watchers;
 * on shutdown, health turns NOT_SERVING, watchers end with UNAVAILABLE and
@@ -56,6 +57,7 @@ from shellinfo_grpc._fanout import Hub, batches, encode, serialize_response
 from shellinfo_grpc._gen.shellinfo.v1 import protection_shell_info_pb2 as _pb
 from shellinfo_grpc._gen.shellinfo.v1 import run_update_service_pb2 as _svc
 from shellinfo_grpc._gen.shellinfo.v1 import run_update_service_pb2_grpc as _svc_grpc
+from shellinfo_grpc._jsonvalue import key_name
 from shellinfo_grpc._status import (
     KEY_JOB_RUN_ID,
     KEY_SOURCE,
@@ -311,7 +313,7 @@ def _violation_field(path: Sequence[tuple[descriptor.FieldDescriptor, bytes]]) -
         with contextlib.suppress(DecodeError, UnicodeDecodeError):
             keys = [p.decode("utf-8") for n, p in _fields(path[2][1]) if n == key_number]
             if keys and keys[-1]:
-                return keys[-1]
+                return key_name(keys[-1])  # escaped and cut as rules names it: one printable line
         return "run"
     return ".".join(fd.json_name for fd in fields)
 

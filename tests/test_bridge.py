@@ -43,7 +43,6 @@ from shellinfo_grpc.errors import ConfigurationError
 from shellinfo_grpc.metrics import BridgeMetrics
 from shellinfo_grpc.run_instance import job_from_rest, job_to_rest
 from shellinfo_grpc.server import RunningServer, create_server
-
 from shellinfo_grpc.stores._registry import open_store
 from shellinfo_grpc.testing import FakeCluster
 
