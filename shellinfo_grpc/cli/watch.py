@@ -389,6 +389,11 @@ def add_watch(subparsers: Subparsers[argparse.ArgumentParser]) -> None:
     parser.add_argument(
         "--snapshot", action="store_true", help="first the latest state of every matching run, then live"
     )
-    parser.add_argument("--count", type=count, metavar="N", help="exit (status 0) after N updates")
+    parser.add_argument(
+        "--count",
+        type=count,
+        metavar="N",
+        help="exit (status 0) after showing N updates (a stored run that cannot be shown does not count)",
+    )
     add_filters(parser)
     add_client_options(parser)
