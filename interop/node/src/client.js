@@ -15,6 +15,14 @@ export const ERROR_DOMAIN = "shellinfo.v1";
  * one would otherwise keep the process alive for a while).
  */
 export function connect(url, { token } = {}) {
+  return connectService(RunUpdateService, url, { token });
+}
+
+/**
+ * A client of any `service` at `url` (gRPC over HTTP/2), sending
+ * `authorization: Bearer <token>` when a token is given, with `close()`.
+ */
+export function connectService(service, url, { token } = {}) {
   const sessionManager = new Http2SessionManager(url);
   const interceptors = token
     ? [
@@ -24,7 +32,7 @@ export function connect(url, { token } = {}) {
         },
       ]
     : [];
-  const client = createClient(RunUpdateService, createGrpcTransport({ baseUrl: url, interceptors, sessionManager }));
+  const client = createClient(service, createGrpcTransport({ baseUrl: url, interceptors, sessionManager }));
   return Object.assign(client, { close: () => sessionManager.abort() });
 }
 

@@ -3,8 +3,7 @@
 
 import { create, createFileRegistry, fromBinary } from "@bufbuild/protobuf";
 import { FileDescriptorProtoSchema, FileDescriptorSetSchema } from "@bufbuild/protobuf/wkt";
-import { createClient } from "@connectrpc/connect";
-import { createGrpcTransport, Http2SessionManager } from "@connectrpc/connect-node";
+import { connectService } from "./client.js";
 import { ServerReflection } from "../gen/grpc/reflection/v1alpha/reflection_pb.js";
 
 /**
@@ -12,16 +11,7 @@ import { ServerReflection } from "../gen/grpc/reflection/v1alpha/reflection_pb.j
  * as the server at `url` reflects them.
  */
 export async function reflectedRegistry(url, symbol, { token } = {}) {
-  const sessionManager = new Http2SessionManager(url);
-  const interceptors = token
-    ? [
-        (next) => (request) => {
-          request.header.set("authorization", `Bearer ${token}`);
-          return next(request);
-        },
-      ]
-    : [];
-  const client = createClient(ServerReflection, createGrpcTransport({ baseUrl: url, interceptors, sessionManager }));
+  const client = connectService(ServerReflection, url, { token });
   async function* requests() {
     yield { messageRequest: { case: "fileContainingSymbol", value: symbol } };
   }
@@ -47,6 +37,6 @@ export async function reflectedRegistry(url, symbol, { token } = {}) {
     [...files.keys()].forEach(visit);
     return createFileRegistry(create(FileDescriptorSetSchema, { file: ordered }));
   } finally {
-    sessionManager.abort();
+    client.close();
   }
 }
