@@ -25,7 +25,7 @@ This module imports neither grpc nor the SDK: it is the codec's hot path.
 
 How it runs. ``from_rest`` and ``to_rest`` are generated at import from the
 field table: one straight-line block per field instead of a loop that
-dispatches on each field's kind. ``python -m shellinfo_grpc.rest
+dispatches on each field's kind. ``python -m shellinfo_grpc
 --show-source`` prints both functions in full. The block ``from_rest`` runs
 for one integer key and one enum key reads::
 
@@ -333,7 +333,7 @@ def _unexpected(exc: Exception) -> RestDecodeError:
 # above (see the module docstring). That is what makes them an order of
 # magnitude faster than protobuf's generic JSON path while checking every value
 # (docs/benchmarks.md). Their source is kept in _FROM_REST_SOURCE and
-# _TO_REST_SOURCE; `python -m shellinfo_grpc.rest --show-source` prints it.
+# _TO_REST_SOURCE; `python -m shellinfo_grpc --show-source` prints it.
 
 
 def _from_rest_source() -> str:
@@ -628,10 +628,10 @@ def to_sdk(msg: _pb.ProtectionShellInfo) -> Any:
     return SdkProtectionShellInfo.from_dictionary(to_rest(msg, include_nulls=True))
 
 
-def main(argv: list[str] | None = None) -> int:
-    """``python -m shellinfo_grpc.rest --show-source``: print the generated code."""
+def main(argv: list[str] | None = None, *, prog: str = "python -m shellinfo_grpc.rest") -> int:
+    """``python -m shellinfo_grpc --show-source``: print the generated code."""
     parser = argparse.ArgumentParser(
-        prog="python -m shellinfo_grpc.rest",
+        prog=prog,
         description="The REST codec of shellinfo-grpc. from_rest and to_rest are generated at import "
         "from the schema's field table; --show-source prints the code that runs.",
     )

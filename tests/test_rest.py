@@ -661,12 +661,13 @@ def test_show_source_prints_the_code_that_runs() -> None:
     import shellinfo_grpc.rest as rest_module
 
     result = subprocess.run(
-        [sys.executable, "-m", "shellinfo_grpc.rest", "--show-source"],
+        [sys.executable, "-W", "error", "-m", "shellinfo_grpc", "--show-source"],
         capture_output=True,
         text=True,
         check=False,
     )
     assert result.returncode == 0, result.stderr
+    assert result.stderr == ""
     out = result.stdout
     assert "def from_rest(data, *, strict=False):" in out
     assert "def to_rest(msg, *, include_nulls=False):" in out
