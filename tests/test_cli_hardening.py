@@ -243,6 +243,21 @@ def test_validate_convert_and_publish_decide_alike_in_every_format(bad: Protecti
         assert "nothing published" in err, err
 
 
+def test_publish_counts_the_job_in_the_size_limit_before_sending_anything() -> None:
+    """A ProtectionRunInstance whose run fits but whose run and job together do not: exit 2, nothing sent."""
+    run_part = {"jobRunId": 1, "status": "kRunning", "error": "e" * (MAX_RECORD_BYTES - 300)}
+    fits = json.dumps({"protectionShellInfo": run_part, "jobId": 3, "jobName": "n"}).encode()
+    too_big = json.dumps({"protectionShellInfo": run_part, "jobId": 3, "jobName": "n" * 600}).encode()
+    # No service listens on port 1: a record that passes the checks fails to be sent (exit 1), one
+    # that fails them is refused before any connection (exit 2, nothing published).
+    status, _, err = run(["publish", "--address", "127.0.0.1:1", "--timeout", "2"], fits)
+    assert status == 1, err
+    status, _, err = run(["publish", "--address", "127.0.0.1:1"], too_big)
+    assert status == 2, err
+    assert "(run, source and job)" in err, err
+    assert "nothing published" in err, err
+
+
 # --- consumers and what a store already holds ----------------------------------------
 
 

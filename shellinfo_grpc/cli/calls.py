@@ -18,6 +18,7 @@ import os
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, Final
 
+from shellinfo_grpc._gen.shellinfo.v1.protection_job_pb2 import ProtectionJob
 from shellinfo_grpc._gen.shellinfo.v1.protection_shell_info_pb2 import ProtectionShellInfo, RunStatus, RunType
 from shellinfo_grpc._gen.shellinfo.v1.run_update_service_pb2 import RunUpdate
 from shellinfo_grpc.cli._io import (
@@ -246,17 +247,19 @@ def _job_text(run: ProtectionShellInfo) -> str:
     return f"jobRunId {run.job_run_id}" if run.HasField("job_run_id") else "no jobRunId"
 
 
-def _service_problem(run: ProtectionShellInfo, source: str) -> str | None:
+def _service_problem(run: ProtectionShellInfo, source: str, job: ProtectionJob | None) -> str | None:
     """Why the service would refuse ``run`` whatever it stores (rules.check_run, the size limit), or None."""
     try:
         check_run(run)
     except RunRejected as exc:
         return "; ".join(f"{key}: {text}" for key, text in exc.violations)
-    # The service's limit covers the update as stored and sent: run, source, revision and time.
+    # The service's limit covers the update as stored and sent: run, source, job, revision and time.
     update = RunUpdate(source=source, run=run, revision=_INT64_MAX, accepted_time_usecs=_INT64_MAX)
+    if job is not None:
+        update.job.CopyFrom(job)
     size = update.ByteSize()
     if size > MAX_RECORD_BYTES:
-        return f"the update is {size} bytes serialized (run and source); the service accepts {MAX_RECORD_BYTES}"
+        return f"the update is {size} bytes serialized (run, source and job); the service accepts {MAX_RECORD_BYTES}"
     return None
 
 
@@ -314,11 +317,11 @@ def _cmd_publish(args: argparse.Namespace, io: Streams) -> int:
         return EXIT_BAD_INPUT
     problems = list(records.problems)
     if not problems:
-        for number, run in enumerate(records.runs, start=1):
-            problem = _service_problem(run, source)
+        for number, (run, job) in enumerate(zip(records.runs, records.jobs, strict=True), start=1):
+            problem = _service_problem(run, source, job)
             if problem is not None:
-                job = f" (jobRunId {run.job_run_id})" if run.HasField("job_run_id") else ""
-                problems.append(f"record {number}{job}: {problem}")
+                which = f" (jobRunId {run.job_run_id})" if run.HasField("job_run_id") else ""
+                problems.append(f"record {number}{which}: {problem}")
     total = len(records.problems) + len(records.runs)
     if problems:
         for line in problems:
