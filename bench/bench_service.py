@@ -851,28 +851,41 @@ class FanOut:
         return self.watchers * self.updates / self.to_last_delivery
 
 
-async def fan_out_run(server: Child, paths: Paths, watchers: int, processes: int, updates: int, rate: float) -> FanOut:
+async def start_watcher_processes(
+    server: Child, paths: Paths, role: str, watchers: int, processes: int, *args: str
+) -> list[Child]:
+    """Start ``processes`` watcher processes of ``role`` sharing ``watchers`` streams between them."""
     per_process = math.ceil(watchers / processes)
-    timeout = updates / rate + 120
-    kids = [
+    return [
         await Child.start(
-            f"watchers-{k}",
-            "--role=watchers",
+            f"{role}-{k}",
+            f"--role={role}",
             f"--port={server.port}",
             f"--method={paths.watch}",
             f"--watchers={min(per_process, watchers - k * per_process)}",
-            f"--expect={updates}",
-            f"--timeout={timeout}",
+            *args,
         )
         for k in range(processes)
     ]
+
+
+async def until_watchers_ready(kids: list[Child], pub_ch: grpc.aio.Channel, paths: Paths, wait: float) -> None:
+    """Probe the service until every watcher process says READY (its streams are open)."""
+    ready = [asyncio.create_task(kid.readline(wait)) for kid in kids]
+    await probe_until(pub_ch, paths, lambda: all(t.done() for t in ready), wait)
+    said = [t.result() for t in ready]
+    if any(x != "READY" for x in said):
+        raise RuntimeError(f"{paths.name}: watcher processes said {said}")
+
+
+async def fan_out_run(server: Child, paths: Paths, watchers: int, processes: int, updates: int, rate: float) -> FanOut:
+    timeout = updates / rate + 120
+    kids = await start_watcher_processes(
+        server, paths, "watchers", watchers, processes, f"--expect={updates}", f"--timeout={timeout}"
+    )
     pub_ch = channel(server.port)
     try:
-        ready = [asyncio.create_task(kid.readline(90)) for kid in kids]
-        await probe_until(pub_ch, paths, lambda: all(t.done() for t in ready), 90)
-        said = [t.result() for t in ready]
-        if any(s != "READY" for s in said):
-            raise RuntimeError(f"{paths.name}: watcher processes said {said}")
+        await until_watchers_ready(kids, pub_ch, paths, 90)
         cpu = cpu_ns(server.pid)
         paced = await paced_unary(pub_ch, paths, "fan", updates, rate)
         reports = [json.loads(await kid.readline(timeout + 30)) for kid in kids]
@@ -1050,28 +1063,20 @@ async def scale_run(
     server: Child, paths: Paths, watchers: int, processes: int, updates: int, rate: float, per_channel: int
 ) -> Scale:
     """Open ``watchers`` idle live watches in ``processes`` lean processes, then publish ``updates`` at ``rate``/s."""
-    per_process = math.ceil(watchers / processes)
     timeout = updates / rate + 180
-    kids = [
-        await Child.start(
-            f"lean-{k}",
-            "--role=lean",
-            f"--port={server.port}",
-            f"--method={paths.watch}",
-            f"--watchers={min(per_process, watchers - k * per_process)}",
-            f"--per-channel={per_channel}",
-            f"--expect={updates}",
-            f"--timeout={timeout}",
-        )
-        for k in range(processes)
-    ]
+    kids = await start_watcher_processes(
+        server,
+        paths,
+        "lean",
+        watchers,
+        processes,
+        f"--per-channel={per_channel}",
+        f"--expect={updates}",
+        f"--timeout={timeout}",
+    )
     pub_ch = channel(server.port)
     try:
-        ready = [asyncio.create_task(kid.readline(150)) for kid in kids]
-        await probe_until(pub_ch, paths, lambda: all(t.done() for t in ready), 150)
-        said = [t.result() for t in ready]
-        if any(x != "READY" for x in said):
-            raise RuntimeError(f"{paths.name}: watcher processes said {said}")
+        await until_watchers_ready(kids, pub_ch, paths, 150)
         await asyncio.sleep(0.5)  # the probes' deliveries settle
         cpu, wall = cpu_ns(server.pid), time.perf_counter()
         paced = await paced_unary(pub_ch, paths, "fan", updates, rate)
