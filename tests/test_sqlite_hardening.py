@@ -457,15 +457,8 @@ def test_serve_reports_not_serving_while_its_disk_is_full(tmp_path: Path) -> Non
     """A real `shellinfo serve` whose files may not grow (RLIMIT_FSIZE, raised again with prlimit)."""
     path = tmp_path / "runs.sqlite3"
     log = tmp_path / "serve.log"
-    with log.open("wb") as err:
-        proc = subprocess.Popen(_serve_args(path), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err)
-    try:
-        deadline = time.monotonic() + 30
-        while not (found := SERVING.search(log.read_text(errors="replace"))):
-            assert proc.poll() is None, log.read_text()
-            assert time.monotonic() < deadline
-            time.sleep(0.05)
-        address = f"127.0.0.1:{found.group(1)}"
+    with serving(path, log) as (proc, port):
+        address = f"127.0.0.1:{port}"
         channel = grpc.insecure_channel(address)
         check = health_pb2_grpc.HealthStub(channel).Check
 
@@ -492,9 +485,6 @@ def test_serve_reports_not_serving_while_its_disk_is_full(tmp_path: Path) -> Non
             assert client.publish(run(job_run_id, error="y"), source="a").changed
             assert status() == health_pb2.HealthCheckResponse.SERVING
             assert "writes succeed again" in log.read_text()
-    finally:
-        proc.terminate()
-        proc.wait(timeout=20)
     assert proc.returncode == 0, log.read_text()
 
 
