@@ -30,7 +30,6 @@ bytes through (:func:`serialize_response`).
 from __future__ import annotations
 
 import asyncio
-import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from typing import Any, Final, TypeVar
@@ -120,7 +119,9 @@ class _Watcher:
     same filter shape, the updates in it and the revision it reports.
     ``waiter`` is the future the watch waits on while its queue is empty;
     whoever puts work in the queue completes it. ``beat`` is the hub's tick
-    at the watcher's last response, for progress while idle.
+    at the watcher's last response, for progress while idle. A ``held`` watch is
+    paced (see :data:`SEND_BUDGET`): new chunks join its queue without waking
+    it, and its slot's timer wakes it.
     """
 
     __slots__ = (
@@ -135,6 +136,7 @@ class _Watcher:
         "pending",
         "queued",
         "queued_bytes",
+        "sent_at",
         "waiter",
     )
 
@@ -150,7 +152,8 @@ class _Watcher:
         self.every = every  # ticks between progress responses while idle
         self.beat = beat
         self.due = False  # a progress response is due
-        self.held = False  # holding one response back to join it with the next commit's
+        self.held = False  # paced: waiting for its slot's timer, whatever arrives meanwhile
+        self.sent_at = 0.0  # loop time of its last live response
 
     def wake(self) -> None:
         waiter = self.waiter
@@ -178,13 +181,19 @@ class _Shape:
 #: Seconds between the hub's progress ticks (the finest progress interval a watch gets).
 TICK: Final = 0.05
 
-#: A watch that gets to run this long (s) after the newest commit finds the loop behind: it
-#: holds its one waiting response until the next commit or tick, to send both in one...
-HOLD_LAG: Final = 0.005
-#: ...if commits come at least this often (s), so that the next one is near; a slow publisher's
-#: updates (under 10 a second) are never held. Not tighter: a loop that falls behind slows the
-#: commits too, and the hold must still apply then (a 25 ms bound lost most of its effect).
-HOLD_INTERVAL: Final = 0.1
+#: Responses a second that the hub lets all live watches send together before it paces them.
+#: One response costs grpc.aio about 20-40 us of CPU whatever it holds, so past this budget a
+#: watch sends at most one response per ``len(watchers) / SEND_BUDGET`` seconds, with what
+#: arrived meanwhile joined into it: 1,000 watches send each at most every 100 ms, 100 watches
+#: every 10 ms, 10 watches every 1 ms. An update that finds its watch idle for longer goes out
+#: at once, so pacing adds latency only to a watch that is already sending that often.
+SEND_BUDGET: Final = 10_000
+#: The longest a paced watch waits (s) between two responses, however many watches there are.
+MAX_PACE: Final = 0.1
+#: Pacing below this interval (s) is not worth a timer: the watch sends at once.
+MIN_PACE: Final = 0.002
+#: Paced watches are released by one timer per slot of this length (s), not one per watch.
+PACE_SLOT: Final = 0.005
 
 
 class Hub:
@@ -204,6 +213,8 @@ class Hub:
         max_batch_updates: int,
         max_batch_bytes: int,
         max_queue_bytes: int = 64 << 20,
+        send_budget: float = SEND_BUDGET,
+        max_pace: float = MAX_PACE,
     ) -> None:
         self._max_queue = max_queue
         self._max_queue_bytes = max_queue_bytes
@@ -214,9 +225,12 @@ class Hub:
         self.watchers: dict[_Watcher, _Shape] = {}
         self.closed = False
         self._ticks = 0
-        self._commit_at = 0.0  # time.monotonic() of the newest commit
-        self._interval = 1.0  # seconds between the two newest commits
         self._timer: asyncio.TimerHandle | None = None
+        self._send_budget = send_budget
+        self._max_pace = max_pace
+        self.pace = 0.0  # seconds a live watch leaves between two responses (0: none)
+        # Paced watches by the slot of loop time that releases them, and that slot's timer.
+        self._slots: dict[int, list[_Watcher]] = {}
         self._store = store
         store.add_listener(self._on_commit)
 
@@ -225,8 +239,6 @@ class Hub:
         self.revision = last
         if not self._shapes:
             return
-        now = time.monotonic()
-        self._interval, self._commit_at = now - self._commit_at, now
         encoded = encode(updates)  # once per commit, whatever the number of watchers
         for shape in self._shapes.values():
             matches = shape.matches
@@ -273,7 +285,7 @@ class Hub:
             watcher.queued += count
             watcher.queued_bytes += size
             waiter = watcher.waiter
-            if waiter is not None:
+            if waiter is not None and not watcher.held:
                 watcher.waiter = None
                 if not waiter.done():
                     waiter.set_result(None)
@@ -290,6 +302,7 @@ class Hub:
             watcher.close()
         shape.watchers[watcher] = None
         self.watchers[watcher] = shape
+        self._set_pace()
         if self._timer is None and not self.closed:
             self._timer = asyncio.get_running_loop().call_later(TICK, self._tick)
         return watcher
@@ -301,16 +314,34 @@ class Hub:
         del shape.watchers[watcher]
         if not shape.watchers:
             del self._shapes[shape.key]
+        self._set_pace()
+
+    def _set_pace(self) -> None:
+        pace = min(self._max_pace, len(self.watchers) / self._send_budget)
+        self.pace = pace if pace >= MIN_PACE else 0.0
+
+    def hold(self, watcher: _Watcher, until: float) -> None:
+        """Pace ``watcher``: its watch waits until loop time ``until`` (rounded up to a slot)."""
+        watcher.held = True
+        slot = -int(-until // PACE_SLOT)
+        waiting = self._slots.get(slot)
+        if waiting is None:
+            self._slots[slot] = [watcher]
+            asyncio.get_running_loop().call_at(slot * PACE_SLOT, self._release, slot)
+        else:
+            waiting.append(watcher)
+
+    def _release(self, slot: int) -> None:
+        for watcher in self._slots.pop(slot, ()):
+            watcher.wake()
 
     def _tick(self) -> None:
         """Wake the idle watches whose progress response is due; one timer for all."""
         self._ticks = ticks = self._ticks + 1
         for watcher in self.watchers:
-            if watcher.waiter is None:
+            if watcher.waiter is None or watcher.held:
                 continue
-            if watcher.held:
-                watcher.wake()
-            elif ticks - watcher.beat >= watcher.every:
+            if ticks - watcher.beat >= watcher.every:
                 watcher.due = True
                 watcher.wake()
         self._timer = None
@@ -325,6 +356,8 @@ class Hub:
             self._timer = None
         for watcher in self.watchers:
             watcher.close()
+        for slot in list(self._slots):
+            self._release(slot)
 
     async def watch(
         self, flt: _svc.RunFilter | None, start_revision: int, include_snapshot: bool, progress: float
@@ -424,19 +457,17 @@ class Hub:
                     metadata={KEY_LAST_REVISION: str(sent)},
                 )
             if pending:
-                if (
-                    not watcher.held
-                    and len(pending) == 1
-                    and self._interval < HOLD_INTERVAL
-                    and time.monotonic() - self._commit_at > HOLD_LAG
-                ):
-                    # Under load (the loop reaches this watch long after the commit), one
-                    # response for two commits halves the sends that keep the loop behind.
-                    watcher.held = True
-                    waiter = loop.create_future()
-                    watcher.waiter = waiter
-                    await waiter
-                    continue
+                pace = self.pace
+                if pace and not watcher.held and watcher.queued < limit_n and watcher.queued_bytes < limit_bytes:
+                    until = watcher.sent_at + pace
+                    if loop.time() < until:
+                        # Sent a moment ago: what arrives until its slot goes in one response
+                        # (a full response never waits, so pacing never slows a busy watch).
+                        self.hold(watcher, until)
+                        waiter = loop.create_future()
+                        watcher.waiter = waiter
+                        await waiter
+                        continue
                 watcher.held = False
                 data, n, first, last = pending.popleft()
                 watcher.queued -= n
@@ -462,6 +493,8 @@ class Hub:
                     data = b"".join(parts)
                 sent = last
                 watcher.beat = self._ticks
+                if self.pace:
+                    watcher.sent_at = loop.time()
                 yield data
                 continue
             if watcher.due:

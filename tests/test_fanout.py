@@ -26,7 +26,7 @@ from harness import aio_test
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from shellinfo_grpc import _fanout, from_rest
+from shellinfo_grpc import from_rest
 from shellinfo_grpc._fanout import Hub
 from shellinfo_grpc._gen.shellinfo.v1 import run_update_service_pb2 as svc
 from shellinfo_grpc._gen.shellinfo.v1 import run_update_service_pb2_grpc as svc_grpc
@@ -168,14 +168,22 @@ commits = st.lists(
     max_updates=st.integers(1, 8),
     max_bytes=st.integers(50, 2000),
     sources=st.sets(st.sampled_from(["a", "b", "c"])),
+    paced=st.booleans(),
 )
 def test_each_watcher_gets_exactly_its_matching_updates_in_order(
-    commits: list[list[tuple[str, int]]], reads: list[bool], max_updates: int, max_bytes: int, sources: set[str]
+    commits: list[list[tuple[str, int]]],
+    reads: list[bool],
+    max_updates: int,
+    max_bytes: int,
+    sources: set[str],
+    paced: bool,
 ) -> None:
     async def body() -> None:
         store = MemoryStore()
         await store.start()
-        hub = Hub(store, max_queue=10_000, max_batch_updates=max_updates, max_batch_bytes=max_bytes)
+        # Paced: a budget of one response a second paces the three watches (5 ms apart at most).
+        pacing = {"send_budget": 1, "max_pace": 0.005} if paced else {}
+        hub = Hub(store, max_queue=10_000, max_batch_updates=max_updates, max_batch_bytes=max_bytes, **pacing)
         flt = svc.RunFilter(sources=sorted(sources)) if sources else None
         # Two watchers of the same shape share responses; one unfiltered watcher beside them.
         streams: list[Any] = [
@@ -226,41 +234,81 @@ def test_each_watcher_gets_exactly_its_matching_updates_in_order(
     asyncio.run(asyncio.wait_for(body(), 20))
 
 
-def test_a_watch_that_runs_late_joins_two_commits_and_never_holds_one_past_a_tick(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    """Under load (the watch reaches its response long after the commit) it waits for the next
-    commit to send both in one response; with no next commit the hub's tick sends it."""
-    # Commits count as frequent however slowly this machine runs the test between them.
-    monkeypatch.setattr(_fanout, "HOLD_INTERVAL", 60.0)
+@pytest.mark.parametrize(("watchers", "pace"), [(1, 0.0), (10, 0.0), (100, 0.01), (1_000, 0.1), (5_000, 0.1)])
+def test_the_pace_grows_with_the_number_of_watches_up_to_its_bound(watchers: int, pace: float) -> None:
+    """Under the send budget nothing is paced; past it each watch sends less often, at most every 100 ms."""
+
+    async def body() -> None:
+        hub = Hub(MemoryStore(), max_queue=10, max_batch_updates=10, max_batch_bytes=1 << 20)
+        registered = [hub.register(None) for _ in range(watchers)]
+        assert hub.pace == pytest.approx(pace)
+        for watcher in registered:
+            hub.unregister(watcher)
+        assert hub.pace == 0.0
+        hub.close()
+
+    asyncio.run(body())
+
+
+def test_a_paced_watch_sends_an_update_at_once_then_joins_what_comes_within_its_pace() -> None:
+    """An update that finds the watch idle goes out at once; what follows within the pace waits for
+    the watch's slot and goes in one response; a full response never waits."""
+    pace = 0.2
 
     async def body() -> None:
         store = MemoryStore()
         await store.start()
-        hub = Hub(store, max_queue=100, max_batch_updates=100, max_batch_bytes=1 << 20)
+        # A budget of one response a second makes a single watch paced.
+        hub = Hub(store, max_queue=100, max_batch_updates=3, max_batch_bytes=1 << 20, send_budget=1, max_pace=pace)
         stream: Any = hub.watch(None, 0, False, 60.0)
         assert (await anext(stream)).revision == 0  # the first says where now is
+        assert hub.pace == pace
         runs = (from_rest({"jobRunId": i, "status": "kRunning"}) for i in itertools.count(1))
-        await store.publish_batch([("warm", next(runs))])  # the hub has seen a commit before
-        assert [u.source for u in svc.WatchRunsResponse.FromString(await anext(stream)).updates] == ["warm"]
-        for rounds in range(2):
-            reading = asyncio.ensure_future(anext(stream))
-            await asyncio.sleep(0.005)  # the watch waits for its queue
-            await store.publish_batch([("a", next(runs))])
-            time.sleep(0.02)  # the loop is behind: the watch runs 20 ms after the commit
-            if rounds == 0:  # a second commit comes while the first is held
-                await asyncio.sleep(0.001)
-                await store.publish_batch([("b", next(runs))])
+
+        async def next_response() -> tuple[list[str], float]:
             started = time.monotonic()
-            response = svc.WatchRunsResponse.FromString(await asyncio.wait_for(reading, 2))
-            waited = time.monotonic() - started
-            if rounds == 0:
-                assert [u.source for u in response.updates] == ["a", "b"]  # one response for both
-            else:
-                assert [u.source for u in response.updates] == ["a"]
-                assert waited < 0.5  # sent at the next tick, not at the next commit (there is none)
-            assert response.revision == store.head_revision()
+            response = svc.WatchRunsResponse.FromString(await asyncio.wait_for(anext(stream), 5))
+            assert response.revision == response.updates[-1].revision
+            return [u.source for u in response.updates], time.monotonic() - started
+
+        reading = asyncio.ensure_future(next_response())
+        await asyncio.sleep(0.01)  # the watch waits for its queue
+        await store.publish_batch([("first", next(runs))])
+        assert (await reading)[0] == ["first"]  # at once: the watch was idle
+        sent = time.monotonic()
+        reading = asyncio.ensure_future(next_response())
+        await store.publish_batch([("a", next(runs))])
+        await asyncio.sleep(0.02)
+        await store.publish_batch([("b", next(runs))])
+        sources, _ = await reading
+        assert sources == ["a", "b"]  # one response for both
+        assert time.monotonic() - sent >= pace - 0.01  # not before its slot
+        # Three updates fill a response: it goes out without waiting for the slot.
+        await store.publish_batch([("c", next(runs)), ("d", next(runs)), ("e", next(runs))])
+        sources, waited = await next_response()
+        assert sources == ["c", "d", "e"]
+        assert waited < pace / 2
         await stream.aclose()
         hub.close()
+
+    asyncio.run(asyncio.wait_for(body(), 10))
+
+
+def test_closing_the_hub_releases_a_paced_watch_at_once() -> None:
+    async def body() -> None:
+        store = MemoryStore()
+        await store.start()
+        hub = Hub(store, max_queue=100, max_batch_updates=100, max_batch_bytes=1 << 20, send_budget=1, max_pace=30.0)
+        stream: Any = hub.watch(None, 0, False, 60.0)
+        await anext(stream)
+        await store.publish_batch([("a", from_rest({"jobRunId": 1}))])
+        await anext(stream)  # sent at once; the next one would wait 30 s
+        await store.publish_batch([("b", from_rest({"jobRunId": 2}))])
+        reading = asyncio.ensure_future(anext(stream))
+        await asyncio.sleep(0.02)
+        assert not reading.done()
+        hub.close()
+        with pytest.raises(Exception, match="shutting down"):
+            await asyncio.wait_for(reading, 2)
 
     asyncio.run(asyncio.wait_for(body(), 10))
