@@ -234,7 +234,7 @@ def test_each_watcher_gets_exactly_its_matching_updates_in_order(
     asyncio.run(asyncio.wait_for(body(), 20))
 
 
-@pytest.mark.parametrize(("watchers", "pace"), [(1, 0.0), (10, 0.0), (100, 0.01), (1_000, 0.1), (5_000, 0.1)])
+@pytest.mark.parametrize(("watchers", "pace"), [(1, 0.0), (10, 0.0), (49, 0.0), (50, 0.005), (100, 0.01), (1_000, 0.1), (5_000, 0.1)])
 def test_the_pace_grows_with_the_number_of_watches_up_to_its_bound(watchers: int, pace: float) -> None:
     """Under the send budget nothing is paced; past it each watch sends less often, at most every 100 ms."""
 
