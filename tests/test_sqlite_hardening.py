@@ -390,6 +390,7 @@ def test_health_is_not_serving_while_the_store_cannot_write(tmp_path: Path, capl
 
     async def main() -> None:
         store = SqliteStore(path)
+        store._probe_interval = 0.2  # the default is 2 s
         running = await create_server("127.0.0.1:0", store)
         loop = asyncio.get_running_loop()
         channel = grpc.aio.insecure_channel(f"127.0.0.1:{running.port}")
@@ -422,9 +423,13 @@ def test_health_is_not_serving_while_the_store_cannot_write(tmp_path: Path, capl
                     await loop.run_in_executor(None, lambda: client.get(1, source="a"))
                 ).revision == 1  # reads still work
                 await loop.run_in_executor(store._writer, limit, 10**6)
+                # No publish comes (a load balancer sends none to a NOT_SERVING server):
+                # the store's own write probe finds the file writable again.
+                deadline = loop.time() + 10 * store._probe_interval
+                while await statuses() != [serving, serving]:
+                    assert loop.time() < deadline, "health did not return to SERVING without a publish"
+                    await asyncio.sleep(0.05)
                 assert (await loop.run_in_executor(None, lambda: client.publish(big, source="a"))).revision == 2
-                await asyncio.sleep(0.05)
-                assert await statuses() == [serving, serving]
         finally:
             await channel.close(None)
             await running.stop(0)
@@ -481,10 +486,16 @@ def test_serve_reports_not_serving_while_its_disk_is_full(tmp_path: Path) -> Non
             assert status() == health_pb2.HealthCheckResponse.NOT_SERVING
             assert re.search(r"store \S+ cannot write: \S", log.read_text()), log.read_text()
             assert client.get(1, source="a").revision == 1  # reads go on
+            time.sleep(3)  # the store's write probe (every 2 s) still fails
+            assert status() == health_pb2.HealthCheckResponse.NOT_SERVING
             resource.prlimit(proc.pid, resource.RLIMIT_FSIZE, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
-            assert client.publish(run(job_run_id, error="y"), source="a").changed
-            assert status() == health_pb2.HealthCheckResponse.SERVING
+            # No publish: the probe finds the disk writable again within its interval.
+            deadline = time.monotonic() + 15
+            while status() != health_pb2.HealthCheckResponse.SERVING:
+                assert time.monotonic() < deadline, log.read_text()
+                time.sleep(0.1)
             assert "writes succeed again" in log.read_text()
+            assert client.publish(run(job_run_id, error="y"), source="a").changed
     assert proc.returncode == 0, log.read_text()
 
 

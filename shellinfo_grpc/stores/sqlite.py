@@ -36,6 +36,11 @@ head in the file is the one this store last wrote.
 Writes that fail for a reason of the file (disk full, read-only, I/O error)
 are reported through :meth:`~shellinfo_grpc.stores.Store.report_writable`,
 and again once a write succeeds: the server turns its health accordingly.
+While writes fail, the store tries a write of the same size every two seconds
+(a row in ``meta``, written and deleted), so that it turns writable again by
+itself: a server that its health took out of a load balancer's rotation would
+otherwise get no publish to find out, and a write smaller than the one that
+failed could succeed on a disk that is still full.
 
 Concurrency: the event loop never touches SQLite. One thread owns the writing
 connection, another the reading one (WAL lets readers run beside the writer).
@@ -130,6 +135,8 @@ _COLUMNS: Final[dict[str, frozenset[str]]] = {
 
 _SYNCHRONOUS: Final = frozenset({"NORMAL", "FULL", "EXTRA"})
 _BUSY_TIMEOUT_MS: Final = 10_000
+_PROBE_SECONDS: Final = 2.0  # between the write probes while writes fail
+_PROBE_MAX_BYTES: Final = 8 << 20  # the largest write probe
 #: Most items committed in one transaction; the rest wait for the next one.
 _MAX_GROUP_ITEMS: Final = 10_000
 #: Most rows a catch-up reads ahead while the previous chunk is sent ...
@@ -272,6 +279,9 @@ class SqliteStore(Store):
         # Catch-up reads ahead (event loop): (start, end) -> rows being read or read.
         self._ahead: dict[tuple[int, int], asyncio.Future[list[tuple[int, bytes]]]] = {}
         self._legacy_end = 0  # newest revision stored without its wire form (schema version 1), 0: none
+        self._probe_interval = _PROBE_SECONDS
+        self._prober: asyncio.Task[None] | None = None  # tries a write while writes fail
+        self._probe_bytes = 0  # the size of the largest write that failed (up to _PROBE_MAX_BYTES)
 
     def __str__(self) -> str:
         return f"store {self._path}"
@@ -442,6 +452,32 @@ class SqliteStore(Store):
             )
         return head, oldest
 
+    async def _probe(self) -> None:
+        """While writes fail: every ``_probe_interval`` s, one write of the head row; writable again if it commits."""
+        loop = asyncio.get_running_loop()
+        try:
+            while self.unwritable and not self._closing:
+                await asyncio.sleep(self._probe_interval)
+                writer = self._writer
+                if writer is None or self._closing or not self.unwritable:
+                    return
+                try:
+                    await loop.run_in_executor(writer, self._write_probe, self._probe_bytes)
+                except (sqlite3.Error, StoreUnavailable):
+                    continue  # still failing: health stays NOT_SERVING, the log said why
+                self._probe_bytes = 0
+                self.report_writable(True)
+        finally:
+            self._prober = None
+
+    def _write_probe(self, size: int) -> None:
+        """Writer thread: commit a ``meta`` row of ``size`` bytes, then delete it (its own transactions)."""
+        conn = self._wconn
+        if conn is None:
+            raise StoreUnavailable(f"store {self._path} is closed")
+        _write(conn, "INSERT OR REPLACE INTO meta (key, value) VALUES ('probe', zeroblob(?))", size)
+        _write(conn, "DELETE FROM meta WHERE key = 'probe'")
+
     def _check_writable(self, conn: sqlite3.Connection) -> None:
         """Write once (the head, unchanged): SQLite opens a file it may not write read-only, in silence.
 
@@ -450,12 +486,8 @@ class SqliteStore(Store):
         later reports it (:meth:`~shellinfo_grpc.stores.Store.report_writable`).
         """
         try:
-            conn.execute("BEGIN IMMEDIATE")
-            conn.execute("UPDATE meta SET value = value WHERE key = 'head'")
-            conn.execute("COMMIT")
+            _write(conn, "UPDATE meta SET value = value WHERE key = 'head'")
         except sqlite3.Error as exc:
-            if conn.in_transaction:
-                conn.rollback()
             raise ConfigurationError(f"store {self._path}: cannot write the file: {_said(exc)}") from exc
 
     def _migrate(self, conn: sqlite3.Connection) -> None:
@@ -491,6 +523,8 @@ class SqliteStore(Store):
             await self._closed.wait()
             return
         self._closing = True
+        if self._prober is not None:
+            self._prober.cancel()
         for ahead in self._ahead.values():
             ahead.cancel()
         self._ahead.clear()
@@ -586,6 +620,10 @@ class SqliteStore(Store):
             if not self._closing:  # say why in SQLite's words, or the store's own when it refused
                 cause = exc.__cause__ if isinstance(exc.__cause__, sqlite3.Error) else None
                 self.report_writable(False, _said(cause) if cause else getattr(exc, "message", _said(exc)))
+                size = sum(run.ByteSize() for pending in group for _, run, _ in pending.items)
+                self._probe_bytes = min(_PROBE_MAX_BYTES, max(self._probe_bytes, size))
+                if self._prober is None:
+                    self._prober = asyncio.get_running_loop().create_task(self._probe())
             for pending in group:  # one exception object per caller: each gets its own traceback
                 if isinstance(exc, StoreUnavailable):
                     error: BaseException = StoreUnavailable(exc.message)
@@ -960,3 +998,15 @@ class SqliteStore(Store):
     def head_revision(self) -> int:
         """The newest committed revision (updated on the event loop, just before its listeners run)."""
         return self._head
+
+
+def _write(conn: sqlite3.Connection, statement: str, *parameters: object) -> None:
+    """``statement`` in a write transaction of its own; rolled back if it fails."""
+    try:
+        conn.execute("BEGIN IMMEDIATE")
+        conn.execute(statement, parameters)
+        conn.execute("COMMIT")
+    except sqlite3.Error:
+        if conn.in_transaction:
+            conn.rollback()
+        raise
