@@ -234,7 +234,9 @@ def test_each_watcher_gets_exactly_its_matching_updates_in_order(
     asyncio.run(asyncio.wait_for(body(), 20))
 
 
-@pytest.mark.parametrize(("watchers", "pace"), [(1, 0.0), (10, 0.0), (49, 0.0), (50, 0.005), (100, 0.01), (1_000, 0.1), (5_000, 0.1)])
+@pytest.mark.parametrize(
+    ("watchers", "pace"), [(1, 0.0), (10, 0.0), (49, 0.0), (50, 0.005), (100, 0.01), (1_000, 0.1), (5_000, 0.1)]
+)
 def test_the_pace_grows_with_the_number_of_watches_up_to_its_bound(watchers: int, pace: float) -> None:
     """Under the send budget nothing is paced; past it each watch sends less often, at most every 100 ms."""
 
@@ -312,3 +314,45 @@ def test_closing_the_hub_releases_a_paced_watch_at_once() -> None:
             await asyncio.wait_for(reading, 2)
 
     asyncio.run(asyncio.wait_for(body(), 10))
+
+
+@aio_test
+async def test_paced_watchers_on_a_real_server_get_every_update_once_in_order_in_fewer_responses() -> None:
+    """80 watches are paced (8 ms): 400 unary publishes reach every one, in order, joined into fewer responses."""
+    watchers, total = 80, 400
+    running = await create_server("127.0.0.1:0", MemoryStore())
+    target = f"127.0.0.1:{running.port}"
+    channels = [grpc.aio.insecure_channel(target) for _ in range(5)]
+    try:
+        stubs = [svc_grpc.RunUpdateServiceStub(c) for c in channels]
+        calls = [stubs[i % 4].WatchRuns(svc.WatchRunsRequest()) for i in range(watchers)]
+        for call in calls:
+            assert (await call.read()).revision == 0  # registered: the first response says where now is
+        got: list[list[int]] = [[] for _ in calls]
+        responses = [0] * watchers
+
+        async def read(k: int) -> None:
+            while len(got[k]) < total:
+                response = await calls[k].read()
+                assert response is not grpc.aio.EOF
+                got[k].extend(u.revision for u in response.updates)
+                responses[k] += response.updates != []
+
+        readers = [asyncio.create_task(read(k)) for k in range(watchers)]
+        publish = stubs[4].PublishRun
+
+        async def publisher(first: int) -> None:  # 8 of them: commits far more often than every 8 ms
+            for job in range(first, total + 1, 8):
+                await publish(svc.PublishRunRequest(source="s", run=from_rest({"jobRunId": job, "status": "kRunning"})))
+
+        await asyncio.gather(*(publisher(k) for k in range(1, 9)))
+        await asyncio.wait_for(asyncio.gather(*readers), 30)
+        assert all(revisions == list(range(1, total + 1)) for revisions in got)
+        # Pacing joined updates that came within a watch's 8 ms.
+        assert sum(responses) < watchers * total * 0.9, responses
+    finally:
+        for call in calls:
+            call.cancel()
+        for c in channels:
+            await c.close()
+        await running.stop(grace=0)
