@@ -61,15 +61,17 @@ KEPT: Final = 8
 _REFUSED_PAUSE: Final = 60.0
 
 # One delivered message or status: HMSG <subject> <sid> [<reply>] <header bytes> <total bytes>.
-# A consumer's delivery has the reply $JS.ACK.[<domain>.<account hash>.]<stream>.<consumer>.
-# <delivered>.<stream seq>.<consumer seq>.<time>.<pending>[.<token>]: group 2 is the stream
-# sequence. The two forms have 7 and 9 or 10 tokens after $JS.ACK, so they cannot be mistaken
-# for each other. A status (no reply) has group 3 empty and its subject (group 1) is the reply
-# subject of the pull it ends; a reply of any other form does not match.
-_TOKEN: Final = rb"[^. \r\n]+"
+# A consumer's delivery has the reply $JS.ACK.<stream>.<consumer>.<delivered>.<stream seq>.
+# <consumer seq>.<time>.<pending> (7 tokens after $JS.ACK: the stream sequence is group 3) or
+# $JS.ACK.<domain>.<account hash>.<stream>.<consumer>.<delivered>.<stream seq>.<consumer seq>.
+# <time>.<pending>[.<token>...] (9 or more: group 4); neither can be taken for the other. A status
+# has no reply (groups 3 and 4 empty) and its subject (group 1) is the reply subject of the pull
+# it ends. A reply of any other form does not match.
 _HMSG: Final = re.compile(
-    rb"HMSG ([^ \r\n]+) (\d+) (?:\$JS\.ACK\.(?:%s\.%s\.)?%s\.%s\.\d+\.(\d+)\.\d+\.\d+\.\d+(?:\.%s)? )?(\d+) (\d+)\r\n"
-    % (_TOKEN, _TOKEN, _TOKEN, _TOKEN, _TOKEN)
+    rb"HMSG ([^ \r\n]+) (\d+) (?:\$JS\.ACK\.(?:"
+    rb"[^. ]+\.[^. ]+\.\d+\.(\d+)\.\d+\.\d+\.\d+"
+    rb"|[^. ]+\.[^. ]+\.[^. ]+\.[^. ]+\.\d+\.(\d+)\.\d+\.\d+\.\d+(?:\.[^ \r\n]+)?"
+    rb") )?(\d+) (\d+)\r\n"
 )
 _CRLF: Final = b"\r\n"
 _H: Final = ord("H")
@@ -327,15 +329,15 @@ class _Wire(asyncio.Protocol):
                         if buffer.find(_CRLF, pos) < 0:
                             break  # the frame's first line is not complete
                         raise ReaderUnavailable(f"unexpected frame {bytes(buffer[pos : pos + 60])!r}", lasting=True)
-                    subject, sid, seq, headers, total = frame.groups()
+                    subject, sid, seq, seq2, headers, total = frame.groups()
                     body = frame.end()
                     stop = body + int(total)
                     if stop + 2 > size:
                         break  # the payload is not complete
                     cursor = cursors.get(int(sid))
                     if cursor is not None:
-                        if seq is not None:
-                            cursor.received.append((int(seq), bytes(buffer[body + int(headers) : stop])))
+                        if seq is not None or seq2 is not None:
+                            cursor.received.append((int(seq or seq2), bytes(buffer[body + int(headers) : stop])))
                             if not touched or touched[-1] is not cursor:
                                 touched.append(cursor)
                         else:

@@ -160,6 +160,17 @@ def _varint(value: int) -> bytes:
 _REVISION_TAG: Final = bytes([3 << 3])
 
 
+def _revision_field(seq: int) -> bytes:
+    """``revision = seq`` as a field to append to a stored RunUpdate (a sequence is positive)."""
+    if seq < 1 << 14:
+        return bytes((0x18, seq & 0x7F | 0x80, seq >> 7)) if seq >= 0x80 else bytes((0x18, seq))
+    if seq < 1 << 28:
+        if seq < 1 << 21:
+            return bytes((0x18, seq & 0x7F | 0x80, (seq >> 7) & 0x7F | 0x80, seq >> 14))
+        return bytes((0x18, seq & 0x7F | 0x80, (seq >> 7) & 0x7F | 0x80, (seq >> 14) & 0x7F | 0x80, seq >> 21))
+    return _REVISION_TAG + _varint(seq)
+
+
 def _position(msg: Any) -> tuple[int, int]:
     """A consumer-delivered message's stream sequence and how many messages are pending after it.
 
@@ -565,7 +576,7 @@ class NatsStore(Store):
             self._remembered.pop(msg.subject, None)  # a foreign message: the next publish reads the run
         else:
             self._remember(msg.subject, update)
-            self._window.add(seq, msg.data + _REVISION_TAG + _varint(seq))
+            self._window.add(seq, msg.data + _revision_field(seq))
         self._history_feed.advance(seq)
         if update is not None:
             self.notify_listeners((update,))
@@ -1029,7 +1040,7 @@ class NatsStore(Store):
                 except Exception:
                     _log.warning("stream %s: message %d is not a RunUpdate; skipped", self._stream, seq)
                     continue
-                out.append((seq, data + _REVISION_TAG + _varint(seq)))
+                out.append((seq, data + _revision_field(seq)))
             position = batch[-1][0] + 1
         return out
 
