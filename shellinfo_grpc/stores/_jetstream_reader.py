@@ -146,8 +146,10 @@ class _Cursor:
         self.exhausted = False  # the last pull ended with "no messages": ask again only when read again
         self.error: ReaderUnavailable | None = None
         self.waiter: asyncio.Future[None] | None = None
+        self.news = 0  # messages or statuses seen: progress, for the timeout
 
     def wake(self) -> None:
+        self.news += 1
         if self.waiter is not None and not self.waiter.done():
             self.waiter.set_result(None)
 
@@ -219,11 +221,11 @@ class _Cursor:
                 break
             self.pump()
             self.waiter = asyncio.get_running_loop().create_future()
-            before = len(received)
+            before = self.news
             try:
                 await asyncio.wait_for(self.waiter, timeout)
             except TimeoutError:
-                if len(self.received) == before and self.error is None:
+                if self.news == before and self.error is None:
                     self.wire.abort(f"no message within {timeout:g} s")
             finally:
                 self.waiter = None
