@@ -247,7 +247,8 @@ class _Wire(asyncio.Protocol):
         self.cursors: dict[int, _Cursor] = {}  # by subscription id
         self.prefix = f"_INBOX.{secrets.token_hex(11)}"
         self._next_sid = 0
-        self._buffer = bytearray()
+        self._buffer = bytearray()  # during the handshake
+        self._rest = b""  # after it: the start of a frame that has not fully arrived
         self._lines: list[bytes] = []  # control lines during the handshake
         self._handshake: asyncio.Future[None] | None = None
 
@@ -293,7 +294,9 @@ class _Wire(asyncio.Protocol):
         self._handshake = None
         self.open = True
         if self._buffer:  # frames that came right behind the PONG
-            self.data_received(b"")
+            rest = bytes(self._buffer)
+            self._buffer.clear()
+            self.data_received(rest)
 
     async def _line(self) -> bytes:
         while not self._lines:
@@ -313,11 +316,13 @@ class _Wire(asyncio.Protocol):
         self._lost(ReaderUnavailable(f"connection lost: {exc}" if exc else "connection closed"))
 
     def data_received(self, data: bytes) -> None:
-        buffer = self._buffer
-        buffer += data
         if not self.open:
+            self._buffer += data
             self._handshake_lines()
             return
+        # Immutable bytes, so that a payload is one slice (one copy); only an incomplete
+        # frame at the end is copied again, in front of the next read.
+        buffer = self._rest + data if self._rest else data
         pos = 0
         size = len(buffer)
         cursors = self.cursors
@@ -330,7 +335,7 @@ class _Wire(asyncio.Protocol):
                     if frame is None:
                         if buffer.find(_CRLF, pos) < 0:
                             break  # the frame's first line is not complete
-                        raise ReaderUnavailable(f"unexpected frame {bytes(buffer[pos : pos + 60])!r}", lasting=True)
+                        raise ReaderUnavailable(f"unexpected frame {buffer[pos : pos + 60]!r}", lasting=True)
                     subject, sid, seq, seq2, headers, total = frame.groups()
                     body = frame.end()
                     stop = body + int(total)
@@ -339,27 +344,27 @@ class _Wire(asyncio.Protocol):
                     cursor = cursors.get(int(sid))
                     if cursor is not None:
                         if seq is not None or seq2 is not None:
-                            cursor.received.append((int(seq or seq2), bytes(buffer[body + int(headers) : stop])))
+                            cursor.received.append((int(seq or seq2), buffer[body + int(headers) : stop]))
                             if not touched or touched[-1] is not cursor:
                                 touched.append(cursor)
                         else:
-                            line = bytes(buffer[body : buffer.find(_CRLF, body, stop)])
+                            line = buffer[body : buffer.find(_CRLF, body, stop)]
                             cursor.status(bytes(subject), line)
                     pos = stop + 2
                 else:
                     eol = buffer.find(_CRLF, pos)
                     if eol < 0:
                         break
-                    self._control(bytes(buffer[pos:eol]))
+                    self._control(buffer[pos:eol])
                     pos = eol + 2
         except ReaderUnavailable as exc:
-            del buffer[:]
+            self._rest = b""
             self._lost(exc)
             return
         finally:
             for cursor in touched:
                 cursor.arrived()
-        del buffer[:pos]
+        self._rest = buffer[pos:]
 
     def _control(self, line: bytes) -> None:
         if line == b"PING":
