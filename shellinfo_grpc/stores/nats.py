@@ -51,8 +51,11 @@ How the service's rules hold across replicas:
 * **Catch-up** hands on stored bytes with the revision appended, as the
   SQLite store hands on its stored rows: from each replica's in-memory
   window of the newest history (``window_mib``, kept from its live feed)
-  when it covers the range, else from JetStream in batches (an ephemeral
-  pull consumer, one pull per 1,000 messages).
+  when it covers the range, else from JetStream: through the lean reader of
+  :mod:`~shellinfo_grpc.stores._jetstream_reader` (a connection of its own,
+  one pull consumer per catch-up, pulls of up to 16,384 messages read ahead
+  while the previous ones are sent), or through nats-py (an ephemeral pull
+  consumer per 1,000 messages) when the reader cannot serve the connection.
 """
 
 from __future__ import annotations
@@ -68,7 +71,7 @@ import random
 import ssl
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Final
 from urllib.parse import urlsplit
@@ -84,6 +87,7 @@ from shellinfo_grpc._gen.shellinfo.v1 import run_update_service_pb2 as _svc
 from shellinfo_grpc.errors import ConfigurationError, HistoryExpired, RunRejected, StoreUnavailable
 from shellinfo_grpc.rules import compile_filter
 from shellinfo_grpc.stores import Item, PublishOutcome, Retention, Store, decide, new_update, now_usecs
+from shellinfo_grpc.stores._jetstream_reader import JetStreamReader, ReaderUnavailable
 
 __all__ = ["PAUSE_HOOK_ENV", "NatsStore"]
 
@@ -114,9 +118,11 @@ _UNREACHABLE: Final = (nats.errors.Error, asyncio.TimeoutError, OSError)
 _REMEMBERED: Final = 65_536
 #: The default size of a replica's in-memory window of the newest history (MiB).
 _WINDOW_MIB: Final = 64
-#: Messages and bytes per pull of the history.
+#: Messages and bytes per pull of the history through nats-py.
 _BATCH: Final = 1000
 _BATCH_BYTES: Final = 8 << 20
+#: The connection options the history reader does as nats-py does (creds files, nkeys ... it does not).
+_READER_OPTIONS: Final = frozenset({"tls"})
 #: Test hook: a publish whose run's ``error`` equals this value stops for good
 #: between its history write and its bucket write (the crash-repair test kills
 #: the process there). Never set in production.
@@ -152,6 +158,17 @@ def _varint(value: int) -> bytes:
 
 #: RunUpdate.revision is field 3, a varint: appended to a stored message, it sets the revision.
 _REVISION_TAG: Final = bytes([3 << 3])
+
+
+def _revision_field(seq: int) -> bytes:
+    """``revision = seq`` as a field to append to a stored RunUpdate (a sequence is positive)."""
+    if seq < 1 << 14:
+        return bytes((0x18, seq & 0x7F | 0x80, seq >> 7)) if seq >= 0x80 else bytes((0x18, seq))
+    if seq < 1 << 28:
+        if seq < 1 << 21:
+            return bytes((0x18, seq & 0x7F | 0x80, (seq >> 7) & 0x7F | 0x80, seq >> 14))
+        return bytes((0x18, seq & 0x7F | 0x80, (seq >> 7) & 0x7F | 0x80, (seq >> 14) & 0x7F | 0x80, seq >> 21))
+    return _REVISION_TAG + _varint(seq)
 
 
 def _position(msg: Any) -> tuple[int, int]:
@@ -320,6 +337,8 @@ class NatsStore(Store):
         self._keys_live = False
         self._keys_loading = False
         self._history_keeps_long = False
+        self._reader: JetStreamReader | None = None
+        self._reader_said = False
 
     # --- configuration -----------------------------------------------------------
 
@@ -410,6 +429,13 @@ class NatsStore(Store):
         self._connect_failures = -1  # connected once: from now on, outages are logged
         self._js = self._nc.jetstream(timeout=self._timeout)
         self._jsm = self._nc.jsm(timeout=self._timeout)
+        unsupported = sorted(set(self._connect_options) - _READER_OPTIONS)
+        if unsupported:
+            self._reader = None
+            self._say_reader(f"connection option(s) {', '.join(unsupported)}")
+        else:
+            tls = self._connect_options.get("tls")
+            self._reader = JetStreamReader(self._stream, self._cursor_consumer, tls=tls, timeout=self._timeout)
         try:
             info = await self._ensure_stream()
             max_msgs, max_age = info.config.max_msgs or -1, info.config.max_age or 0
@@ -499,6 +525,8 @@ class NatsStore(Store):
         nc, self._nc = self._nc, None
         if nc is None:
             return
+        if self._reader is not None:
+            self._reader.close()
         for sub in (self._live, self._keys_feed):
             if sub is not None:
                 with contextlib.suppress(*_UNREACHABLE):
@@ -548,7 +576,7 @@ class NatsStore(Store):
             self._remembered.pop(msg.subject, None)  # a foreign message: the next publish reads the run
         else:
             self._remember(msg.subject, update)
-            self._window.add(seq, msg.data + _REVISION_TAG + _varint(seq))
+            self._window.add(seq, msg.data + _revision_field(seq))
         self._history_feed.advance(seq)
         if update is not None:
             self.notify_listeners((update,))
@@ -921,13 +949,34 @@ class NatsStore(Store):
                 await self._jsm.delete_consumer(self._stream, consumer)
         return messages
 
+    async def _cursor_consumer(self, start: int) -> str:
+        """A pull consumer for the history reader: from ``start`` on, no acks, in memory.
+
+        The reader deletes it when it is done with it; the inactivity
+        threshold removes it if that delete is lost.
+        """
+        config = api.ConsumerConfig(
+            deliver_policy=api.DeliverPolicy.BY_START_SEQUENCE,
+            opt_start_seq=start,
+            ack_policy=api.AckPolicy.NONE,
+            filter_subject=f"{self._prefix}.>",
+            inactive_threshold=max(30.0, 4 * self._timeout),
+            mem_storage=True,
+            num_replicas=1,
+        )
+        return str((await self._jsm.add_consumer(self._stream, config)).name)
+
+    def _say_reader(self, why: str) -> None:
+        if not self._reader_said:
+            self._reader_said = True
+            _log.debug("stream %s: catch-up reads JetStream through nats-py (%s; said once)", self._stream, why)
+
     async def _history_wire(self, start: int, end: int, limit: int) -> list[tuple[int, bytes]]:
         """``(revision, RunUpdate bytes)`` of the history in ``[start, end]``, at most ``limit``.
 
         From the in-memory window when it covers the range, else from
-        JetStream in pulls of up to 1,000 messages (each checked to be a
-        RunUpdate; a foreign one is skipped, loudly). The bytes are the stored
-        ones with the revision field appended.
+        JetStream: through the history reader, or through nats-py when the
+        reader cannot serve this read (then the whole read is done again).
         """
         oldest, last = await self._oldest()
         if start < oldest:
@@ -937,13 +986,41 @@ class NatsStore(Store):
             return []
         if start >= self._window.low and end <= self._history_feed.position:
             return self._window.read(start, end, limit)
+        reader = self._reader
+        url = self._nc.connected_url if self._nc is not None else None
+        if reader is not None and url is not None and not reader.paused:
+
+            async def read(position: int, count: int) -> list[tuple[int, bytes]]:
+                return await reader.read(url, position, end, count)
+
+            try:
+                return await self._read_history(start, end, limit, read)
+            except ReaderUnavailable as exc:
+                reader.failed(exc)
+                self._say_reader(str(exc))
+
+        async def pull(position: int, count: int) -> list[tuple[int, bytes]]:
+            return await self._pull(position, min(_BATCH, count, end - position + 1))
+
+        return await self._read_history(start, end, limit, pull)
+
+    async def _read_history(
+        self, start: int, end: int, limit: int, fetch: Callable[[int, int], Awaitable[list[tuple[int, bytes]]]]
+    ) -> list[tuple[int, bytes]]:
+        """What :meth:`_history_wire` returns, from ``fetch(position, at most)`` calls.
+
+        Each message is checked to be a RunUpdate (a foreign one is skipped,
+        loudly), and the revision field appended to it. A sequence missing
+        from what JetStream returned is checked: if retention (or an age
+        expiry) trimmed it after the oldest revision was checked, the read
+        fails with :class:`HistoryExpired` rather than skip updates silently.
+        """
         out: list[tuple[int, bytes]] = []
         parse = _svc.RunUpdate.FromString
         position = start
         empty = 0
-        first = 0  # the first sequence JetStream returned
         while position <= end and len(out) < limit:
-            batch = await self._pull(position, min(_BATCH, limit - len(out), end - position + 1))
+            batch = await fetch(position, limit - len(out))
             if not batch:
                 # Never report a gap as the end: JetStream said it has up to `end`.
                 empty += 1
@@ -951,22 +1028,27 @@ class NatsStore(Store):
                     raise StoreUnavailable(f"NATS store: stream {self._stream} did not return revision {position}")
                 await asyncio.sleep(0.05)
                 continue
+            expected = position
             for seq, data in batch:
-                first = first or seq
                 if seq > end:
                     break
+                if seq != expected:
+                    await self._check_gap(expected)
+                expected = seq + 1
                 try:
                     parse(data)
                 except Exception:
                     _log.warning("stream %s: message %d is not a RunUpdate; skipped", self._stream, seq)
                     continue
-                out.append((seq, data + _REVISION_TAG + _varint(seq)))
+                out.append((seq, data + _revision_field(seq)))
             position = batch[-1][0] + 1
-        if first > start:
-            # Retention (or an age expiry) trimmed the start away after the oldest
-            # revision was checked: never skip updates silently.
-            raise HistoryExpired(start, out[0][0])
         return out
+
+    async def _check_gap(self, missing: int) -> None:
+        """Sequence ``missing`` was not delivered: fine if it was deleted, HistoryExpired if trimmed."""
+        oldest, _ = await self._oldest()
+        if oldest > missing:
+            raise HistoryExpired(missing, oldest)
 
     async def history(self, start_revision: int, end_revision: int, limit: int) -> list[_svc.RunUpdate]:
         """Messages with sequence in ``[start_revision, end_revision]``, from the stream."""

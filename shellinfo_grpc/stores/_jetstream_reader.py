@@ -1,0 +1,532 @@
+"""A lean reader of a JetStream stream's history, for :class:`~shellinfo_grpc.stores.nats.NatsStore`'s catch-up.
+
+nats-py hands every message to a coroutine as a ``Msg`` object with its
+headers parsed, which costs the service more CPU per stored update than the
+rest of a catch-up together. This reader sits below that: it speaks the NATS
+client protocol itself on one connection of its own (per store, opened on
+first use to the server nats-py is connected to, opened again after a
+failure), and parses the ``HMSG`` frames of pull-consumer deliveries in bulk
+from one buffer: the stream sequence from the ``$JS.ACK`` reply subject (the
+9-token form and the 12-token form with domain and account hash), the header
+block skipped by its length, the payload copied once. A status message
+(``404 No Messages``, ``409 ...``) ends a pull.
+
+A **cursor** is one pull consumer reading forward from a position. A
+catch-up reads the history in consecutive calls, so a cursor is kept, keyed
+by the position its next call starts from (at most :data:`KEPT` of them; the
+consumers of dropped ones are deleted, and have an inactivity threshold in
+case the delete is lost). A cursor asks for the next pull as soon as the
+previous one has arrived, while its caller is still sending what it got: up
+to two pulls of at most :data:`PULL_MESSAGES` messages or :data:`PULL_BYTES`
+bytes each are held.
+
+What the reader cannot do correctly it does not try: it raises
+:class:`ReaderUnavailable` and the store reads through nats-py instead. That
+covers authentication other than none, a user and password or a token from
+the server URL (creds files, nkeys, JWTs are the store's to refuse before
+the reader is made), a server whose first line is not INFO or that refuses
+the connection, a TLS setting the server does not match, and any frame it
+does not expect. A read that fails half way returns nothing: its caller
+reads the whole range again through nats-py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import bisect
+import contextlib
+import json
+import logging
+import re
+import secrets
+import ssl
+import time
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from operator import itemgetter
+from typing import Any, Final
+from urllib.parse import ParseResult
+
+__all__ = ["KEPT", "PULL_BYTES", "PULL_MESSAGES", "Endpoint", "JetStreamReader", "ReaderUnavailable"]
+
+_log = logging.getLogger("shellinfo_grpc.nats_store")
+
+#: Most messages, and bytes (as JetStream counts them), one pull asks for.
+PULL_MESSAGES: Final = 16_384
+PULL_BYTES: Final = 8 << 20
+#: Cursors kept between calls (the oldest is dropped).
+KEPT: Final = 8
+#: How long the reader is not tried again after the server refused it (seconds).
+_REFUSED_PAUSE: Final = 60.0
+
+# One delivered message or status: HMSG <subject> <sid> [<reply>] <header bytes> <total bytes>.
+# A consumer's delivery has the reply $JS.ACK.<stream>.<consumer>.<delivered>.<stream seq>.
+# <consumer seq>.<time>.<pending> (7 tokens after $JS.ACK: the stream sequence is group 3) or
+# $JS.ACK.<domain>.<account hash>.<stream>.<consumer>.<delivered>.<stream seq>.<consumer seq>.
+# <time>.<pending>[.<token>...] (9 or more: group 4); neither can be taken for the other. A status
+# has no reply (groups 3 and 4 empty) and its subject (group 1) is the reply subject of the pull
+# it ends. A reply of any other form does not match.
+_HMSG: Final = re.compile(
+    rb"HMSG ([^ \r\n]+) (\d+) (?:\$JS\.ACK\.(?:"
+    rb"[^. ]+\.[^. ]+\.\d+\.(\d+)\.\d+\.\d+\.\d+"
+    rb"|[^. ]+\.[^. ]+\.[^. ]+\.[^. ]+\.\d+\.(\d+)\.\d+\.\d+\.\d+(?:\.[^ \r\n]+)?"
+    rb") )?(\d+) (\d+)\r\n"
+)
+_CRLF: Final = b"\r\n"
+_H: Final = ord("H")
+_first = itemgetter(0)
+
+
+class ReaderUnavailable(Exception):
+    """This read cannot go through the reader: read through nats-py instead.
+
+    ``lasting``: no later read will work either (a protocol surprise);
+    ``pause``: seconds before the reader is tried again (the server refused it).
+    """
+
+    def __init__(self, reason: str, *, lasting: bool = False, pause: float = 0.0) -> None:
+        super().__init__(reason)
+        self.lasting = lasting
+        self.pause = pause
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """Where the reader connects, and how it authenticates, as nats-py does for the same URL."""
+
+    host: str
+    port: int
+    user: str | None
+    password: str | None
+    tls: ssl.SSLContext | None
+    tls_scheme: bool
+
+    @classmethod
+    def of(cls, url: ParseResult, tls: ssl.SSLContext | None) -> Endpoint:
+        if url.scheme not in ("nats", "tls") or not url.hostname:
+            raise ReaderUnavailable(f"server URL scheme {url.scheme!r} is not supported", lasting=True)
+        return cls(url.hostname, url.port or 4222, url.username, url.password, tls, url.scheme == "tls")
+
+    def connect_command(self, info: dict[str, Any]) -> bytes:
+        options: dict[str, Any] = {
+            "verbose": False,
+            "pedantic": False,
+            "name": "shellinfo-grpc history reader",
+            "lang": "python3",
+            "version": "shellinfo-grpc",
+            "protocol": 1,
+            "headers": True,
+            "no_responders": True,
+            "echo": False,
+        }
+        if info.get("auth_required") and self.user is not None:
+            if self.password is None:
+                options["auth_token"] = self.user
+            else:
+                options["user"], options["pass"] = self.user, self.password
+        return b"CONNECT " + json.dumps(options).encode() + b"\r\nPING\r\n"
+
+
+class _Cursor:
+    """One pull consumer reading the history forward: what it has received and not yet handed out."""
+
+    def __init__(self, wire: _Wire, consumer: str, sid: int, start: int, end: int) -> None:
+        self.wire = wire
+        self.consumer = consumer
+        self.sid = sid
+        self.next = start  # where the next read starts: the key it is kept under
+        self.end = end  # the last sequence worth reading, as the latest read said
+        self.received: list[tuple[int, bytes]] = []  # (stream sequence, payload); the parser appends
+        self.taken = 0  # index in `received` of the first one not handed out
+        self.last = start - 1  # the newest sequence received
+        self.target = 0  # len(received) at which the pull in flight is complete (0: none in flight)
+        self.pulled_from = 0  # len(received) when the pull in flight was asked for
+        self.pulls = 0  # pulls asked for: the reply subject of the n-th ends in .<n>
+        self.exhausted = False  # the last pull ended with "no messages": ask again only when read again
+        self.error: ReaderUnavailable | None = None
+        self.waiter: asyncio.Future[None] | None = None
+        self.news = 0  # messages or statuses seen: progress, for the timeout
+
+    def wake(self) -> None:
+        self.news += 1
+        if self.waiter is not None and not self.waiter.done():
+            self.waiter.set_result(None)
+
+    def arrived(self) -> None:
+        """The parser appended messages: a pull may be complete, and a reader waiting."""
+        self.last = self.received[-1][0]
+        if self.target and len(self.received) >= self.target:
+            self.target = 0
+        self.pump()
+        self.wake()
+
+    def status(self, subject: bytes, line: bytes) -> None:
+        """A status message: the end of the pull in flight, or news of one already complete."""
+        if not subject.endswith(b".%d" % self.pulls):
+            return  # "409 Batch Completed" of a pull whose messages all came: the next one is out
+        if self.received:
+            self.last = self.received[-1][0]
+        if self.target and len(self.received) >= self.target:
+            self.target = 0  # complete by count: the messages came in the same read as this
+        code = line[9:12]
+        if not self.target:
+            if code != b"409" or b"Batch Completed" not in line:
+                self.fail(ReaderUnavailable(f"status {line.decode(errors='replace')!r} after its pull"))
+        elif code == b"404" or (code == b"409" and b"MaxBytes" in line and len(self.received) > self.pulled_from):
+            # No (more) messages right now; or the next one would exceed max_bytes.
+            self.target = 0
+            self.exhausted = code == b"404"
+            self.pump()
+        else:  # 409 consumer deleted, leadership change, a message larger than a pull, ...
+            self.fail(ReaderUnavailable(f"pull ended with {line.decode(errors='replace')!r}"))
+        self.wake()
+
+    def fail(self, error: ReaderUnavailable) -> None:
+        if self.error is None:
+            self.error = error
+        self.target = 0
+        self.wake()
+
+    def pump(self) -> None:
+        """Ask for the next pull, unless one is in flight, two are held, or the end has been reached."""
+        if self.target or self.exhausted or self.error is not None or self.last >= self.end:
+            return
+        if len(self.received) - self.taken >= PULL_MESSAGES or not self.wire.open:
+            return
+        if self.taken > 4096 and 2 * self.taken > len(self.received):
+            del self.received[: self.taken]
+            self.taken = 0
+        batch = min(PULL_MESSAGES, self.end - self.last)
+        self.pulled_from = len(self.received)
+        self.target = self.pulled_from + batch
+        self.pulls += 1
+        self.wire.pull(self, batch)
+
+    async def read(self, end: int, limit: int, timeout: float) -> list[tuple[int, bytes]]:
+        """Up to ``limit`` messages from ``next`` up to ``end``; fewer when the consumer had no more."""
+        self.end = max(self.end, end)
+        self.exhausted = False
+        out: list[tuple[int, bytes]] = []
+        while True:
+            if self.error is not None:
+                raise self.error
+            received, i = self.received, self.taken
+            j = min(len(received), i + limit - len(out))
+            if j > i and received[j - 1][0] > end:
+                j = bisect.bisect_right(received, end, lo=i, hi=j, key=_first)
+            out += received[i:j]
+            self.taken = j
+            if len(out) >= limit or self.last >= end or (self.exhausted and not self.target):
+                break
+            self.pump()
+            self.waiter = asyncio.get_running_loop().create_future()
+            before = self.news
+            try:
+                await asyncio.wait_for(self.waiter, timeout)
+            except TimeoutError:
+                if self.news == before and self.error is None:
+                    self.wire.abort(f"no message within {timeout:g} s")
+            finally:
+                self.waiter = None
+        if out:
+            self.next = out[-1][0] + 1
+        self.pump()  # read ahead while the caller sends these
+        return out
+
+
+class _Wire(asyncio.Protocol):
+    """The reader's connection: the handshake, then every frame parsed as it arrives."""
+
+    def __init__(self, endpoint: Endpoint, stream: str) -> None:
+        self.endpoint = endpoint
+        self.stream = stream
+        self.transport: asyncio.Transport | None = None
+        self.open = False  # handshake done, not lost
+        self.error: ReaderUnavailable | None = None
+        self.cursors: dict[int, _Cursor] = {}  # by subscription id
+        self.prefix = f"_INBOX.{secrets.token_hex(11)}"
+        self._next_sid = 0
+        self._buffer = bytearray()  # during the handshake
+        self._rest = b""  # after it: the start of a frame that has not fully arrived
+        self._lines: list[bytes] = []  # control lines during the handshake
+        self._handshake: asyncio.Future[None] | None = None
+
+    # --- the handshake ----------------------------------------------------------------
+
+    async def connect(self, timeout: float) -> None:
+        loop = asyncio.get_running_loop()
+        endpoint = self.endpoint
+        async with asyncio.timeout(timeout):
+            transport, _ = await loop.create_connection(lambda: self, endpoint.host, endpoint.port)
+            first = await self._line()
+            if not first.startswith(b"INFO "):
+                raise ReaderUnavailable(f"the server's first line is not INFO: {first[:40]!r}", lasting=True)
+            try:
+                info = json.loads(first[5:])
+                assert isinstance(info, dict)
+            except (ValueError, AssertionError):
+                raise ReaderUnavailable("the server's INFO is not a JSON object", lasting=True) from None
+            if not info.get("headers"):
+                raise ReaderUnavailable("the server does not support headers", lasting=True)
+            if info.get("tls_required"):
+                context = endpoint.tls or ssl.create_default_context()
+                upgraded = await loop.start_tls(transport, self, context, server_hostname=endpoint.host)
+                if upgraded is None:
+                    raise ReaderUnavailable("TLS could not be started")
+                self.transport = upgraded
+            elif endpoint.tls is not None or endpoint.tls_scheme:
+                raise ReaderUnavailable("TLS is configured but the server does not require it", lasting=True)
+            if "nonce" in info and endpoint.user is None:
+                raise ReaderUnavailable("the server sends a nonce to sign", lasting=True)
+            self._write(endpoint.connect_command(info))
+            while True:
+                line = await self._line()
+                if line == b"PONG":
+                    break
+                if line.startswith(b"-ERR"):
+                    refused = line.decode(errors="replace")
+                    raise ReaderUnavailable(f"the server refused: {refused}", pause=_REFUSED_PAUSE)
+                if line == b"PING":
+                    self._write(b"PONG\r\n")
+                elif not line.startswith((b"INFO ", b"+OK")):
+                    raise ReaderUnavailable(f"unexpected {line[:40]!r} during the handshake", lasting=True)
+        self._handshake = None
+        self.open = True
+        if self._buffer:  # frames that came right behind the PONG
+            rest = bytes(self._buffer)
+            self._buffer.clear()
+            self.data_received(rest)
+
+    async def _line(self) -> bytes:
+        while not self._lines:
+            if self.error is not None:
+                raise self.error
+            self._handshake = asyncio.get_running_loop().create_future()
+            await self._handshake
+        return self._lines.pop(0)
+
+    # --- asyncio.Protocol ---------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._lost(ReaderUnavailable(f"connection lost: {exc}" if exc else "connection closed"))
+
+    def data_received(self, data: bytes) -> None:
+        if not self.open:
+            self._buffer += data
+            self._handshake_lines()
+            return
+        # Immutable bytes, so that a payload is one slice (one copy); only an incomplete
+        # frame at the end is copied again, in front of the next read.
+        buffer = self._rest + data if self._rest else data
+        pos = 0
+        size = len(buffer)
+        cursors = self.cursors
+        touched: list[_Cursor] = []
+        match = _HMSG.match
+        try:
+            while pos < size:
+                if buffer[pos] == _H:
+                    frame = match(buffer, pos)
+                    if frame is None:
+                        if buffer.find(_CRLF, pos) < 0:
+                            break  # the frame's first line is not complete
+                        raise ReaderUnavailable(f"unexpected frame {buffer[pos : pos + 60]!r}", lasting=True)
+                    subject, sid, seq, seq2, headers, total = frame.groups()
+                    body = frame.end()
+                    stop = body + int(total)
+                    if stop + 2 > size:
+                        break  # the payload is not complete
+                    cursor = cursors.get(int(sid))
+                    if cursor is not None:
+                        if seq is not None or seq2 is not None:
+                            cursor.received.append((int(seq or seq2), buffer[body + int(headers) : stop]))
+                            if not touched or touched[-1] is not cursor:
+                                touched.append(cursor)
+                        else:
+                            line = buffer[body : buffer.find(_CRLF, body, stop)]
+                            cursor.status(bytes(subject), line)
+                    pos = stop + 2
+                else:
+                    eol = buffer.find(_CRLF, pos)
+                    if eol < 0:
+                        break
+                    self._control(buffer[pos:eol])
+                    pos = eol + 2
+        except ReaderUnavailable as exc:
+            self._rest = b""
+            self._lost(exc)
+            return
+        finally:
+            for cursor in touched:
+                cursor.arrived()
+        self._rest = buffer[pos:]
+
+    def _control(self, line: bytes) -> None:
+        if line == b"PING":
+            self._write(b"PONG\r\n")
+        elif line.startswith(b"-ERR"):
+            raise ReaderUnavailable(f"the server said {line.decode(errors='replace')}")
+        elif not line.startswith((b"INFO ", b"PONG", b"+OK")):  # INFO: cluster updates; nothing to do
+            raise ReaderUnavailable(f"unexpected {line[:60]!r}", lasting=True)
+
+    def _handshake_lines(self) -> None:
+        buffer = self._buffer
+        while (eol := buffer.find(_CRLF)) >= 0 and not (self._lines and self._lines[-1] == b"PONG"):
+            self._lines.append(bytes(buffer[:eol]))
+            del buffer[: eol + 2]
+        if self._handshake is not None and not self._handshake.done() and self._lines:
+            self._handshake.set_result(None)
+
+    def _lost(self, error: ReaderUnavailable) -> None:
+        self.open = False
+        if self.error is None:
+            self.error = error
+        for cursor in list(self.cursors.values()):
+            cursor.fail(error)
+        if self._handshake is not None and not self._handshake.done():
+            self._handshake.set_result(None)
+        if self.transport is not None:
+            self.transport.close()
+
+    # --- requests -------------------------------------------------------------------------
+
+    def _write(self, data: bytes) -> None:
+        if self.transport is None or self.transport.is_closing():
+            raise ReaderUnavailable("the connection is closed")
+        self.transport.write(data)
+
+    def cursor(self, consumer: str, start: int, end: int) -> _Cursor:
+        """A cursor on ``consumer``, on a new subscription (its inbox is ``<prefix>.<sid>``)."""
+        if not self.open:
+            raise self.error or ReaderUnavailable("the connection is closed")
+        self._next_sid += 1
+        cursor = _Cursor(self, consumer, self._next_sid, start, end)
+        self.cursors[cursor.sid] = cursor
+        self._write(b"SUB %s.%d.* %d\r\n" % (self.prefix.encode(), cursor.sid, cursor.sid))
+        return cursor
+
+    def pull(self, cursor: _Cursor, batch: int) -> None:
+        request = b'{"batch":%d,"no_wait":true,"max_bytes":%d}' % (batch, PULL_BYTES)
+        subject = f"$JS.API.CONSUMER.MSG.NEXT.{self.stream}.{cursor.consumer} {self.prefix}.{cursor.sid}.{cursor.pulls}"
+        try:
+            self._write(b"PUB %s %d\r\n%s\r\n" % (subject.encode(), len(request), request))
+        except ReaderUnavailable as exc:
+            cursor.fail(exc)
+
+    def drop(self, cursor: _Cursor) -> None:
+        """Unsubscribe the cursor and delete its consumer (no answer awaited)."""
+        cursor.fail(ReaderUnavailable("the cursor was dropped"))
+        if self.cursors.pop(cursor.sid, None) is None or not self.open:
+            return
+        subject = f"$JS.API.CONSUMER.DELETE.{self.stream}.{cursor.consumer}".encode()
+        with contextlib.suppress(ReaderUnavailable):
+            self._write(b"UNSUB %d\r\nPUB %s %s.deleted 0\r\n\r\n" % (cursor.sid, subject, self.prefix.encode()))
+
+    def abort(self, reason: str) -> None:
+        self._lost(ReaderUnavailable(reason))
+
+
+class JetStreamReader:
+    """Reads ``stream``'s history through cursors on a connection of its own.
+
+    ``create_consumer(start)`` makes a pull consumer (no acks, delivering
+    from sequence ``start`` on) and returns its name; the store makes it
+    through nats-py, as it does every other JetStream request.
+    """
+
+    def __init__(
+        self,
+        stream: str,
+        create_consumer: Callable[[int], Awaitable[str]],
+        *,
+        tls: ssl.SSLContext | None,
+        timeout: float,
+    ) -> None:
+        self._stream = stream
+        self._create_consumer = create_consumer
+        self._tls = tls
+        self._timeout = timeout
+        self._wire: _Wire | None = None
+        self._opening = asyncio.Lock()
+        self._cursors: OrderedDict[int, _Cursor] = OrderedDict()  # by the position their next read starts at
+        self._paused_until = 0.0
+
+    @property
+    def paused(self) -> bool:
+        """Whether the reader is not to be tried now (after it was refused, or for good)."""
+        return time.monotonic() < self._paused_until
+
+    def failed(self, error: ReaderUnavailable) -> None:
+        """Note a failure: pause if the error says so; close the connection unless only a cursor failed."""
+        if error.lasting:
+            self._paused_until = float("inf")
+        elif error.pause:
+            self._paused_until = time.monotonic() + error.pause
+        if error.lasting or error.pause or self._wire is None or not self._wire.open:
+            self.close()
+
+    async def read(self, url: ParseResult, start: int, end: int, limit: int) -> list[tuple[int, bytes]]:
+        """Up to ``limit`` ``(stream sequence, payload)`` from ``start`` up to ``end``, in order.
+
+        Fewer (maybe none) when the consumer had no more messages at the
+        time; none above ``end``. Raises :class:`ReaderUnavailable` when this
+        read cannot be served: nothing of it is returned then.
+        """
+        wire = await self._connected(Endpoint.of(url, self._tls))
+        cursor = self._cursors.pop(start, None)
+        if cursor is not None and cursor.wire is not wire:
+            cursor = None
+        if cursor is None:
+            cursor = wire.cursor(await self._create_consumer(start), start, end)
+        try:
+            out = await cursor.read(end, limit, self._timeout)
+        except BaseException:
+            wire.drop(cursor)
+            raise
+        if cursor.next > end:
+            wire.drop(cursor)  # the caller has what it wanted: a catch-up reads no further
+        else:
+            replaced = self._cursors.pop(cursor.next, None)
+            if replaced is not None:
+                replaced.wire.drop(replaced)
+            self._cursors[cursor.next] = cursor
+            while len(self._cursors) > KEPT:
+                _, oldest = self._cursors.popitem(last=False)
+                oldest.wire.drop(oldest)
+        return out
+
+    async def _connected(self, endpoint: Endpoint) -> _Wire:
+        async with self._opening:
+            wire = self._wire
+            if wire is not None and wire.open and wire.endpoint == endpoint:
+                return wire
+            self.close()
+            wire = _Wire(endpoint, self._stream)
+            try:
+                await wire.connect(self._timeout)
+            except (OSError, TimeoutError, ssl.SSLError) as exc:
+                wire.abort(str(exc))
+                raise ReaderUnavailable(f"cannot connect to {endpoint.host}:{endpoint.port}: {exc!r}") from None
+            except BaseException:
+                wire.abort("the handshake failed")
+                raise
+            self._wire = wire
+            return wire
+
+    def close(self) -> None:
+        """Drop every cursor (their consumers deleted) and close the connection."""
+        cursors, self._cursors = list(self._cursors.values()), OrderedDict()
+        for cursor in cursors:
+            cursor.wire.drop(cursor)
+        wire, self._wire = self._wire, None
+        if wire is not None:
+            for cursor in list(wire.cursors.values()):
+                wire.drop(cursor)
+            wire.open = False
+            if wire.transport is not None:
+                wire.transport.close()

@@ -1,0 +1,457 @@
+"""The history reader of the NATS store (stores/_jetstream_reader.py) on real nats-server processes.
+
+A replica with no in-memory window (``window_mib=0``) reads every catch-up
+from JetStream: through the reader, or through nats-py when the reader
+cannot serve the connection. Both must return exactly the same thing:
+
+* over ranges crossing pull and call boundaries, with foreign messages (not
+  RunUpdates) and deleted messages (gaps) in the stream;
+* on servers with user/password, token and TLS;
+* with connection options the reader does not do (it falls back, quietly);
+* when the reader's connection dies mid-read or the server restarts (a
+  correct fallback or an error, never a silent loss);
+* with retention trimming the history between the check and the read
+  (HistoryExpired).
+
+One cursor (pull consumer) serves a whole catch-up. A stand-in server on a
+socket checks that a peer that does not speak NATS turns the reader off.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+import nats
+import pytest
+from certs import make_pki
+from nats_fixtures import NatsNode, free_ports, require_nats_server
+
+from shellinfo_grpc._gen.shellinfo.v1 import protection_shell_info_pb2 as pb
+from shellinfo_grpc._gen.shellinfo.v1 import run_update_service_pb2 as svc
+from shellinfo_grpc.errors import HistoryExpired, StoreUnavailable
+from shellinfo_grpc.stores import Retention
+from shellinfo_grpc.stores import _jetstream_reader as reader_module
+from shellinfo_grpc.stores._jetstream_reader import JetStreamReader, ReaderUnavailable
+from shellinfo_grpc.stores._registry import open_store
+from shellinfo_grpc.stores.nats import NatsStore
+
+pytestmark = pytest.mark.timeout(120)
+
+WAIT = 20.0
+
+
+# --- servers ------------------------------------------------------------------------------------
+
+
+@dataclass(eq=False)
+class SecuredNode(NatsNode):
+    """A nats-server with extra command-line options (auth, TLS), and the client URL that gets in."""
+
+    extra: tuple[str, ...] = ()
+    userinfo: str = ""
+    scheme: str = "nats"
+
+    @property
+    def url(self) -> str:
+        return f"{self.scheme}://{self.userinfo + '@' if self.userinfo else ''}127.0.0.1:{self.port}"
+
+    def argv(self) -> list[str]:
+        return [*super().argv(), *self.extra]
+
+    async def wait_ready(self, timeout: float = 30.0) -> None:
+        deadline = time.monotonic() + timeout
+        while not self.healthy():  # the monitoring port needs no credentials
+            assert self.running, "nats-server exited"
+            assert time.monotonic() < deadline, "nats-server not healthy"
+            await asyncio.sleep(0.1)
+
+
+@contextlib.contextmanager
+def secured(directory: Path, *extra: str, userinfo: str = "", scheme: str = "nats") -> Iterator[SecuredNode]:
+    port, http_port = free_ports(2)
+    node = SecuredNode(
+        require_nats_server(), "secured", directory, port, http_port, extra=extra, userinfo=userinfo, scheme=scheme
+    )
+    node.start()
+    try:
+        yield node
+    finally:
+        node.kill()
+
+
+@pytest.fixture(scope="module")
+def plain(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SecuredNode]:
+    with secured(tmp_path_factory.mktemp("nats")) as node:
+        yield node
+
+
+@pytest.fixture
+def small_pulls(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Pulls of 97 messages, so that a few hundred updates cross many pull boundaries."""
+    monkeypatch.setattr(reader_module, "PULL_MESSAGES", 97)
+
+
+# --- helpers ------------------------------------------------------------------------------------
+
+
+def names() -> str:
+    tag = uuid.uuid4().hex[:12]
+    return f"stream=T{tag.upper()}&subject_prefix=test.{tag}.runs&window_mib=0"
+
+
+@contextlib.asynccontextmanager
+async def started(url: str, **kwargs: Any) -> AsyncIterator[NatsStore]:
+    store = open_store(url, **kwargs)
+    assert isinstance(store, NatsStore)
+    await store.start()
+    try:
+        yield store
+    finally:
+        await store.close()
+
+
+class Spy:
+    """Counts the reads through the reader, the pulls through nats-py and the consumers made for cursors."""
+
+    def __init__(self, store: NatsStore) -> None:
+        self.reads = self.pulls = self.cursors = 0
+        pull = store._pull
+
+        async def count_pull(*args: Any) -> Any:
+            self.pulls += 1
+            return await pull(*args)
+
+        store._pull = count_pull  # type: ignore[method-assign]
+        reader = store._reader
+        if reader is not None:
+            read, cursor = reader.read, reader._create_consumer
+
+            async def count_cursor(*args: Any) -> Any:
+                self.cursors += 1
+                return await cursor(*args)
+
+            reader._create_consumer = count_cursor
+
+            async def count_read(*args: Any) -> Any:
+                self.reads += 1
+                return await read(*args)
+
+            reader.read = count_read  # type: ignore[method-assign]
+
+
+async def fill(store: NatsStore, count: int, *, foreign_every: int = 0, delete_every: int = 0) -> int:
+    """``count`` updates, a foreign message after every ``foreign_every``-th, every ``delete_every``-th
+    deleted again (the 4th, ...); the head revision."""
+    subject = store._subjects("src", 1)[0]
+    nc = await nats.connect([store._servers[0]], **store._connect_options)
+    try:
+        js, jsm = nc.jetstream(), nc.jsm()
+        for index in range(count):
+            run = pb.ProtectionShellInfo(job_run_id=index % 50, status=1, error=f"e{index}")
+            outcome = await store.publish("src", run)
+            if foreign_every and index % foreign_every == 0:
+                await js.publish(subject, b"\xff\xff\xff not a RunUpdate", stream=store._stream)
+            if delete_every and index % delete_every == 3:
+                await jsm.delete_msg(store._stream, outcome.update.revision)
+        return int((await jsm.stream_info(store._stream)).state.last_seq)
+    finally:
+        await nc.close()
+
+
+async def catch_up(store: NatsStore, start: int, end: int, limit: int) -> list[tuple[int, bytes]]:
+    """Read ``[start, end]`` in calls of ``limit``, as the service's catch-up does."""
+    out: list[tuple[int, bytes]] = []
+    position = start
+    while position <= end:
+        chunk = await store.history_wire(position, end, limit)
+        if not chunk:
+            break
+        out += chunk
+        position = chunk[-1][0] + 1
+    return out
+
+
+async def through_nats_py(store: NatsStore, start: int, end: int, limit: int) -> list[tuple[int, bytes]]:
+    reader, store._reader = store._reader, None
+    try:
+        return await catch_up(store, start, end, limit)
+    finally:
+        store._reader = reader
+
+
+def decoded(chunk: list[tuple[int, bytes]]) -> list[svc.RunUpdate]:
+    updates = [svc.RunUpdate.FromString(data) for _, data in chunk]
+    assert [u.revision for u in updates] == [r for r, _ in chunk]
+    return updates
+
+
+# --- the same as nats-py ---------------------------------------------------------------------------
+
+
+@pytest.mark.usefixtures("small_pulls")
+def test_the_reader_returns_what_nats_py_returns_across_pulls_gaps_and_foreign_messages(
+    plain: SecuredNode, caplog: pytest.LogCaptureFixture
+) -> None:
+    async def main() -> None:
+        async with started(f"{plain.url}?{names()}") as store:
+            head = await fill(store, 600, foreign_every=37, delete_every=41)
+            spy = Spy(store)
+            for start, limit in ((1, 333), (1, 50), (17, 1000), (head - 5, 4)):
+                got = await catch_up(store, start, head, limit)
+                assert spy.pulls == 0, "the reader fell back"
+                reference = await through_nats_py(store, start, head, limit)
+                assert got == reference, (start, limit)
+                spy.pulls = 0
+            everything = await catch_up(store, 1, head, 333)
+            revisions = [r for r, _ in everything]
+            assert len(revisions) == 600 - len(range(3, 600, 41))  # foreign messages skipped, deleted ones gone
+            assert revisions == sorted(set(revisions))
+            assert all(u.source == "src" for u in decoded(everything))
+            # One cursor for the whole catch-up of 600 updates in calls of 333.
+            before = spy.cursors
+            await catch_up(store, 1, head, 333)
+            assert spy.cursors == before + 1
+            assert any("is not a RunUpdate; skipped" in r.message for r in caplog.records)
+
+    asyncio.run(main())
+
+
+def test_consecutive_calls_share_one_consumer_and_drop_it_at_the_end(plain: SecuredNode) -> None:
+    async def main() -> None:
+        async with started(f"{plain.url}?{names()}") as store:
+            head = await fill(store, 300)
+            async with jetstream_manager(plain) as jsm:
+                feeds = (await jsm.stream_info(store._stream)).state.consumer_count  # the live feed's
+                spy = Spy(store)
+                assert [r for r, _ in await catch_up(store, 1, head, 40)] == list(range(1, head + 1))
+                assert (spy.cursors, spy.pulls) == (1, 0)
+                assert spy.reads == -(-head // 40)
+                for _ in range(100):  # the delete is not awaited by the reader
+                    if (await jsm.stream_info(store._stream)).state.consumer_count == feeds:
+                        break
+                    await asyncio.sleep(0.05)
+                assert (await jsm.stream_info(store._stream)).state.consumer_count == feeds
+
+    asyncio.run(main())
+
+
+@contextlib.asynccontextmanager
+async def jetstream_manager(node: NatsNode, **options: Any) -> AsyncIterator[Any]:
+    nc = await nats.connect([node.url], **options)
+    try:
+        yield nc.jsm()
+    finally:
+        await nc.close()
+
+
+# --- authentication and TLS -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("extra", "userinfo"),
+    [
+        pytest.param(("--user", "reader", "--pass", "s3cret"), "reader:s3cret", id="user-password"),
+        pytest.param(("--auth", "t0ken"), "t0ken", id="token"),
+    ],
+)
+@pytest.mark.usefixtures("small_pulls")
+def test_the_reader_authenticates_as_nats_py_does(tmp_path: Path, extra: tuple[str, ...], userinfo: str) -> None:
+    async def main(node: SecuredNode) -> None:
+        async with started(f"{node.url}?{names()}") as store:
+            head = await fill(store, 250, foreign_every=60)
+            spy = Spy(store)
+            got = await catch_up(store, 1, head, 100)
+            assert spy.pulls == 0
+            assert spy.reads >= 3
+            assert got == await through_nats_py(store, 1, head, 100)
+            assert len(got) == 250
+
+    with secured(tmp_path, *extra, userinfo=userinfo) as node:
+        asyncio.run(main(node))
+
+
+def test_the_reader_speaks_tls_when_the_server_requires_it(tmp_path: Path) -> None:
+    pki = make_pki(tmp_path / "pki")
+    tls = ("--tls", "--tlscert", str(pki.server.cert), "--tlskey", str(pki.server.key))
+
+    async def main(node: SecuredNode) -> None:
+        async with started(f"{node.url}?{names()}&tls_ca={pki.ca.cert}") as store:
+            head = await fill(store, 200)
+            spy = Spy(store)
+            got = await catch_up(store, 1, head, 64)
+            assert (spy.pulls, spy.cursors) == (0, 1)
+            assert got == await through_nats_py(store, 1, head, 64)
+            wire = store._reader._wire if store._reader is not None else None
+            assert wire is not None
+            assert wire.transport is not None
+            assert wire.transport.get_extra_info("ssl_object") is not None
+
+    with secured(tmp_path / "nats", *tls, scheme="tls") as node:
+        asyncio.run(main(node))
+
+
+def test_connection_options_the_reader_does_not_do_mean_nats_py_quietly(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """As with a creds file (user_credentials): any option besides tls leaves the reader out."""
+    caplog.set_level("DEBUG", logger="shellinfo_grpc.nats_store")
+
+    async def main(node: SecuredNode) -> None:
+        options = {"user": "reader", "password": "s3cret"}
+        stream = f"T{uuid.uuid4().hex[:8].upper()}"
+        store = NatsStore([node.url], stream=stream, connect_options=options, window_mib=0)
+        await store.start()
+        try:
+            assert store._reader is None
+            head = await fill(store, 150)
+            spy = Spy(store)
+            got = await catch_up(store, 1, head, 100)
+            assert spy.pulls >= 2
+            assert [r for r, _ in got] == list(range(1, head + 1))
+        finally:
+            await store.close()
+
+    with secured(tmp_path, "--user", "reader", "--pass", "s3cret") as node:
+        asyncio.run(main(node))
+    said = [r for r in caplog.records if "through nats-py" in r.message]
+    assert len(said) == 1
+    assert said[0].levelname == "DEBUG"
+    assert "password" in said[0].message
+    assert "s3cret" not in said[0].message
+
+
+def test_a_creds_file_in_the_store_url_goes_to_nats_py(tmp_path: Path) -> None:
+    creds = tmp_path / "user.creds"
+    creds.write_text("not read here")
+    store = open_store(f"nats://127.0.0.1:1?creds={creds}")
+    assert isinstance(store, NatsStore)
+    assert "user_credentials" in store._connect_options  # which start() leaves to nats-py (test above)
+
+
+# --- failures -------------------------------------------------------------------------------------
+
+
+@pytest.mark.usefixtures("small_pulls")
+def test_a_reader_connection_killed_mid_read_falls_back_with_nothing_lost(plain: SecuredNode) -> None:
+    async def main() -> None:
+        async with started(f"{plain.url}?{names()}") as store:
+            head = await fill(store, 500)
+            reference = await through_nats_py(store, 1, head, 200)
+            spy = Spy(store)
+            assert store._reader is not None
+            wire_class = reader_module._Wire
+            received = wire_class.data_received
+            frames = 0
+
+            def cut(self: Any, data: bytes) -> None:  # the socket dies after a few reads
+                nonlocal frames
+                frames += self.open
+                received(self, data)
+                if frames == 3 and self.transport is not None:
+                    self.transport.abort()
+
+            wire_class.data_received = cut  # type: ignore[method-assign]
+            try:
+                got = await catch_up(store, 1, head, 200)
+            finally:
+                wire_class.data_received = received  # type: ignore[method-assign]
+            assert got == reference
+            assert spy.pulls > 0, "the read that lost its connection went through nats-py"
+            # The next catch-up opens a new connection and reads through the reader again.
+            spy.pulls = 0
+            assert await catch_up(store, 1, head, 200) == reference
+            assert spy.pulls == 0
+
+    asyncio.run(main())
+
+
+@pytest.mark.usefixtures("small_pulls")
+def test_a_server_restart_mid_catch_up_is_an_error_or_the_right_data(tmp_path: Path) -> None:
+    async def main(node: SecuredNode) -> None:
+        async with started(f"{node.url}?{names()}") as store:
+            head = await fill(store, 400)
+            reference = await through_nats_py(store, 1, head, 150)
+            first = await store.history_wire(1, head, 150)
+            assert first == reference[:150]
+            await asyncio.get_running_loop().run_in_executor(None, node.restart)
+            position, got = first[-1][0] + 1, list(first)
+            deadline = time.monotonic() + WAIT
+            while position <= head:
+                try:
+                    chunk = await store.history_wire(position, head, 150)
+                except StoreUnavailable:  # an error, never a silent loss
+                    assert time.monotonic() < deadline
+                    await asyncio.sleep(0.2)
+                    continue
+                got += chunk
+                position = chunk[-1][0] + 1
+            assert got == reference
+
+    with secured(tmp_path) as node:
+        asyncio.run(main(node))
+
+
+@pytest.mark.usefixtures("small_pulls")
+def test_history_trimmed_between_the_check_and_the_read_is_history_expired(plain: SecuredNode) -> None:
+    async def main() -> None:
+        async with started(f"{plain.url}?{names()}", retention=Retention(300)) as store:
+            head = await fill(store, 300)
+            first = await store.history_wire(1, head, 50)
+            assert [r for r, _ in first] == list(range(1, 51))
+            # The cursor holds what it read ahead (up to 194); then retention trims past it.
+            stale = await store._oldest()
+            for index in range(250):
+                await store.publish("src", pb.ProtectionShellInfo(job_run_id=1000 + index, status=1))
+            oldest, checks = store._oldest, 0
+
+            async def as_before() -> tuple[int, int]:  # the next two calls checked before the trim
+                nonlocal checks
+                checks += 1
+                return stale if checks <= 2 else await oldest()
+
+            store._oldest = as_before  # type: ignore[method-assign]
+            # 51..150 had been read ahead before the trim: they are still right. The cursor's
+            # next pull starts at 195, trimmed: the gap is checked, and not taken for a deletion.
+            assert [r for r, _ in await store.history_wire(51, head, 100)] == list(range(51, 151))
+            with pytest.raises(HistoryExpired) as caught:
+                await store.history_wire(151, head, 100)
+            assert (caught.value.requested, caught.value.oldest_revision) == (195, 251)
+
+    asyncio.run(main())
+
+
+def test_a_peer_that_does_not_speak_nats_turns_the_reader_off() -> None:
+    async def main() -> None:
+        async def greet(_reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            writer.write(b"SSH-2.0-OpenSSH_9.6\r\n")
+            await writer.drain()
+            writer.close()
+            await writer.wait_closed()
+
+        server = await asyncio.start_server(greet, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+
+        async def no_consumer(_start: int) -> str:
+            raise AssertionError("not reached")
+
+        reader = JetStreamReader("S", no_consumer, tls=None, timeout=2.0)
+        try:
+            with pytest.raises(ReaderUnavailable) as caught:
+                await reader.read(urlparse(f"nats://127.0.0.1:{port}"), 1, 10, 10)
+            assert caught.value.lasting
+            reader.failed(caught.value)
+            assert reader.paused
+        finally:
+            reader.close()
+            server.close()
+            await server.wait_closed()
+
+    asyncio.run(main())
