@@ -70,7 +70,6 @@ import json
 import math
 import os
 import re
-import shutil
 import signal
 import statistics
 import subprocess
@@ -147,12 +146,10 @@ _SERVING: Final = re.compile(r"serving on 127\.0\.0\.1:(\d+) ")
 
 
 def shellinfo_command() -> list[str]:
-    found = shutil.which("shellinfo")
-    if found is None:
-        beside = Path(sys.executable).with_name("shellinfo")
-        found = str(beside) if beside.is_file() else None
-    if found is not None:
-        return [found]
+    """The ``shellinfo`` of the interpreter running the bench (never another one found on PATH)."""
+    beside = Path(sys.executable).with_name("shellinfo")
+    if beside.is_file():
+        return [str(beside)]
     return [sys.executable, "-m", "shellinfo_grpc.cli"]
 
 

