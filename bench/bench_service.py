@@ -1365,7 +1365,8 @@ class Bench:
             for name, s in series.items()
             if name != "service"
         }
-        targets = {"bare one/response": 20.0, "bare batched": 0.5}
+        # Issue 3 asked 0.5x of the bare batched stream; issue 11 asks 0.8x of the SQLite store.
+        targets = {"bare one/response": 20.0, "bare batched": 0.8 if self.store == "sqlite" else 0.5}
         for name, values in ratios.items():
             ratio = statistics.median(values)
             target = targets.get(name)
