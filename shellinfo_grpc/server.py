@@ -896,6 +896,7 @@ async def create_server(address: str, store: Store, config: ServerConfig | None 
     """
     cfg = config or ServerConfig()
     credentials = cfg.tls.credentials() if cfg.tls is not None else None  # fail before opening the store
+    store.max_update_bytes = cfg.max_run_bytes
     await store.start()
     interceptors = [_BearerTokenInterceptor(cfg.tokens)] if cfg.tokens else []
     server = grpc.aio.server(options=cfg.grpc_options(), interceptors=interceptors)

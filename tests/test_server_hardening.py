@@ -455,6 +455,15 @@ def test_every_accepted_update_can_be_read_back_with_default_limits() -> None:
             with pytest.raises(grpc.RpcError) as caught:
                 stub.PublishRun(over)
             assert refusal(caught.value) == Refusal(INVALID, "RUN_TOO_LARGE", {}, ["run"])
+            # A run that keeps its stored job is held to the limit with that job: run 1 has
+            # a job; the same run without one, grown by what the job took, is refused.
+            first = largest_update(config.max_run_bytes, 1)
+            grown = svc.PublishRunRequest(source=first.source, run=first.run)
+            grown.run.error += "e" * (first.job.ByteSize() + 2)
+            with pytest.raises(grpc.RpcError) as caught:
+                stub.PublishRun(grown)
+            assert refusal(caught.value) == Refusal(INVALID, "RUN_TOO_LARGE", {}, ["run"])
+            assert "with the job stored for the run" in caught.value.details()
 
             for n in range(1, count + 1):
                 assert stub.GetRun(svc.GetRunRequest(source="s" * MAX_SOURCE_BYTES, job_run_id=n)).update.revision

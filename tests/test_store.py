@@ -372,6 +372,32 @@ def test_job_travels_with_the_run_and_is_kept_when_a_publish_has_none(make_store
     with_store(make_store, body)
 
 
+def test_an_update_that_keeps_the_stored_job_is_held_to_the_size_limit(make_store: MakeStore) -> None:
+    """The server checks a request's size; a publish without a job keeps the stored one, which the store counts."""
+
+    async def body(store: Store) -> None:
+        store.max_update_bytes = 4_000
+        big_job = job(12, "j" * 2_000)
+        assert (await store.publish("a", shell(1, S.RUN_STATUS_RUNNING), big_job)).changed
+        # 1,500 bytes of error fit alone, and with the stored 2,000-byte job name as well...
+        fits = await store.publish("a", shell(1, S.RUN_STATUS_RUNNING, error="e" * 1_500))
+        assert fits.changed
+        assert fits.update.job == big_job
+        # ...2,500 bytes would fit alone, not with the job: refused, nothing stored.
+        head = store.head_revision()
+        with pytest.raises(RunRejected, match="with the job stored for the run") as refused:
+            await store.publish("a", shell(1, S.RUN_STATUS_RUNNING, error="e" * 2_500))
+        assert refused.value.reason == "RUN_TOO_LARGE"
+        assert [field for field, _ in refused.value.violations] == ["run"]
+        assert store.head_revision() == head
+        # With a job of its own (a small one) the same run is stored.
+        small = await store.publish("a", shell(1, S.RUN_STATUS_RUNNING, error="e" * 2_500), job(12, "j"))
+        assert small.changed
+        assert small.update.job == job(12, "j")
+
+    with_store(make_store, body)
+
+
 _STATUSES = [S.RUN_STATUS_RUNNING, S.RUN_STATUS_SUCCESS, S.RUN_STATUS_FAILURE]
 _JOBS = st.none() | st.builds(
     job, st.none() | st.integers(0, 2), st.none() | st.sampled_from(["a", "b"]), st.none() | st.just((1, 2, 3))

@@ -26,10 +26,12 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Final
 
 from shellinfo_grpc._gen.shellinfo.v1 import protection_job_pb2 as _job_pb
 from shellinfo_grpc._gen.shellinfo.v1 import protection_shell_info_pb2 as _pb
 from shellinfo_grpc._gen.shellinfo.v1 import run_update_service_pb2 as _svc
+from shellinfo_grpc._status import REASON_RUN_TOO_LARGE
 from shellinfo_grpc.errors import ConfigurationError, RunRejected
 from shellinfo_grpc.rules import check_change, check_run
 
@@ -91,8 +93,15 @@ class PublishOutcome:
     changed: bool
 
 
+_MAX_INT64: Final = (1 << 63) - 1
+
+
 def decide(
-    current: _svc.RunUpdate | None, run: _pb.ProtectionShellInfo, job: _job_pb.ProtectionJob | None = None
+    current: _svc.RunUpdate | None,
+    run: _pb.ProtectionShellInfo,
+    job: _job_pb.ProtectionJob | None = None,
+    *,
+    max_bytes: int = 0,
 ) -> PublishOutcome | RunRejected | None:
     """What a store does with ``run`` (and ``job``) given the run's ``current`` update.
 
@@ -102,6 +111,8 @@ def decide(
     The state compared is the pair (run, job); a publish without a job keeps
     the stored one, so it compares on the run alone. The final-status rule
     looks at the status only: a final run may still gain or change its job.
+    ``max_bytes`` (0: none) bounds the update as stored when it keeps the
+    stored job: the server checked the request's size, which lacks that job.
     Every store calls this inside its atomic section, for runs that passed
     :func:`~shellinfo_grpc.rules.check_run` in :meth:`Store.publish_batch`.
     """
@@ -110,6 +121,15 @@ def decide(
     except RunRejected as exc:
         return exc
     if changed:
+        if max_bytes and job is None and current is not None and current.HasField("job"):
+            size = _svc.RunUpdate(
+                source=current.source, run=run, job=current.job, revision=_MAX_INT64, accepted_time_usecs=_MAX_INT64
+            ).ByteSize()
+            if size > max_bytes:
+                why = f"{size} bytes with the job stored for the run; the most accepted is {max_bytes}"
+                return RunRejected(
+                    "INVALID_ARGUMENT", REASON_RUN_TOO_LARGE, f"the update would be {why}", [("run", why)]
+                )
         return None
     assert current is not None
     if job is not None and (not current.HasField("job") or current.job != job):
@@ -148,6 +168,9 @@ class Store(abc.ABC):
         self._listeners: list[Listener] = []
         self._health_listeners: list[HealthListener] = []
         self._unwritable = ""  # why the last write failed for a reason of the store; "" while writes succeed
+        #: The largest update stored (serialized, with the revision and time the store adds);
+        #: 0: no limit. The server sets it to its ``max_run_bytes``; see :func:`decide`.
+        self.max_update_bytes = 0
 
     @abc.abstractmethod
     async def start(self) -> None:

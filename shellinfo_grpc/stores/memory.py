@@ -42,7 +42,7 @@ class MemoryStore(Store):
         for source, run, job in items:
             key = (source, run.job_run_id)
             current = self._runs.get(key)
-            outcome = decide(current, run, job)
+            outcome = decide(current, run, job, max_bytes=self.max_update_bytes)
             if outcome is not None:
                 outcomes.append(outcome)
                 continue

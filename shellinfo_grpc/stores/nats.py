@@ -778,7 +778,7 @@ class NatsStore(Store):
                 expected, current, bucket_seq = await self._read_run(key, subject, latest_subject)
             else:
                 (expected, current), bucket_seq = guess, self._latest.get(key, (0, 0))[1]
-            outcome = decide(current, run, job)
+            outcome = decide(current, run, job, max_bytes=self.max_update_bytes)
             if outcome is not None:
                 if fresh:
                     return outcome

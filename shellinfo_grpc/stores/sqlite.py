@@ -724,7 +724,7 @@ class SqliteStore(Store):
                 current = _decode(source, *row) if row is not None else None
             else:
                 current = None
-            outcome = decide(current, run, job)
+            outcome = decide(current, run, job, max_bytes=self.max_update_bytes)
             if outcome is not None:
                 outcomes.append(outcome)
                 continue
