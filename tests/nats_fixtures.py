@@ -135,6 +135,7 @@ def cluster_of_three(directory: Path) -> Iterator[NatsCluster]:
 
 # --- service replicas ---------------------------------------------------------------------
 
+
 def serve_command() -> list[str]:
     """``shellinfo serve`` of the interpreter running the tests (never another one found on PATH)."""
     beside = Path(sys.executable).with_name("shellinfo")
