@@ -87,7 +87,7 @@ from shellinfo_grpc._gen.shellinfo.v1 import run_update_service_pb2 as _svc
 from shellinfo_grpc.errors import ConfigurationError, HistoryExpired, RunRejected, StoreUnavailable
 from shellinfo_grpc.rules import compile_filter
 from shellinfo_grpc.stores import Item, PublishOutcome, Retention, Store, decide, new_update, now_usecs
-from shellinfo_grpc.stores._jetstream_reader import JetStreamReader, ReaderUnavailable
+from shellinfo_grpc.stores._jetstream_reader import Chunk, JetStreamReader, ReaderUnavailable, checked, with_revision
 
 __all__ = ["PAUSE_HOOK_ENV", "NatsStore"]
 
@@ -145,32 +145,6 @@ def _run_key(token: str, job_run_id: str) -> tuple[str, int] | None:
         return None
 
 
-def _varint(value: int) -> bytes:
-    """``value`` (an int64, two's complement for negatives) as a protobuf varint."""
-    value &= (1 << 64) - 1
-    out = bytearray()
-    while value >= 0x80:
-        out.append((value & 0x7F) | 0x80)
-        value >>= 7
-    out.append(value)
-    return bytes(out)
-
-
-#: RunUpdate.revision is field 3, a varint: appended to a stored message, it sets the revision.
-_REVISION_TAG: Final = bytes([3 << 3])
-
-
-def _revision_field(seq: int) -> bytes:
-    """``revision = seq`` as a field to append to a stored RunUpdate (a sequence is positive)."""
-    if seq < 1 << 14:
-        return bytes((0x18, seq & 0x7F | 0x80, seq >> 7)) if seq >= 0x80 else bytes((0x18, seq))
-    if seq < 1 << 28:
-        if seq < 1 << 21:
-            return bytes((0x18, seq & 0x7F | 0x80, (seq >> 7) & 0x7F | 0x80, seq >> 14))
-        return bytes((0x18, seq & 0x7F | 0x80, (seq >> 7) & 0x7F | 0x80, (seq >> 14) & 0x7F | 0x80, seq >> 21))
-    return _REVISION_TAG + _varint(seq)
-
-
 def _position(msg: Any) -> tuple[int, int]:
     """A consumer-delivered message's stream sequence and how many messages are pending after it.
 
@@ -182,6 +156,20 @@ def _position(msg: Any) -> tuple[int, int]:
         return int(tokens[5]), int(tokens[8])
     meta = msg.metadata
     return meta.sequence.stream, meta.num_pending
+
+
+def _chunk(start: int, messages: list[tuple[int, bytes]]) -> Chunk:
+    """What the history reader hands out, for ``(sequence, stored bytes)`` read through nats-py from ``start``."""
+    gaps: list[int] = []
+    expected = start
+    records: list[tuple[int, bytes]] = []
+    for seq, data in messages:
+        if seq != expected:
+            gaps.append(expected)
+        expected = seq + 1
+        records.append((seq, with_revision(data, seq)))
+    good, foreign = checked(records)
+    return Chunk(good, gaps, foreign, expected)
 
 
 class _Feed:
@@ -576,7 +564,7 @@ class NatsStore(Store):
             self._remembered.pop(msg.subject, None)  # a foreign message: the next publish reads the run
         else:
             self._remember(msg.subject, update)
-            self._window.add(seq, msg.data + _revision_field(seq))
+            self._window.add(seq, with_revision(msg.data, seq))
         self._history_feed.advance(seq)
         if update is not None:
             self.notify_listeners((update,))
@@ -977,20 +965,29 @@ class NatsStore(Store):
         From the in-memory window when it covers the range, else from
         JetStream: through the history reader, or through nats-py when the
         reader cannot serve this read (then the whole read is done again).
+
+        The oldest revision is checked first (a round trip), except on a
+        call that continues a reader's cursor: the previous call checked its
+        start, and what retention removed since is a gap in what the
+        consumer delivers, which :meth:`_read_history` checks.
         """
-        oldest, last = await self._oldest()
-        if start < oldest:
-            raise HistoryExpired(start, oldest)
-        end = min(end, last)
-        if start > end or limit <= 0:
+        if limit <= 0:
             return []
-        if start >= self._window.low and end <= self._history_feed.position:
-            return self._window.read(start, end, limit)
         reader = self._reader
         url = self._nc.connected_url if self._nc is not None else None
-        if reader is not None and url is not None and not reader.paused:
+        usable = reader is not None and url is not None and not reader.paused
+        if not (usable and reader is not None and reader.continues(start)):
+            oldest, last = await self._oldest()
+            if start < oldest:
+                raise HistoryExpired(start, oldest)
+            end = min(end, last)
+            if start > end:
+                return []
+            if start >= self._window.low and end <= self._history_feed.position:
+                return self._window.read(start, end, limit)
+        if usable and reader is not None and url is not None:
 
-            async def read(position: int, count: int) -> list[tuple[int, bytes]]:
+            async def read(position: int, count: int) -> Chunk:
                 return await reader.read(url, position, end, count)
 
             try:
@@ -999,49 +996,49 @@ class NatsStore(Store):
                 reader.failed(exc)
                 self._say_reader(str(exc))
 
-        async def pull(position: int, count: int) -> list[tuple[int, bytes]]:
-            return await self._pull(position, min(_BATCH, count, end - position + 1))
+        async def pull(position: int, count: int) -> Chunk:
+            messages = await self._pull(position, min(_BATCH, count, end - position + 1))
+            return _chunk(position, [m for m in messages if m[0] <= end])
 
         return await self._read_history(start, end, limit, pull)
 
     async def _read_history(
-        self, start: int, end: int, limit: int, fetch: Callable[[int, int], Awaitable[list[tuple[int, bytes]]]]
+        self, start: int, end: int, limit: int, fetch: Callable[[int, int], Awaitable[Chunk]]
     ) -> list[tuple[int, bytes]]:
         """What :meth:`_history_wire` returns, from ``fetch(position, at most)`` calls.
 
-        Each message is checked to be a RunUpdate (a foreign one is skipped,
-        loudly), and the revision field appended to it. A sequence missing
-        from what JetStream returned is checked: if retention (or an age
-        expiry) trimmed it after the oldest revision was checked, the read
-        fails with :class:`HistoryExpired` rather than skip updates silently.
+        A message that is not a RunUpdate is skipped, loudly. A sequence
+        missing from what JetStream returned is checked: if retention (or an
+        age expiry) trimmed it after the oldest revision was checked, the
+        read fails with :class:`HistoryExpired` rather than skip updates
+        silently. When JetStream returns nothing, the oldest and newest
+        revisions are checked again: a trimmed or shortened history is not
+        waited for.
         """
         out: list[tuple[int, bytes]] = []
-        parse = _svc.RunUpdate.FromString
         position = start
         empty = 0
         while position <= end and len(out) < limit:
-            batch = await fetch(position, limit - len(out))
-            if not batch:
+            chunk = await fetch(position, limit - len(out))
+            for missing in chunk.gaps:
+                await self._check_gap(missing)
+            for seq in chunk.foreign:
+                _log.warning("stream %s: message %d is not a RunUpdate; skipped", self._stream, seq)
+            if chunk.next <= position:
+                oldest, last = await self._oldest()
+                if position < oldest:
+                    raise HistoryExpired(position, oldest)
+                end = min(end, last)
+                if position > end:
+                    break
                 # Never report a gap as the end: JetStream said it has up to `end`.
                 empty += 1
                 if empty * 0.05 > self._timeout:
                     raise StoreUnavailable(f"NATS store: stream {self._stream} did not return revision {position}")
                 await asyncio.sleep(0.05)
                 continue
-            expected = position
-            for seq, data in batch:
-                if seq > end:
-                    break
-                if seq != expected:
-                    await self._check_gap(expected)
-                expected = seq + 1
-                try:
-                    parse(data)
-                except Exception:
-                    _log.warning("stream %s: message %d is not a RunUpdate; skipped", self._stream, seq)
-                    continue
-                out.append((seq, data + _revision_field(seq)))
-            position = batch[-1][0] + 1
+            out += chunk.records
+            position = chunk.next
         return out
 
     async def _check_gap(self, missing: int) -> None:
