@@ -50,7 +50,8 @@ How the service's rules hold across replicas:
   one page of keys from it and only those runs' values, O(page size).
 * **Catch-up** hands on stored bytes with the revision appended, as the
   SQLite store hands on its stored rows: from each replica's in-memory
-  window of the newest history (``window_mib``, kept from its live feed)
+  window of the newest history (``window_mib``, kept from its live feed,
+  and filled with the history before it in the background after a start)
   when it covers the range, else from JetStream: through the lean reader of
   :mod:`~shellinfo_grpc.stores._jetstream_reader` (a connection of its own,
   one pull consumer per catch-up, pulls of up to 16,384 messages read ahead
@@ -118,6 +119,10 @@ _UNREACHABLE: Final = (nats.errors.Error, asyncio.TimeoutError, OSError)
 _REMEMBERED: Final = 65_536
 #: The default size of a replica's in-memory window of the newest history (MiB).
 _WINDOW_MIB: Final = 64
+#: Most messages one stretch of the window's warm-up reads (and holds before it is put in the window).
+_WARM_MESSAGES: Final = 65_536
+#: Messages one read of the warm-up asks for (the reader pulls ahead of it).
+_WARM_READ: Final = 8_192
 #: Messages and bytes per pull of the history through nats-py.
 _BATCH: Final = 1000
 _BATCH_BYTES: Final = 8 << 20
@@ -208,7 +213,10 @@ class _Window:
     Catch-up inside it is served from memory, at the speed of the SQLite
     store's reads; older revisions are read from JetStream in batches. It
     holds at most ``max_bytes`` (the oldest go first); every message from
-    ``low`` up to the live feed's position is in it.
+    ``low`` up to the live feed's position is in it. After a start, the
+    warm-up puts the history before the live feed's first message in front
+    (:meth:`prepend`). Retention is not its business: every read checks the
+    oldest revision first, so an entry retention removed is never served.
     """
 
     def __init__(self, max_bytes: int) -> None:
@@ -238,6 +246,32 @@ class _Window:
         if self._first > 4096 and self._first * 2 > len(self._seqs):
             del self._seqs[: self._first], self._wire[: self._first]
             self._first = 0
+
+    @property
+    def room(self) -> int:
+        """Bytes it can take before the oldest go."""
+        return self.max_bytes - self._bytes
+
+    def prepend(self, start: int, end: int, entries: list[tuple[int, bytes]]) -> bool:
+        """Put the history ``[start, end]`` (its RunUpdates, ``entries``) in front: as much of its newest part as fits.
+
+        Only if it ends right where the window begins (``end + 1 == low``):
+        otherwise the window changed meanwhile (its oldest went, or it
+        restarted) and nothing is taken. Whether all of it was taken.
+        """
+        if not self.max_bytes or end + 1 != self.low:
+            return False
+        room, i = self.room, len(entries)
+        while i and len(entries[i - 1][1]) <= room:
+            i -= 1
+            room -= len(entries[i][1])
+        kept = entries[i:]
+        self._seqs = [seq for seq, _ in kept] + self._seqs[self._first :]
+        self._wire = [wire for _, wire in kept] + self._wire[self._first :]
+        self._first = 0
+        self._bytes = self.max_bytes - room
+        self.low = entries[i - 1][0] + 1 if i else start
+        return not i
 
     def read(self, start: int, end: int, limit: int) -> list[tuple[int, bytes]]:
         """The kept messages with ``start <= seq <= end``, at most ``limit``; the caller checked ``start >= low``."""
@@ -327,6 +361,7 @@ class NatsStore(Store):
         self._history_keeps_long = False
         self._reader: JetStreamReader | None = None
         self._reader_said = False
+        self._warming: asyncio.Task[None] | None = None
 
     # --- configuration -----------------------------------------------------------
 
@@ -436,6 +471,7 @@ class NatsStore(Store):
             head = max(info.state.last_seq, self._history_feed.position)
             self._history_feed.advance(head)
             self._window.restart(head)
+            # From here on the window's low only rises, until the warm-up (below) lowers it.
             self._live = await self._js.subscribe(
                 f"{self._prefix}.>",
                 stream=self._stream,
@@ -448,6 +484,79 @@ class NatsStore(Store):
         except (*_UNREACHABLE, StoreUnavailable) as exc:
             await self._nc.close()
             raise ConfigurationError(f"NATS store: cannot set up stream {self._stream}: {exc}") from None
+        if self._window.max_bytes and head:
+            self._warming = asyncio.create_task(self._warm(head))
+
+    async def _warm(self, head: int) -> None:
+        """Fill the window with the newest history up to ``head`` (where the live feed began), in the background.
+
+        Backwards in stretches of at most :data:`_WARM_MESSAGES`, each read
+        forward through the history reader (nats-py if it cannot) and put in
+        front of the window, until the window is full or the oldest revision
+        is reached. The live feed appends meanwhile; a stretch is taken only
+        if it still ends where the window begins. Any failure leaves the
+        window as it is (said once). Catch-ups meanwhile read JetStream.
+        """
+        window = self._window
+        began, taken, high = time.monotonic(), 0, head
+        try:
+            state = (await self._jsm.stream_info(self._stream)).state
+            if not state.messages:
+                return
+            per = max(1.0, state.bytes / state.messages)  # stored bytes a message: more than its wire form
+            while high >= state.first_seq and window.room > 0:
+                count = min(_WARM_MESSAGES, max(1024, int(1.1 * window.room / per)))
+                low = max(state.first_seq, high - count + 1)
+                entries = await self._read_all(low, high)
+                if entries:
+                    per = sum(len(wire) for _, wire in entries) / len(entries)
+                whole = window.prepend(low, high, entries)
+                if window.low > high:  # not taken: the window moved on (it filled, or restarted)
+                    break
+                taken += high - window.low + 1
+                if not whole:
+                    break
+                high = low - 1
+        except Exception as exc:  # a failure only leaves the window as it is (cancelling is no Exception)
+            _log.warning("stream %s: the window was not warmed below revision %d: %s", self._stream, high + 1, exc)
+            return
+        _log.debug(
+            "stream %s: window warmed with revisions %d..%d (%d) in %.2f s",
+            self._stream,
+            window.low,
+            head,
+            taken,
+            time.monotonic() - began,
+        )
+
+    async def _read_all(self, start: int, end: int) -> list[tuple[int, bytes]]:
+        """Every RunUpdate of the history in ``[start, end]`` (which exists: ``end`` is not above the head).
+
+        Gaps are not checked: a deleted message is not there, and one that
+        retention trimmed is below the oldest revision, which no read is
+        served from. Foreign messages are left out quietly: a catch-up says them.
+        """
+        out: list[tuple[int, bytes]] = []
+        fetches = self._fetches(end)
+        for index, fetch in enumerate(fetches):
+            position = start
+            try:
+                while position <= end:
+                    chunk = await fetch(position, min(_WARM_READ, end - position + 1))
+                    if chunk.next <= position:
+                        raise StoreUnavailable(f"NATS store: stream {self._stream} returned nothing at {position}")
+                    out += chunk.records
+                    position = chunk.next
+            except ReaderUnavailable as exc:
+                if self._reader is not None:
+                    self._reader.failed(exc)
+                self._say_reader(str(exc))
+                if index == len(fetches) - 1:
+                    raise
+                out = []
+                continue
+            return out
+        return out
 
     async def _ensure_stream(self) -> Any:
         try:
@@ -513,6 +622,11 @@ class NatsStore(Store):
         nc, self._nc = self._nc, None
         if nc is None:
             return
+        warming, self._warming = self._warming, None
+        if warming is not None:
+            warming.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await warming
         if self._reader is not None:
             self._reader.close()
         for sub in (self._live, self._keys_feed):
@@ -985,22 +1099,34 @@ class NatsStore(Store):
                 return []
             if start >= self._window.low and end <= self._history_feed.position:
                 return self._window.read(start, end, limit)
-        if usable and reader is not None and url is not None:
+        *through_reader, pull = self._fetches(end)
+        for read in through_reader:
+            try:
+                return await self._read_history(start, end, limit, read)
+            except ReaderUnavailable as exc:
+                if reader is not None:
+                    reader.failed(exc)
+                self._say_reader(str(exc))
+        return await self._read_history(start, end, limit, pull)
+
+    def _fetches(self, end: int) -> list[Callable[[int, int], Awaitable[Chunk]]]:
+        """How to read the history up to ``end``: ``fetch(position, at most)``, through the reader, then nats-py."""
+        fetches: list[Callable[[int, int], Awaitable[Chunk]]] = []
+        reader = self._reader
+        url = self._nc.connected_url if self._nc is not None else None
+        if reader is not None and url is not None and not reader.paused:
 
             async def read(position: int, count: int) -> Chunk:
                 return await reader.read(url, position, end, count)
 
-            try:
-                return await self._read_history(start, end, limit, read)
-            except ReaderUnavailable as exc:
-                reader.failed(exc)
-                self._say_reader(str(exc))
+            fetches.append(read)
 
         async def pull(position: int, count: int) -> Chunk:
             messages = await self._pull(position, min(_BATCH, count, end - position + 1))
             return _chunk(position, [m for m in messages if m[0] <= end])
 
-        return await self._read_history(start, end, limit, pull)
+        fetches.append(pull)
+        return fetches
 
     async def _read_history(
         self, start: int, end: int, limit: int, fetch: Callable[[int, int], Awaitable[Chunk]]
