@@ -503,6 +503,28 @@ def test_history_trimmed_between_the_check_and_the_read_is_history_expired(plain
     asyncio.run(main())
 
 
+@pytest.mark.usefixtures("small_pulls")
+def test_with_an_age_limit_every_call_checks_the_oldest_revision(plain: SecuredNode) -> None:
+    """An update past the age limit counts as gone before JetStream removes it: no gap shows that."""
+
+    async def main() -> None:
+        async with started(f"{plain.url}?{names()}", retention=Retention(max_age_seconds=3600)) as store:
+            head = await fill(store, 120)
+            assert [r for r, _ in await store.history_wire(1, head, 50)] == list(range(1, 51))
+            oldest, checks = store._oldest, 0
+
+            async def counted() -> tuple[int, int]:
+                nonlocal checks
+                checks += 1
+                return await oldest()
+
+            store._oldest = counted  # type: ignore[method-assign]
+            assert [r for r, _ in await store.history_wire(51, head, 50)] == list(range(51, 101))
+            assert checks == 1
+
+    asyncio.run(main())
+
+
 def test_a_peer_that_does_not_speak_nats_turns_the_reader_off() -> None:
     async def main() -> None:
         async def greet(_reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:

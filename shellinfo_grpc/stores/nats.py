@@ -1081,16 +1081,19 @@ class NatsStore(Store):
         reader cannot serve this read (then the whole read is done again).
 
         The oldest revision is checked first (a round trip), except on a
-        call that continues a reader's cursor: the previous call checked its
-        start, and what retention removed since is a gap in what the
-        consumer delivers, which :meth:`_read_history` checks.
+        call that continues a reader's cursor when the history has no age
+        limit: the previous call checked its start, and what retention
+        removed since is a gap in what the consumer delivers, which
+        :meth:`_read_history` checks. (An update older than the age limit
+        counts as gone before JetStream removes it: no gap shows that.)
         """
         if limit <= 0:
             return []
         reader = self._reader
         url = self._nc.connected_url if self._nc is not None else None
         usable = reader is not None and url is not None and not reader.paused
-        if not (usable and reader is not None and reader.continues(start)):
+        continues = usable and reader is not None and reader.continues(start)
+        if not (continues and not self._retention.max_age_seconds):
             oldest, last = await self._oldest()
             if start < oldest:
                 raise HistoryExpired(start, oldest)
