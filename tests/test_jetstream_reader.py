@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -39,7 +40,7 @@ from shellinfo_grpc._gen.shellinfo.v1 import run_update_service_pb2 as svc
 from shellinfo_grpc.errors import HistoryExpired, StoreUnavailable
 from shellinfo_grpc.stores import Retention
 from shellinfo_grpc.stores import _jetstream_reader as reader_module
-from shellinfo_grpc.stores._jetstream_reader import JetStreamReader, ReaderUnavailable
+from shellinfo_grpc.stores._jetstream_reader import JetStreamReader, ReaderUnavailable, revision_field, with_revision
 from shellinfo_grpc.stores._registry import open_store
 from shellinfo_grpc.stores.nats import NatsStore
 
@@ -193,6 +194,50 @@ def decoded(chunk: list[tuple[int, bytes]]) -> list[svc.RunUpdate]:
     return updates
 
 
+# --- the parser, without a server ------------------------------------------------------------------
+
+_BOUNDARIES = (1, 127, 128, 16383, 16384, 16385, 2**21 - 1, 2**21, 2**28 - 1, 2**28, 2**35 + 3)
+
+
+@pytest.mark.parametrize("seq", _BOUNDARIES)
+def test_the_revision_field_sets_the_revision(seq: int) -> None:
+    payload = svc.RunUpdate(source="s", run=pb.ProtectionShellInfo(job_run_id=7)).SerializeToString()
+    assert svc.RunUpdate.FromString(payload + revision_field(seq)).revision == seq
+    assert with_revision(payload, seq) == payload + revision_field(seq)
+
+
+@pytest.mark.parametrize("step", [7, 100, 1 << 20])
+def test_the_parser_appends_the_revision_and_notes_gaps_across_split_reads(step: int) -> None:
+    """Deliveries with sequences around each varint boundary, as HMSG and MSG, fed ``step`` bytes at a time."""
+    wire = reader_module._Wire(reader_module.Endpoint("h", 1, None, None, None, False), "S")
+    wire.open = True
+    start = _BOUNDARIES[0]
+    cursor = reader_module._Cursor(wire, "c", 1, start, _BOUNDARIES[-1])
+    cursor.exhausted = True  # no pulls: there is no server
+    wire.cursors[1] = cursor
+    frames, expected = [], []
+    for index, seq in enumerate(_BOUNDARIES):
+        payload = svc.RunUpdate(source="s", run=pb.ProtectionShellInfo(job_run_id=seq)).SerializeToString()
+        reply = f"$JS.ACK.S.c.1.{seq}.{index + 1}.1700000000000000000.0".encode()
+        if index % 3 == 2:  # stored without headers
+            frames.append(b"MSG test.x 1 %s %d\r\n%s\r\n" % (reply, len(payload), payload))
+        else:
+            headers = b"NATS/1.0\r\nNats-Expected-Last-Subject-Sequence: 0\r\n\r\n"
+            frames.append(
+                b"HMSG test.x 1 %s %d %d\r\n%s%s\r\n"
+                % (reply, len(headers), len(headers) + len(payload), headers, payload)
+            )
+        expected.append((seq, payload + revision_field(seq)))
+    data = b"".join(frames)
+    for at in range(0, len(data), step):
+        wire.data_received(data[at : at + step])
+    assert cursor.error is None
+    assert cursor.received == expected
+    assert cursor.last == _BOUNDARIES[-1]
+    # every sequence after a jump is missing from the one after the previous message
+    assert cursor.gaps == [a + 1 for a, b in itertools.pairwise(_BOUNDARIES) if b != a + 1]
+
+
 # --- the same as nats-py ---------------------------------------------------------------------------
 
 
@@ -220,6 +265,33 @@ def test_the_reader_returns_what_nats_py_returns_across_pulls_gaps_and_foreign_m
             await catch_up(store, 1, head, 333)
             assert spy.cursors == before + 1
             assert any("is not a RunUpdate; skipped" in r.message for r in caplog.records)
+
+    asyncio.run(main())
+
+
+def test_messages_stored_without_headers_come_as_msg_frames_and_are_read_too(plain: SecuredNode) -> None:
+    """A foreign publisher's message without headers is delivered as MSG, not HMSG: skipped, loudly, by the reader."""
+
+    async def main() -> None:
+        async with started(f"{plain.url}?{names()}") as store:
+            nc = await nats.connect([plain.url])
+            try:
+                for index in range(40):
+                    await store.publish("src", pb.ProtectionShellInfo(job_run_id=index, status=1))
+                    if index % 9 == 0:  # a bare message (no headers), a RunUpdate or not
+                        update = svc.RunUpdate(source="bare", run=pb.ProtectionShellInfo(job_run_id=index))
+                        data = update.SerializeToString() if index % 2 else b"\xff\xff bare"
+                        await nc.publish(store._subjects("bare", index)[0], data)
+                        await nc.flush()
+                head = int((await nc.jsm().stream_info(store._stream)).state.last_seq)
+            finally:
+                await nc.close()
+            spy = Spy(store)
+            got = await catch_up(store, 1, head, 16)
+            assert spy.pulls == 0, "the reader fell back"
+            assert got == await through_nats_py(store, 1, head, 16)
+            assert [u.source for u in decoded(got)].count("bare") == 2  # 9 and 27; 0, 18, 36 are foreign
+            assert len(got) == 42
 
     asyncio.run(main())
 
@@ -407,23 +479,48 @@ def test_history_trimmed_between_the_check_and_the_read_is_history_expired(plain
             first = await store.history_wire(1, head, 50)
             assert [r for r, _ in first] == list(range(1, 51))
             # The cursor holds what it read ahead (up to 194); then retention trims past it.
-            stale = await store._oldest()
             for index in range(250):
                 await store.publish("src", pb.ProtectionShellInfo(job_run_id=1000 + index, status=1))
             oldest, checks = store._oldest, 0
 
-            async def as_before() -> tuple[int, int]:  # the next two calls checked before the trim
+            async def counted() -> tuple[int, int]:
                 nonlocal checks
                 checks += 1
-                return stale if checks <= 2 else await oldest()
+                return await oldest()
 
-            store._oldest = as_before  # type: ignore[method-assign]
-            # 51..150 had been read ahead before the trim: they are still right. The cursor's
-            # next pull starts at 195, trimmed: the gap is checked, and not taken for a deletion.
+            store._oldest = counted  # type: ignore[method-assign]
+            # The calls continue the cursor: no check before the read. 51..150 had been read
+            # ahead before the trim: they are still right (as SQLite's read-ahead rows are).
             assert [r for r, _ in await store.history_wire(51, head, 100)] == list(range(51, 151))
+            assert checks == 0
+            # The cursor's next pull starts at 195, trimmed: the consumer skips to 251, and
+            # that gap is checked (one check), not taken for a deletion.
             with pytest.raises(HistoryExpired) as caught:
                 await store.history_wire(151, head, 100)
+            assert checks == 1
             assert (caught.value.requested, caught.value.oldest_revision) == (195, 251)
+
+    asyncio.run(main())
+
+
+@pytest.mark.usefixtures("small_pulls")
+def test_with_an_age_limit_every_call_checks_the_oldest_revision(plain: SecuredNode) -> None:
+    """An update past the age limit counts as gone before JetStream removes it: no gap shows that."""
+
+    async def main() -> None:
+        async with started(f"{plain.url}?{names()}", retention=Retention(max_age_seconds=3600)) as store:
+            head = await fill(store, 120)
+            assert [r for r, _ in await store.history_wire(1, head, 50)] == list(range(1, 51))
+            oldest, checks = store._oldest, 0
+
+            async def counted() -> tuple[int, int]:
+                nonlocal checks
+                checks += 1
+                return await oldest()
+
+            store._oldest = counted  # type: ignore[method-assign]
+            assert [r for r, _ in await store.history_wire(51, head, 50)] == list(range(51, 101))
+            assert checks == 1
 
     asyncio.run(main())
 

@@ -38,7 +38,7 @@ import uuid
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import nats
 import pytest
@@ -505,7 +505,7 @@ def test_catch_up_reads_the_same_from_the_window_and_from_jetstream(nats_server:
             head = full.head_revision()
             assert head == len(items)
             await until(lambda: small.head_revision() == head, "the second replica's feed")
-            later = open_store(url)  # its window starts at the head: everything below is read from JetStream
+            later = open_store(f"{url}&window_mib=0")  # no window: everything is read from JetStream
             async with started(later):
                 readers = (full, small, later)
                 for start, end, limit in ((1, head, 10_000), (1, head, 7), (1400, head, 10_000), (head, head, 5)):
@@ -523,6 +523,111 @@ def test_catch_up_reads_the_same_from_the_window_and_from_jetstream(nats_server:
                     pages.extend(r for r, _ in page)
                     position = page[-1][0] + 1
                 assert pages == list(range(1, head + 1))
+
+    asyncio.run(main())
+
+
+def test_a_fresh_replica_warms_its_window_while_updates_arrive(nats_server: NatsNode) -> None:
+    """A replica started on a filled stream fills its window with the newest history in the background,
+    while publishes go on (its live feed appends them): once warm, a catch-up is served from memory,
+    the same bytes as a replica without a window reads from JetStream, none lost, repeated or out of
+    order. A small window holds only the newest part; window_mib=0 does no warm-up."""
+    stream, prefix = names()
+    url = f"{nats_server.url}?stream={stream}&subject_prefix={prefix}"
+
+    async def main() -> None:
+        writer, cold = open_store(url), open_store(f"{url}&window_mib=0")
+        async with started(writer, cold):
+            assert isinstance(cold, NatsStore)
+            assert cold._warming is None  # window_mib=0: no warm-up
+            items = [("src", shell(index % 60, error=f"e{index}" * (index % 4))) for index in range(2000)]
+            for start in range(0, len(items), 200):
+                await writer.publish_batch(items[start : start + 200])
+            filled = writer.head_revision()
+            warm, small = open_store(url), open_store(f"{url}&window_mib=0.02")  # ~20 KiB: a few hundred
+            assert isinstance(warm, NatsStore)
+            assert isinstance(small, NatsStore)
+            stretches: list[tuple[int, int]] = []
+            live: list[int] = []  # where warm's live feed was when a stretch had been read
+            for store in (warm, small):
+                read_all = store._read_all
+
+                async def slow(start: int, end: int, read_all: Any = read_all) -> list[tuple[int, bytes]]:
+                    stretches.append((start, end))
+                    await asyncio.sleep(0.3)  # publishes arrive through the live feed meanwhile
+                    entries = cast(list[tuple[int, bytes]], await read_all(start, end))
+                    live.append(warm.head_revision())
+                    return entries
+
+                store._read_all = slow  # type: ignore[method-assign]
+            publishing = True
+
+            async def publish() -> None:
+                index = 0
+                while publishing or index < 50:
+                    await writer.publish("src", shell(1000 + index % 7, error=f"live {index}"))
+                    index += 1
+
+            publisher = asyncio.create_task(publish())
+            async with started(warm, small):
+                began = warm._window.low - 1  # where the live feed began: the warm-up ends there
+                assert began >= filled
+                await until(lambda: warm._window.low == 1, "the warm-up of the window")
+                publishing = False
+                await publisher
+                head = writer.head_revision()
+                await until(lambda: warm.head_revision() == small.head_revision() == head, "the feeds")
+                assert stretches[0][1] == began
+                assert max(live) > began, "no update arrived during the warm-up"
+                reference = await cold.history_wire(1, head, 100_000)
+                assert [r for r, _ in reference] == list(range(1, head + 1))
+
+                async def no_jetstream(position: int, count: int) -> Any:
+                    raise AssertionError("read from JetStream, not from the window")
+
+                warm._fetches = lambda end: [no_jetstream]  # type: ignore[method-assign]
+                assert await warm.history_wire(1, head, 100_000) == reference
+                position, paged = 1, list[tuple[int, bytes]]()
+                while position <= head:
+                    page = await warm.history_wire(position, head, 333)
+                    paged += page
+                    position = page[-1][0] + 1
+                assert paged == reference
+                # The small window: only the newest part, at most its size, exact from its low on.
+                window = small._window
+                assert 1 < window.low <= began
+                assert 0 <= window.room < 200
+                kept = window.read(window.low, head, 100_000)
+                assert kept == reference[window.low - 1 :]
+                assert await small.history_wire(1, head, 100_000) == reference  # below it: JetStream
+
+    asyncio.run(main())
+
+
+def test_a_failed_warm_up_leaves_the_window_as_it_is(nats_server: NatsNode, caplog: pytest.LogCaptureFixture) -> None:
+    stream, prefix = names()
+    url = f"{nats_server.url}?stream={stream}&subject_prefix={prefix}"
+
+    async def main() -> None:
+        writer = open_store(url)
+        async with started(writer):
+            await writer.publish_batch([("src", shell(index)) for index in range(30)])
+            store = open_store(url)
+            assert isinstance(store, NatsStore)
+
+            async def broken(start: int, end: int) -> list[tuple[int, bytes]]:
+                raise StoreUnavailable("NATS store: no")
+
+            store._read_all = broken  # type: ignore[method-assign]
+            async with started(store):
+                warming = store._warming
+                assert warming is not None
+                await warming
+                assert store._window.low == 31
+                await writer.publish("src", shell(99))
+                await until(lambda: store.head_revision() == 31, "the live feed")
+                assert [r for r, _ in await store.history_wire(1, 31, 100)] == list(range(1, 32))
+        assert sum("the window was not warmed below revision 31" in r.message for r in caplog.records) == 1
 
     asyncio.run(main())
 

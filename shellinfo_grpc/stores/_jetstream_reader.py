@@ -8,8 +8,11 @@ first use to the server nats-py is connected to, opened again after a
 failure), and parses the ``HMSG`` frames of pull-consumer deliveries in bulk
 from one buffer: the stream sequence from the ``$JS.ACK`` reply subject (the
 9-token form and the 12-token form with domain and account hash), the header
-block skipped by its length, the payload copied once. A status message
-(``404 No Messages``, ``409 ...``) ends a pull.
+block skipped by its length, the payload copied once with the ``revision``
+field appended (the wire form of the store's catch-up), a missing sequence
+noted. A message stored without headers comes as ``MSG``. A status message
+(``404 No Messages``, ``409 ...``) ends a pull. What a read hands out is
+checked to be RunUpdates in one parse (a :class:`Chunk` says which were not).
 
 A **cursor** is one pull consumer reading forward from a position. A
 catch-up reads the history in consecutive calls, so a cursor is kept, keyed
@@ -45,10 +48,23 @@ from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from operator import itemgetter
-from typing import Any, Final
+from typing import Any, Final, NamedTuple
 from urllib.parse import ParseResult
 
-__all__ = ["KEPT", "PULL_BYTES", "PULL_MESSAGES", "Endpoint", "JetStreamReader", "ReaderUnavailable"]
+from shellinfo_grpc._gen.shellinfo.v1 import run_update_service_pb2 as _svc
+
+__all__ = [
+    "KEPT",
+    "PULL_BYTES",
+    "PULL_MESSAGES",
+    "Chunk",
+    "Endpoint",
+    "JetStreamReader",
+    "ReaderUnavailable",
+    "checked",
+    "revision_field",
+    "with_revision",
+]
 
 _log = logging.getLogger("shellinfo_grpc.nats_store")
 
@@ -67,15 +83,114 @@ _REFUSED_PAUSE: Final = 60.0
 # <time>.<pending>[.<token>...] (9 or more: group 4); neither can be taken for the other. A status
 # has no reply (groups 3 and 4 empty) and its subject (group 1) is the reply subject of the pull
 # it ends. A reply of any other form does not match.
-_HMSG: Final = re.compile(
-    rb"HMSG ([^ \r\n]+) (\d+) (?:\$JS\.ACK\.(?:"
+# A message stored without headers comes as MSG <subject> <sid> [<reply>] <total bytes> (group 5
+# empty); a status is always an HMSG.
+_FRAME: Final = re.compile(
+    rb"(H?)MSG ([^ \r\n]+) (\d+) (?:\$JS\.ACK\.(?:"
     rb"[^. ]+\.[^. ]+\.\d+\.(\d+)\.\d+\.\d+\.\d+"
     rb"|[^. ]+\.[^. ]+\.[^. ]+\.[^. ]+\.\d+\.(\d+)\.\d+\.\d+\.\d+(?:\.[^ \r\n]+)?"
-    rb") )?(\d+) (\d+)\r\n"
+    rb") )?(?:(\d+) )?(\d+)\r\n"
 )
 _CRLF: Final = b"\r\n"
-_H: Final = ord("H")
+_FRAME_STARTS: Final = frozenset(b"HM")
 _first = itemgetter(0)
+
+
+def _delivery(stream: str) -> re.Pattern[bytes]:
+    """The common frame, fast: an HMSG of ``stream``'s consumer, 7-token reply (groups: sid, sequence, sizes).
+
+    Exactly 7 tokens after ``$JS.ACK.<stream>``'s prefix, then a space: it
+    cannot match the 12-token form. Everything else goes through ``_FRAME``.
+    """
+    return re.compile(
+        rb"HMSG [^ \r\n]+ (\d+) \$JS\.ACK\."
+        + re.escape(stream.encode())
+        + rb"\.[^. ]+\.\d+\.(\d+)\.\d+\.\d+\.\d+ (\d+) (\d+)\r\n"
+    )
+
+
+#: RunUpdate.revision is field 3, a varint: appended to a stored message, it sets the revision.
+_REVISION_TAG: Final = 3 << 3
+
+
+def revision_field(seq: int) -> bytes:
+    """``revision = seq`` as a field to append to a stored RunUpdate (a sequence is positive)."""
+    out = bytearray((_REVISION_TAG,))
+    value = seq & ((1 << 64) - 1)
+    while value >= 0x80:
+        out.append((value & 0x7F) | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def with_revision(payload: bytes, seq: int) -> bytes:
+    """``payload + revision_field(seq)``, without a loop for 2**14 <= seq < 2**28 (the parser has it inline)."""
+    if 1 << 14 <= seq < 1 << 21:
+        field = 0x808018 | (seq & 0x7F) << 8 | (seq >> 7 & 0x7F) << 16 | (seq >> 14) << 24
+        return payload + field.to_bytes(4, "little")
+    if 1 << 21 <= seq < 1 << 28:
+        return payload + (
+            0x80808018 | (seq & 0x7F) << 8 | (seq >> 7 & 0x7F) << 16 | (seq >> 14 & 0x7F) << 24 | (seq >> 21) << 32
+        ).to_bytes(5, "little")
+    return payload + revision_field(seq)
+
+
+_LENGTHS: Final = [bytes((n,)) for n in range(0x80)] + [bytes((n & 0x7F | 0x80, n >> 7)) for n in range(0x80, 1 << 14)]
+_UPDATES_TAG: Final = b"\n"  # WatchRunsResponse.updates: field 1, length-delimited
+
+
+def checked(records: list[tuple[int, bytes]]) -> tuple[list[tuple[int, bytes]], list[int]]:
+    """The records that are RunUpdates, and the sequences of those that are not.
+
+    One parse of them all as the ``updates`` of a WatchRunsResponse (upb
+    checks each embedded message as it would check it alone); only when that
+    fails is each parsed on its own.
+    """
+    parts: list[bytes] = []
+    lengths = _LENGTHS
+    for _, data in records:
+        size = len(data)
+        parts += (_UPDATES_TAG, lengths[size] if size < 1 << 14 else _length(size), data)
+    try:
+        _svc.WatchRunsResponse.FromString(b"".join(parts))
+    except Exception:  # a foreign message among them: find it below
+        _log.debug("a read of %d messages has one that is not a RunUpdate", len(records))
+    else:
+        return records, []
+    parse = _svc.RunUpdate.FromString
+    good: list[tuple[int, bytes]] = []
+    foreign: list[int] = []
+    for record in records:
+        try:
+            parse(record[1])
+        except Exception:  # any parse error means "not a RunUpdate"
+            foreign.append(record[0])
+        else:
+            good.append(record)
+    return good, foreign
+
+
+def _length(size: int) -> bytes:
+    out = bytearray()
+    while size >= 0x80:
+        out.append((size & 0x7F) | 0x80)
+        size >>= 7
+    out.append(size)
+    return bytes(out)
+
+
+class Chunk(NamedTuple):
+    """What one read hands out."""
+
+    #: ``(stream sequence, payload with the revision field appended)`` of the RunUpdates, in order.
+    records: list[tuple[int, bytes]]
+    #: The first sequence of each stretch of missing sequences before the newest message handed out.
+    gaps: list[int]
+    #: The sequences of messages that are not RunUpdates (left out of ``records``).
+    foreign: list[int]
+    #: Where the next read starts: after the newest message handed out (``start`` if none was).
+    next: int
 
 
 class ReaderUnavailable(Exception):
@@ -137,9 +252,11 @@ class _Cursor:
         self.sid = sid
         self.next = start  # where the next read starts: the key it is kept under
         self.end = end  # the last sequence worth reading, as the latest read said
-        self.received: list[tuple[int, bytes]] = []  # (stream sequence, payload); the parser appends
+        # (stream sequence, payload with the revision field); the parser appends
+        self.received: list[tuple[int, bytes]] = []
         self.taken = 0  # index in `received` of the first one not handed out
-        self.last = start - 1  # the newest sequence received
+        self.last = start - 1  # the newest sequence received; the parser keeps it
+        self.gaps: list[int] = []  # the first sequence of each stretch the consumer skipped; the parser appends
         self.target = 0  # len(received) at which the pull in flight is complete (0: none in flight)
         self.pulled_from = 0  # len(received) when the pull in flight was asked for
         self.pulls = 0  # pulls asked for: the reply subject of the n-th ends in .<n>
@@ -155,7 +272,6 @@ class _Cursor:
 
     def arrived(self) -> None:
         """The parser appended messages: a pull may be complete, and a reader waiting."""
-        self.last = self.received[-1][0]
         if self.target and len(self.received) >= self.target:
             self.target = 0
         self.pump()
@@ -165,8 +281,6 @@ class _Cursor:
         """A status message: the end of the pull in flight, or news of one already complete."""
         if not subject.endswith(b".%d" % self.pulls):
             return  # "409 Batch Completed" of a pull whose messages all came: the next one is out
-        if self.received:
-            self.last = self.received[-1][0]
         if self.target and len(self.received) >= self.target:
             self.target = 0  # complete by count: the messages came in the same read as this
         code = line[9:12]
@@ -203,7 +317,7 @@ class _Cursor:
         self.pulls += 1
         self.wire.pull(self, batch)
 
-    async def read(self, end: int, limit: int, timeout: float) -> list[tuple[int, bytes]]:
+    async def read(self, end: int, limit: int, timeout: float) -> Chunk:
         """Up to ``limit`` messages from ``next`` up to ``end``; fewer when the consumer had no more."""
         self.end = max(self.end, end)
         self.exhausted = False
@@ -229,10 +343,15 @@ class _Cursor:
                     self.wire.abort(f"no message within {timeout:g} s")
             finally:
                 self.waiter = None
+        gaps: list[int] = []
         if out:
             self.next = out[-1][0] + 1
+            if self.gaps and self.gaps[0] < self.next:
+                cut = bisect.bisect_left(self.gaps, self.next)
+                gaps, self.gaps = self.gaps[:cut], self.gaps[cut:]
         self.pump()  # read ahead while the caller sends these
-        return out
+        records, foreign = checked(out)
+        return Chunk(records, gaps, foreign, self.next)
 
 
 class _Wire(asyncio.Protocol):
@@ -246,6 +365,7 @@ class _Wire(asyncio.Protocol):
         self.error: ReaderUnavailable | None = None
         self.cursors: dict[int, _Cursor] = {}  # by subscription id
         self.prefix = f"_INBOX.{secrets.token_hex(11)}"
+        self._delivery = _delivery(stream).match
         self._next_sid = 0
         self._buffer = bytearray()  # during the handshake
         self._rest = b""  # after it: the start of a frame that has not fully arrived
@@ -320,37 +440,63 @@ class _Wire(asyncio.Protocol):
             self._buffer += data
             self._handshake_lines()
             return
-        # Immutable bytes, so that a payload is one slice (one copy); only an incomplete
-        # frame at the end is copied again, in front of the next read.
+        # Immutable bytes, so that a payload is one slice (one copy, the revision field added
+        # in the same concatenation); only an incomplete frame at the end is copied again, in
+        # front of the next read. The common frame goes through one short pattern, and the
+        # cursor is looked up only when the subscription id changes.
         buffer = self._rest + data if self._rest else data
         pos = 0
         size = len(buffer)
         cursors = self.cursors
         touched: list[_Cursor] = []
-        match = _HMSG.match
+        delivery = self._delivery
+        starts = _FRAME_STARTS
+        sid_seen = b""
+        cursor: _Cursor | None = None
+        append: Callable[[tuple[int, bytes]], None] | None = None
+        expected = 0  # the cursor's last + 1 while it is the current one
         try:
             while pos < size:
-                if buffer[pos] == _H:
-                    frame = match(buffer, pos)
-                    if frame is None:
-                        if buffer.find(_CRLF, pos) < 0:
-                            break  # the frame's first line is not complete
-                        raise ReaderUnavailable(f"unexpected frame {buffer[pos : pos + 60]!r}", lasting=True)
-                    subject, sid, seq, seq2, headers, total = frame.groups()
+                frame = delivery(buffer, pos)
+                if frame is not None:
+                    sid, seq, headers, total = frame.groups()
                     body = frame.end()
                     stop = body + int(total)
                     if stop + 2 > size:
                         break  # the payload is not complete
-                    cursor = cursors.get(int(sid))
-                    if cursor is not None:
-                        if seq is not None or seq2 is not None:
-                            cursor.received.append((int(seq or seq2), buffer[body + int(headers) : stop]))
-                            if not touched or touched[-1] is not cursor:
-                                touched.append(cursor)
+                    if sid != sid_seen:
+                        if cursor is not None:
+                            cursor.last = expected - 1
+                        sid_seen = sid
+                        cursor = cursors.get(int(sid))
+                        if cursor is None:
+                            append = None
                         else:
-                            line = buffer[body : buffer.find(_CRLF, body, stop)]
-                            cursor.status(bytes(subject), line)
+                            append = cursor.received.append
+                            expected = cursor.last + 1
+                            if cursor not in touched:
+                                touched.append(cursor)
+                    if append is not None:
+                        n = int(seq)
+                        if n != expected:
+                            assert cursor is not None
+                            cursor.gaps.append(expected)
+                        expected = n + 1
+                        if 1 << 14 <= n < 1 << 21:  # revision_field(n), inline
+                            field = 0x808018 | (n & 0x7F) << 8 | (n >> 7 & 0x7F) << 16 | (n >> 14) << 24
+                            append((n, buffer[body + int(headers) : stop] + field.to_bytes(4, "little")))
+                        else:
+                            append((n, with_revision(buffer[body + int(headers) : stop], n)))
                     pos = stop + 2
+                    continue
+                if cursor is not None:  # anything else: the general path, from the cursors' state
+                    cursor.last = expected - 1
+                    cursor, append, sid_seen = None, None, b""
+                if buffer[pos] in starts:
+                    after = self._frame(buffer, pos, size, touched)
+                    if after < 0:
+                        break  # not complete
+                    pos = after
                 else:
                     eol = buffer.find(_CRLF, pos)
                     if eol < 0:
@@ -362,9 +508,42 @@ class _Wire(asyncio.Protocol):
             self._lost(exc)
             return
         finally:
-            for cursor in touched:
-                cursor.arrived()
+            if cursor is not None:
+                cursor.last = expected - 1
+            for one in touched:
+                one.arrived()
         self._rest = buffer[pos:]
+
+    def _frame(self, buffer: bytes, pos: int, size: int, touched: list[_Cursor]) -> int:
+        """Any other MSG or HMSG frame at ``pos``: where the next frame starts, or -1 if this one is incomplete."""
+        frame = _FRAME.match(buffer, pos)
+        if frame is None:
+            if buffer.find(_CRLF, pos) < 0:
+                return -1  # the frame's first line is not complete
+            raise ReaderUnavailable(f"unexpected frame {buffer[pos : pos + 60]!r}", lasting=True)
+        h, subject, sid, seq, seq2, headers, total = frame.groups()
+        if bool(h) != (headers is not None):
+            raise ReaderUnavailable(f"unexpected frame {buffer[pos : pos + 60]!r}", lasting=True)
+        body = frame.end()
+        stop = body + int(total)
+        if stop + 2 > size:
+            return -1  # the payload is not complete
+        cursor = self.cursors.get(int(sid))
+        if cursor is not None:
+            if seq is not None or seq2 is not None:
+                n = int(seq or seq2)
+                if n != cursor.last + 1:
+                    cursor.gaps.append(cursor.last + 1)
+                cursor.last = n
+                cursor.received.append((n, with_revision(buffer[body + int(headers or 0) : stop], n)))
+                if cursor not in touched:
+                    touched.append(cursor)
+            elif h:
+                line = buffer[body : buffer.find(_CRLF, body, stop)]
+                cursor.status(bytes(subject), line)
+            else:
+                raise ReaderUnavailable(f"a message without a reply: {buffer[pos : pos + 60]!r}", lasting=True)
+        return stop + 2
 
     def _control(self, line: bytes) -> None:
         if line == b"PING":
@@ -470,12 +649,19 @@ class JetStreamReader:
         if error.lasting or error.pause or self._wire is None or not self._wire.open:
             self.close()
 
-    async def read(self, url: ParseResult, start: int, end: int, limit: int) -> list[tuple[int, bytes]]:
-        """Up to ``limit`` ``(stream sequence, payload)`` from ``start`` up to ``end``, in order.
+    def continues(self, start: int) -> bool:
+        """Whether a read from ``start`` continues a cursor (a catch-up's next call)."""
+        cursor = self._cursors.get(start)
+        return cursor is not None and cursor.error is None and cursor.wire is self._wire
+
+    async def read(self, url: ParseResult, start: int, end: int, limit: int) -> Chunk:
+        """Up to ``limit`` messages from ``start`` up to ``end``, in order (see :class:`Chunk`).
 
         Fewer (maybe none) when the consumer had no more messages at the
-        time; none above ``end``. Raises :class:`ReaderUnavailable` when this
-        read cannot be served: nothing of it is returned then.
+        time; none above ``end``. A continuing cursor's consumer skips what
+        retention removed since: that shows as a gap. Raises
+        :class:`ReaderUnavailable` when this read cannot be served: nothing
+        of it is returned then.
         """
         wire = await self._connected(Endpoint.of(url, self._tls))
         cursor = self._cursors.pop(start, None)

@@ -50,7 +50,8 @@ How the service's rules hold across replicas:
   one page of keys from it and only those runs' values, O(page size).
 * **Catch-up** hands on stored bytes with the revision appended, as the
   SQLite store hands on its stored rows: from each replica's in-memory
-  window of the newest history (``window_mib``, kept from its live feed)
+  window of the newest history (``window_mib``, kept from its live feed,
+  and filled with the history before it in the background after a start)
   when it covers the range, else from JetStream: through the lean reader of
   :mod:`~shellinfo_grpc.stores._jetstream_reader` (a connection of its own,
   one pull consumer per catch-up, pulls of up to 16,384 messages read ahead
@@ -87,7 +88,7 @@ from shellinfo_grpc._gen.shellinfo.v1 import run_update_service_pb2 as _svc
 from shellinfo_grpc.errors import ConfigurationError, HistoryExpired, RunRejected, StoreUnavailable
 from shellinfo_grpc.rules import compile_filter
 from shellinfo_grpc.stores import Item, PublishOutcome, Retention, Store, decide, new_update, now_usecs
-from shellinfo_grpc.stores._jetstream_reader import JetStreamReader, ReaderUnavailable
+from shellinfo_grpc.stores._jetstream_reader import Chunk, JetStreamReader, ReaderUnavailable, checked, with_revision
 
 __all__ = ["PAUSE_HOOK_ENV", "NatsStore"]
 
@@ -118,6 +119,10 @@ _UNREACHABLE: Final = (nats.errors.Error, asyncio.TimeoutError, OSError)
 _REMEMBERED: Final = 65_536
 #: The default size of a replica's in-memory window of the newest history (MiB).
 _WINDOW_MIB: Final = 64
+#: Most messages one stretch of the window's warm-up reads (and holds before it is put in the window).
+_WARM_MESSAGES: Final = 65_536
+#: Messages one read of the warm-up asks for (the reader pulls ahead of it).
+_WARM_READ: Final = 8_192
 #: Messages and bytes per pull of the history through nats-py.
 _BATCH: Final = 1000
 _BATCH_BYTES: Final = 8 << 20
@@ -145,32 +150,6 @@ def _run_key(token: str, job_run_id: str) -> tuple[str, int] | None:
         return None
 
 
-def _varint(value: int) -> bytes:
-    """``value`` (an int64, two's complement for negatives) as a protobuf varint."""
-    value &= (1 << 64) - 1
-    out = bytearray()
-    while value >= 0x80:
-        out.append((value & 0x7F) | 0x80)
-        value >>= 7
-    out.append(value)
-    return bytes(out)
-
-
-#: RunUpdate.revision is field 3, a varint: appended to a stored message, it sets the revision.
-_REVISION_TAG: Final = bytes([3 << 3])
-
-
-def _revision_field(seq: int) -> bytes:
-    """``revision = seq`` as a field to append to a stored RunUpdate (a sequence is positive)."""
-    if seq < 1 << 14:
-        return bytes((0x18, seq & 0x7F | 0x80, seq >> 7)) if seq >= 0x80 else bytes((0x18, seq))
-    if seq < 1 << 28:
-        if seq < 1 << 21:
-            return bytes((0x18, seq & 0x7F | 0x80, (seq >> 7) & 0x7F | 0x80, seq >> 14))
-        return bytes((0x18, seq & 0x7F | 0x80, (seq >> 7) & 0x7F | 0x80, (seq >> 14) & 0x7F | 0x80, seq >> 21))
-    return _REVISION_TAG + _varint(seq)
-
-
 def _position(msg: Any) -> tuple[int, int]:
     """A consumer-delivered message's stream sequence and how many messages are pending after it.
 
@@ -182,6 +161,20 @@ def _position(msg: Any) -> tuple[int, int]:
         return int(tokens[5]), int(tokens[8])
     meta = msg.metadata
     return meta.sequence.stream, meta.num_pending
+
+
+def _chunk(start: int, messages: list[tuple[int, bytes]]) -> Chunk:
+    """What the history reader hands out, for ``(sequence, stored bytes)`` read through nats-py from ``start``."""
+    gaps: list[int] = []
+    expected = start
+    records: list[tuple[int, bytes]] = []
+    for seq, data in messages:
+        if seq != expected:
+            gaps.append(expected)
+        expected = seq + 1
+        records.append((seq, with_revision(data, seq)))
+    good, foreign = checked(records)
+    return Chunk(good, gaps, foreign, expected)
 
 
 class _Feed:
@@ -220,7 +213,10 @@ class _Window:
     Catch-up inside it is served from memory, at the speed of the SQLite
     store's reads; older revisions are read from JetStream in batches. It
     holds at most ``max_bytes`` (the oldest go first); every message from
-    ``low`` up to the live feed's position is in it.
+    ``low`` up to the live feed's position is in it. After a start, the
+    warm-up puts the history before the live feed's first message in front
+    (:meth:`prepend`). Retention is not its business: every read checks the
+    oldest revision first, so an entry retention removed is never served.
     """
 
     def __init__(self, max_bytes: int) -> None:
@@ -250,6 +246,32 @@ class _Window:
         if self._first > 4096 and self._first * 2 > len(self._seqs):
             del self._seqs[: self._first], self._wire[: self._first]
             self._first = 0
+
+    @property
+    def room(self) -> int:
+        """Bytes it can take before the oldest go."""
+        return self.max_bytes - self._bytes
+
+    def prepend(self, start: int, end: int, entries: list[tuple[int, bytes]]) -> bool:
+        """Put the history ``[start, end]`` (its RunUpdates, ``entries``) in front: as much of its newest part as fits.
+
+        Only if it ends right where the window begins (``end + 1 == low``):
+        otherwise the window changed meanwhile (its oldest went, or it
+        restarted) and nothing is taken. Whether all of it was taken.
+        """
+        if not self.max_bytes or end + 1 != self.low:
+            return False
+        room, i = self.room, len(entries)
+        while i and len(entries[i - 1][1]) <= room:
+            i -= 1
+            room -= len(entries[i][1])
+        kept = entries[i:]
+        self._seqs = [seq for seq, _ in kept] + self._seqs[self._first :]
+        self._wire = [wire for _, wire in kept] + self._wire[self._first :]
+        self._first = 0
+        self._bytes = self.max_bytes - room
+        self.low = entries[i - 1][0] + 1 if i else start
+        return not i
 
     def read(self, start: int, end: int, limit: int) -> list[tuple[int, bytes]]:
         """The kept messages with ``start <= seq <= end``, at most ``limit``; the caller checked ``start >= low``."""
@@ -339,6 +361,7 @@ class NatsStore(Store):
         self._history_keeps_long = False
         self._reader: JetStreamReader | None = None
         self._reader_said = False
+        self._warming: asyncio.Task[None] | None = None
 
     # --- configuration -----------------------------------------------------------
 
@@ -448,6 +471,7 @@ class NatsStore(Store):
             head = max(info.state.last_seq, self._history_feed.position)
             self._history_feed.advance(head)
             self._window.restart(head)
+            # From here on the window's low only rises, until the warm-up (below) lowers it.
             self._live = await self._js.subscribe(
                 f"{self._prefix}.>",
                 stream=self._stream,
@@ -460,6 +484,79 @@ class NatsStore(Store):
         except (*_UNREACHABLE, StoreUnavailable) as exc:
             await self._nc.close()
             raise ConfigurationError(f"NATS store: cannot set up stream {self._stream}: {exc}") from None
+        if self._window.max_bytes and head:
+            self._warming = asyncio.create_task(self._warm(head))
+
+    async def _warm(self, head: int) -> None:
+        """Fill the window with the newest history up to ``head`` (where the live feed began), in the background.
+
+        Backwards in stretches of at most :data:`_WARM_MESSAGES`, each read
+        forward through the history reader (nats-py if it cannot) and put in
+        front of the window, until the window is full or the oldest revision
+        is reached. The live feed appends meanwhile; a stretch is taken only
+        if it still ends where the window begins. Any failure leaves the
+        window as it is (said once). Catch-ups meanwhile read JetStream.
+        """
+        window = self._window
+        began, taken, high = time.monotonic(), 0, head
+        try:
+            state = (await self._jsm.stream_info(self._stream)).state
+            if not state.messages:
+                return
+            per = max(1.0, state.bytes / state.messages)  # stored bytes a message: more than its wire form
+            while high >= state.first_seq and window.room > 0:
+                count = min(_WARM_MESSAGES, max(1024, int(1.1 * window.room / per)))
+                low = max(state.first_seq, high - count + 1)
+                entries = await self._read_all(low, high)
+                if entries:
+                    per = sum(len(wire) for _, wire in entries) / len(entries)
+                whole = window.prepend(low, high, entries)
+                if window.low > high:  # not taken: the window moved on (it filled, or restarted)
+                    break
+                taken += high - window.low + 1
+                if not whole:
+                    break
+                high = low - 1
+        except Exception as exc:  # a failure only leaves the window as it is (cancelling is no Exception)
+            _log.warning("stream %s: the window was not warmed below revision %d: %s", self._stream, high + 1, exc)
+            return
+        _log.debug(
+            "stream %s: window warmed with revisions %d..%d (%d) in %.2f s",
+            self._stream,
+            window.low,
+            head,
+            taken,
+            time.monotonic() - began,
+        )
+
+    async def _read_all(self, start: int, end: int) -> list[tuple[int, bytes]]:
+        """Every RunUpdate of the history in ``[start, end]`` (which exists: ``end`` is not above the head).
+
+        Gaps are not checked: a deleted message is not there, and one that
+        retention trimmed is below the oldest revision, which no read is
+        served from. Foreign messages are left out quietly: a catch-up says them.
+        """
+        out: list[tuple[int, bytes]] = []
+        fetches = self._fetches(end)
+        for index, fetch in enumerate(fetches):
+            position = start
+            try:
+                while position <= end:
+                    chunk = await fetch(position, min(_WARM_READ, end - position + 1))
+                    if chunk.next <= position:
+                        raise StoreUnavailable(f"NATS store: stream {self._stream} returned nothing at {position}")
+                    out += chunk.records
+                    position = chunk.next
+            except ReaderUnavailable as exc:
+                if self._reader is not None:
+                    self._reader.failed(exc)
+                self._say_reader(str(exc))
+                if index == len(fetches) - 1:
+                    raise
+                out = []
+                continue
+            return out
+        return out
 
     async def _ensure_stream(self) -> Any:
         try:
@@ -525,6 +622,11 @@ class NatsStore(Store):
         nc, self._nc = self._nc, None
         if nc is None:
             return
+        warming, self._warming = self._warming, None
+        if warming is not None:
+            warming.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await warming
         if self._reader is not None:
             self._reader.close()
         for sub in (self._live, self._keys_feed):
@@ -576,7 +678,7 @@ class NatsStore(Store):
             self._remembered.pop(msg.subject, None)  # a foreign message: the next publish reads the run
         else:
             self._remember(msg.subject, update)
-            self._window.add(seq, msg.data + _revision_field(seq))
+            self._window.add(seq, with_revision(msg.data, seq))
         self._history_feed.advance(seq)
         if update is not None:
             self.notify_listeners((update,))
@@ -977,71 +1079,95 @@ class NatsStore(Store):
         From the in-memory window when it covers the range, else from
         JetStream: through the history reader, or through nats-py when the
         reader cannot serve this read (then the whole read is done again).
+
+        The oldest revision is checked first (a round trip), except on a
+        call that continues a reader's cursor when the history has no age
+        limit: the previous call checked its start, and what retention
+        removed since is a gap in what the consumer delivers, which
+        :meth:`_read_history` checks. (An update older than the age limit
+        counts as gone before JetStream removes it: no gap shows that.)
         """
-        oldest, last = await self._oldest()
-        if start < oldest:
-            raise HistoryExpired(start, oldest)
-        end = min(end, last)
-        if start > end or limit <= 0:
+        if limit <= 0:
             return []
-        if start >= self._window.low and end <= self._history_feed.position:
-            return self._window.read(start, end, limit)
+        reader = self._reader
+        url = self._nc.connected_url if self._nc is not None else None
+        usable = reader is not None and url is not None and not reader.paused
+        continues = usable and reader is not None and reader.continues(start)
+        if not (continues and not self._retention.max_age_seconds):
+            oldest, last = await self._oldest()
+            if start < oldest:
+                raise HistoryExpired(start, oldest)
+            end = min(end, last)
+            if start > end:
+                return []
+            if start >= self._window.low and end <= self._history_feed.position:
+                return self._window.read(start, end, limit)
+        *through_reader, pull = self._fetches(end)
+        for read in through_reader:
+            try:
+                return await self._read_history(start, end, limit, read)
+            except ReaderUnavailable as exc:
+                if reader is not None:
+                    reader.failed(exc)
+                self._say_reader(str(exc))
+        return await self._read_history(start, end, limit, pull)
+
+    def _fetches(self, end: int) -> list[Callable[[int, int], Awaitable[Chunk]]]:
+        """How to read the history up to ``end``: ``fetch(position, at most)``, through the reader, then nats-py."""
+        fetches: list[Callable[[int, int], Awaitable[Chunk]]] = []
         reader = self._reader
         url = self._nc.connected_url if self._nc is not None else None
         if reader is not None and url is not None and not reader.paused:
 
-            async def read(position: int, count: int) -> list[tuple[int, bytes]]:
+            async def read(position: int, count: int) -> Chunk:
                 return await reader.read(url, position, end, count)
 
-            try:
-                return await self._read_history(start, end, limit, read)
-            except ReaderUnavailable as exc:
-                reader.failed(exc)
-                self._say_reader(str(exc))
+            fetches.append(read)
 
-        async def pull(position: int, count: int) -> list[tuple[int, bytes]]:
-            return await self._pull(position, min(_BATCH, count, end - position + 1))
+        async def pull(position: int, count: int) -> Chunk:
+            messages = await self._pull(position, min(_BATCH, count, end - position + 1))
+            return _chunk(position, [m for m in messages if m[0] <= end])
 
-        return await self._read_history(start, end, limit, pull)
+        fetches.append(pull)
+        return fetches
 
     async def _read_history(
-        self, start: int, end: int, limit: int, fetch: Callable[[int, int], Awaitable[list[tuple[int, bytes]]]]
+        self, start: int, end: int, limit: int, fetch: Callable[[int, int], Awaitable[Chunk]]
     ) -> list[tuple[int, bytes]]:
         """What :meth:`_history_wire` returns, from ``fetch(position, at most)`` calls.
 
-        Each message is checked to be a RunUpdate (a foreign one is skipped,
-        loudly), and the revision field appended to it. A sequence missing
-        from what JetStream returned is checked: if retention (or an age
-        expiry) trimmed it after the oldest revision was checked, the read
-        fails with :class:`HistoryExpired` rather than skip updates silently.
+        A message that is not a RunUpdate is skipped, loudly. A sequence
+        missing from what JetStream returned is checked: if retention (or an
+        age expiry) trimmed it after the oldest revision was checked, the
+        read fails with :class:`HistoryExpired` rather than skip updates
+        silently. When JetStream returns nothing, the oldest and newest
+        revisions are checked again: a trimmed or shortened history is not
+        waited for.
         """
         out: list[tuple[int, bytes]] = []
-        parse = _svc.RunUpdate.FromString
         position = start
         empty = 0
         while position <= end and len(out) < limit:
-            batch = await fetch(position, limit - len(out))
-            if not batch:
+            chunk = await fetch(position, limit - len(out))
+            for missing in chunk.gaps:
+                await self._check_gap(missing)
+            for seq in chunk.foreign:
+                _log.warning("stream %s: message %d is not a RunUpdate; skipped", self._stream, seq)
+            if chunk.next <= position:
+                oldest, last = await self._oldest()
+                if position < oldest:
+                    raise HistoryExpired(position, oldest)
+                end = min(end, last)
+                if position > end:
+                    break
                 # Never report a gap as the end: JetStream said it has up to `end`.
                 empty += 1
                 if empty * 0.05 > self._timeout:
                     raise StoreUnavailable(f"NATS store: stream {self._stream} did not return revision {position}")
                 await asyncio.sleep(0.05)
                 continue
-            expected = position
-            for seq, data in batch:
-                if seq > end:
-                    break
-                if seq != expected:
-                    await self._check_gap(expected)
-                expected = seq + 1
-                try:
-                    parse(data)
-                except Exception:
-                    _log.warning("stream %s: message %d is not a RunUpdate; skipped", self._stream, seq)
-                    continue
-                out.append((seq, data + _revision_field(seq)))
-            position = batch[-1][0] + 1
+            out += chunk.records
+            position = chunk.next
         return out
 
     async def _check_gap(self, missing: int) -> None:
