@@ -471,6 +471,19 @@ def test_a_server_restart_mid_catch_up_is_an_error_or_the_right_data(tmp_path: P
         asyncio.run(main(node))
 
 
+def count_oldest_checks(store: NatsStore) -> list[int]:
+    """From now on, count the store's oldest-revision round trips (the list's one item)."""
+    checks = [0]
+    oldest = store._oldest
+
+    async def counted() -> tuple[int, int]:
+        checks[0] += 1
+        return await oldest()
+
+    store._oldest = counted  # type: ignore[method-assign]
+    return checks
+
+
 @pytest.mark.usefixtures("small_pulls")
 def test_history_trimmed_between_the_check_and_the_read_is_history_expired(plain: SecuredNode) -> None:
     async def main() -> None:
@@ -481,23 +494,16 @@ def test_history_trimmed_between_the_check_and_the_read_is_history_expired(plain
             # The cursor holds what it read ahead (up to 194); then retention trims past it.
             for index in range(250):
                 await store.publish("src", pb.ProtectionShellInfo(job_run_id=1000 + index, status=1))
-            oldest, checks = store._oldest, 0
-
-            async def counted() -> tuple[int, int]:
-                nonlocal checks
-                checks += 1
-                return await oldest()
-
-            store._oldest = counted  # type: ignore[method-assign]
+            checks = count_oldest_checks(store)
             # The calls continue the cursor: no check before the read. 51..150 had been read
             # ahead before the trim: they are still right (as SQLite's read-ahead rows are).
             assert [r for r, _ in await store.history_wire(51, head, 100)] == list(range(51, 151))
-            assert checks == 0
+            assert checks == [0]
             # The cursor's next pull starts at 195, trimmed: the consumer skips to 251, and
             # that gap is checked (one check), not taken for a deletion.
             with pytest.raises(HistoryExpired) as caught:
                 await store.history_wire(151, head, 100)
-            assert checks == 1
+            assert checks == [1]
             assert (caught.value.requested, caught.value.oldest_revision) == (195, 251)
 
     asyncio.run(main())
@@ -511,16 +517,9 @@ def test_with_an_age_limit_every_call_checks_the_oldest_revision(plain: SecuredN
         async with started(f"{plain.url}?{names()}", retention=Retention(max_age_seconds=3600)) as store:
             head = await fill(store, 120)
             assert [r for r, _ in await store.history_wire(1, head, 50)] == list(range(1, 51))
-            oldest, checks = store._oldest, 0
-
-            async def counted() -> tuple[int, int]:
-                nonlocal checks
-                checks += 1
-                return await oldest()
-
-            store._oldest = counted  # type: ignore[method-assign]
+            checks = count_oldest_checks(store)
             assert [r for r, _ in await store.history_wire(51, head, 50)] == list(range(51, 101))
-            assert checks == 1
+            assert checks == [1]
 
     asyncio.run(main())
 

@@ -1015,16 +1015,7 @@ class NatsStore(Store):
         stored header line (a direct get adds six), and the sequence is read
         from the reply subject.
         """
-        config = api.ConsumerConfig(
-            deliver_policy=api.DeliverPolicy.BY_START_SEQUENCE,
-            opt_start_seq=start,
-            ack_policy=api.AckPolicy.NONE,
-            filter_subject=f"{self._prefix}.>",
-            inactive_threshold=max(10.0, 2 * self._timeout),
-            mem_storage=True,
-            num_replicas=1,
-        )
-        consumer = (await self._jsm.add_consumer(self._stream, config)).name
+        consumer = await self._reading_consumer(start, max(10.0, 2 * self._timeout))
         messages: list[tuple[int, bytes]] = []
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
@@ -1052,17 +1043,21 @@ class NatsStore(Store):
         return messages
 
     async def _cursor_consumer(self, start: int) -> str:
-        """A pull consumer for the history reader: from ``start`` on, no acks, in memory.
+        """A pull consumer for the history reader (see :meth:`_reading_consumer`).
 
         The reader deletes it when it is done with it; the inactivity
         threshold removes it if that delete is lost.
         """
+        return await self._reading_consumer(start, max(30.0, 4 * self._timeout))
+
+    async def _reading_consumer(self, start: int, inactive_seconds: float) -> str:
+        """A pull consumer of the history from ``start`` on: no acks, in memory, one replica."""
         config = api.ConsumerConfig(
             deliver_policy=api.DeliverPolicy.BY_START_SEQUENCE,
             opt_start_seq=start,
             ack_policy=api.AckPolicy.NONE,
             filter_subject=f"{self._prefix}.>",
-            inactive_threshold=max(30.0, 4 * self._timeout),
+            inactive_threshold=inactive_seconds,
             mem_storage=True,
             num_replicas=1,
         )
