@@ -57,6 +57,7 @@ __all__ = [
     "KEPT",
     "PULL_BYTES",
     "PULL_MESSAGES",
+    "SCAN_PULL",
     "Chunk",
     "Endpoint",
     "JetStreamReader",
@@ -71,6 +72,8 @@ _log = logging.getLogger("shellinfo_grpc.nats_store")
 #: Most messages, and bytes (as JetStream counts them), one pull asks for.
 PULL_MESSAGES: Final = 16_384
 PULL_BYTES: Final = 8 << 20
+#: Messages one pull of a scan asks for (headers only: about 200 bytes each on the wire).
+SCAN_PULL: Final = 32_768
 #: Cursors kept between calls (the oldest is dropped).
 KEPT: Final = 8
 #: How long the reader is not tried again after the server refused it (seconds).
@@ -91,6 +94,8 @@ _FRAME: Final = re.compile(
     rb"|[^. ]+\.[^. ]+\.[^. ]+\.[^. ]+\.\d+\.(\d+)\.\d+\.\d+\.\d+(?:\.[^ \r\n]+)?"
     rb") )?(?:(\d+) )?(\d+)\r\n"
 )
+# A scan's frame: as _FRAME, with the whole $JS.ACK tail (group 4) split by the scan.
+_SCAN_FRAME: Final = re.compile(rb"(H?)MSG ([^ \r\n]+) (\d+) (?:\$JS\.ACK\.([^ \r\n]+) )?(?:(\d+) )?(\d+)\r\n")
 _CRLF: Final = b"\r\n"
 _FRAME_STARTS: Final = frozenset(b"HM")
 _first = itemgetter(0)
@@ -178,6 +183,18 @@ def _length(size: int) -> bytes:
         size >>= 7
     out.append(size)
     return bytes(out)
+
+
+def header_value(block: bytes, name: bytes) -> bytes | None:
+    """The value of header ``name`` in a message's header block, as nats-py reads it (stripped, the last wins)."""
+    if name not in block:
+        return None
+    found = None
+    for line in block.split(_CRLF)[1:]:  # the first line is NATS/1.0
+        key, sep, value = line.partition(b":")
+        if sep and key.strip() == name:
+            found = value.strip()
+    return found
 
 
 class Chunk(NamedTuple):
@@ -610,6 +627,139 @@ class _Wire(asyncio.Protocol):
         self._lost(ReaderUnavailable(reason))
 
 
+class _ScanWire(_Wire):
+    """A connection that reads one headers-only pull consumer until it has no more messages.
+
+    What it keeps of each message: its subject, its stream sequence and the
+    value of one header (``header``; none if ``None``). Pulls of
+    :data:`SCAN_PULL` messages, one after the other; the scan ends when a
+    pull's message says nothing is pending after it, or a pull ends with
+    ``404 No Messages`` (or ``408``): the consumer has delivered every message
+    there was.
+    """
+
+    def __init__(self, endpoint: Endpoint, consumer_subject: str, header: bytes | None) -> None:
+        super().__init__(endpoint, "")
+        self.next_subject = consumer_subject
+        self.header = header
+        self.found: list[tuple[str, int, bytes | None]] = []
+        self.pulls = 0
+        self.batch = 0  # messages the pull in flight asked for
+        self.in_pull = 0  # messages it has delivered
+        self.pending = -1  # what the last message said is pending after it
+        self.finished = False
+        self.news = 0
+        self.waiter: asyncio.Future[None] | None = None
+
+    async def scan(self, timeout: float) -> list[tuple[str, int, bytes | None]]:
+        """Every message's ``(subject, stream sequence, header value)``, in stream order."""
+        self._write(b"SUB %s.* 1\r\n" % self.prefix.encode())
+        self._pull()
+        while not self.finished:
+            if self.error is not None:
+                raise self.error
+            self.waiter = asyncio.get_running_loop().create_future()
+            before = self.news
+            try:
+                await asyncio.wait_for(self.waiter, timeout)
+            except TimeoutError:
+                if self.news == before:
+                    raise ReaderUnavailable(f"no message within {timeout:g} s of a scan") from None
+            finally:
+                self.waiter = None
+        if self.error is not None:
+            raise self.error
+        return self.found
+
+    def _pull(self) -> None:
+        self.pulls += 1
+        self.batch, self.in_pull = SCAN_PULL, 0
+        request = b'{"batch":%d,"no_wait":true}' % SCAN_PULL
+        subject = f"{self.next_subject} {self.prefix}.{self.pulls}".encode()
+        self._write(b"PUB %s %d\r\n%s\r\n" % (subject, len(request), request))
+
+    def _wake(self) -> None:
+        self.news += 1
+        if self.waiter is not None and not self.waiter.done():
+            self.waiter.set_result(None)
+
+    def _lost(self, error: ReaderUnavailable) -> None:
+        super()._lost(error)
+        self._wake()
+
+    def data_received(self, data: bytes) -> None:
+        if not self.open:
+            super().data_received(data)
+            return
+        buffer = self._rest + data if self._rest else data
+        pos, size = 0, len(buffer)
+        found, header, match = self.found, self.header, _SCAN_FRAME.match
+        try:
+            while pos < size:
+                if buffer[pos] not in _FRAME_STARTS:
+                    eol = buffer.find(_CRLF, pos)
+                    if eol < 0:
+                        break
+                    self._control(buffer[pos:eol])
+                    pos = eol + 2
+                    continue
+                frame = match(buffer, pos)
+                if frame is None:
+                    if buffer.find(_CRLF, pos) < 0:
+                        break  # the frame's first line is not complete
+                    raise ReaderUnavailable(f"unexpected frame {buffer[pos : pos + 60]!r}", lasting=True)
+                h, subject, _sid, ack, headers, total = frame.groups()
+                body = frame.end()
+                stop = body + int(total)
+                if stop + 2 > size:
+                    break  # the payload is not complete
+                if not h or headers is None:  # a headers-only consumer always sends headers
+                    raise ReaderUnavailable(f"unexpected frame {buffer[pos : pos + 60]!r}", lasting=True)
+                pos = stop + 2
+                if ack is None:
+                    self._status(subject, buffer[body : buffer.find(_CRLF, body, stop)])
+                    continue
+                tokens = ack.split(b".")
+                if len(tokens) == 7:  # <stream>.<consumer>.<delivered>.<stream seq>.<consumer seq>.<time>.<pending>
+                    seq, pending = tokens[3], tokens[6]
+                elif len(tokens) >= 9:  # <domain>.<account hash>.<stream>. ... as above
+                    seq, pending = tokens[5], tokens[8]
+                else:
+                    raise ReaderUnavailable(f"unexpected reply $JS.ACK.{ack[:60]!r}", lasting=True)
+                value = header_value(buffer[body : body + int(headers)], header) if header is not None else None
+                found.append((subject.decode(), int(seq), value))
+                self.in_pull += 1
+                self.pending = int(pending)
+        except (ReaderUnavailable, ValueError) as exc:
+            self._rest = b""
+            self._lost(exc if isinstance(exc, ReaderUnavailable) else ReaderUnavailable(str(exc), lasting=True))
+            return
+        self._rest = buffer[pos:]
+        if self.pulls and not self.finished and self.in_pull >= self.batch:  # (no pull before scan())
+            if self.pending == 0:
+                self.finished = True
+            else:
+                self._next_pull()
+        self._wake()
+
+    def _next_pull(self) -> None:
+        try:
+            self._pull()
+        except ReaderUnavailable as exc:
+            self._lost(exc)
+
+    def _status(self, subject: bytes, line: bytes) -> None:
+        if not subject.endswith(b".%d" % self.pulls) or self.finished:
+            return  # news of a pull whose messages all came: the next one is out
+        code = line[9:12]
+        if code in (b"404", b"408"):
+            self.finished = True  # the consumer has no more messages
+        elif self.in_pull >= self.batch and code == b"409" and b"Batch Completed" in line:
+            return
+        else:
+            raise ReaderUnavailable(f"a scan's pull ended with {line.decode(errors='replace')!r}")
+
+
 class JetStreamReader:
     """Reads ``stream``'s history through cursors on a connection of its own.
 
@@ -685,6 +835,27 @@ class JetStreamReader:
                 _, oldest = self._cursors.popitem(last=False)
                 oldest.wire.drop(oldest)
         return out
+
+    async def scan(
+        self, url: ParseResult, stream: str, consumer: str, header: bytes | None
+    ) -> list[tuple[str, int, bytes | None]]:
+        """Every message a headers-only pull consumer (no acks) of ``stream`` delivers, until it has no more.
+
+        ``(subject, stream sequence, value of header)`` each, in stream
+        order, read on a connection of its own that is closed at the end.
+        Raises :class:`ReaderUnavailable` when the scan cannot be done
+        (nothing is returned then).
+        """
+        endpoint = Endpoint.of(url, self._tls)
+        wire = _ScanWire(endpoint, f"$JS.API.CONSUMER.MSG.NEXT.{stream}.{consumer}", header)
+        try:
+            try:
+                await wire.connect(self._timeout)
+            except (OSError, TimeoutError, ssl.SSLError) as exc:
+                raise ReaderUnavailable(f"cannot connect to {endpoint.host}:{endpoint.port}: {exc!r}") from None
+            return await wire.scan(self._timeout)
+        finally:
+            wire.abort("the scan is over")
 
     async def _connected(self, endpoint: Endpoint) -> _Wire:
         async with self._opening:
