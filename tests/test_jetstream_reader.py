@@ -33,6 +33,7 @@ from urllib.parse import urlparse
 import nats
 import pytest
 from certs import make_pki
+from nats.js import api
 from nats_fixtures import NatsNode, free_ports, require_nats_server
 
 from shellinfo_grpc._gen.shellinfo.v1 import protection_shell_info_pb2 as pb
@@ -549,5 +550,136 @@ def test_a_peer_that_does_not_speak_nats_turns_the_reader_off() -> None:
             reader.close()
             server.close()
             await server.wait_closed()
+
+    asyncio.run(main())
+
+
+# --- start-up scans -------------------------------------------------------------------------------
+
+
+async def fill_runs(store: NatsStore, runs: int, behind: int) -> None:
+    """``runs`` runs in the store's format (history, then the bucket entry, except for the last ``behind``),
+    a foreign message on each stream, and run 5's entry deleted (a KV delete marker)."""
+    nc = await nats.connect([store._servers[0]])
+    try:
+        js = nc.jetstream()
+        for index in range(runs):
+            source = f"src-{index % 3}"
+            update = svc.RunUpdate(source=source, run=pb.ProtectionShellInfo(job_run_id=index, error=f"e{index}"))
+            history, latest = store._subjects(source, index)
+            ack = await js.publish(history, update.SerializeToString(), stream=store._stream)
+            if index < runs - behind:
+                update.revision = ack.seq
+                headers = {"Shellinfo-Revision": str(ack.seq)}
+                await js.publish(latest, update.SerializeToString(), stream=store._latest_stream, headers=headers)
+        await js.publish(f"{store._prefix}.sZm9v.notanumber", b"\xff foreign", stream=store._stream)
+        await js.publish(f"{store._latest_prefix}.sZm9v.12", b"no revision header", stream=store._latest_stream)
+        kv = await js.key_value(store._bucket)
+        await kv.delete(store._subjects("src-2", 5)[1].split(".", 2)[2])
+    finally:
+        await nc.close()
+
+
+def test_start_up_scans_build_the_index_nats_py_builds(
+    plain: SecuredNode, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The scan path and the nats-py path give the same index (keys, revisions, bucket sequences), sorted;
+    the runs whose history is ahead are repaired; keys written between the scan and the live feed are kept."""
+    monkeypatch.setattr(reader_module, "SCAN_PULL", 257)  # many pulls
+
+    async def main() -> None:
+        url = f"{plain.url}?{names()}"
+        async with started(url):
+            pass  # stream and bucket
+        first = open_store(url)
+        assert isinstance(first, NatsStore)
+        await fill_runs(first, 1500, behind=7)
+        with caplog.at_level("WARNING", logger="shellinfo_grpc.nats_store"):
+            async with started(url) as scanned:
+                assert "copied 8 run(s)" in caplog.text  # the last 7 and run 5 (deleted entry)
+                assert scanned._keys == sorted(scanned._latest)
+                assert len(scanned._keys) == 1500
+        caplog.clear()
+
+        # nats-py: the reader fails the scans (a protocol surprise); the index is the same.
+        store = open_store(url)
+        assert isinstance(store, NatsStore)
+        calls: list[str] = []
+
+        async def refuse(_url: Any, stream: str, _consumer: str, _header: Any) -> Any:
+            calls.append(stream)
+            raise ReaderUnavailable("test: no scan")
+
+        await store.start()
+        try:
+            reference = (dict(store._latest), list(store._keys), store._latest_feed.position)
+        finally:
+            await store.close()
+        fallback = open_store(url)
+        assert isinstance(fallback, NatsStore)
+        original = NatsStore._scan
+
+        async def scan_refused(self: NatsStore, *args: Any) -> Any:
+            assert self._reader is not None
+            self._reader.scan = refuse  # type: ignore[method-assign]
+            return await original(self, *args)
+
+        monkeypatch.setattr(NatsStore, "_scan", scan_refused)
+        await fallback.start()
+        try:
+            assert calls == [fallback._latest_stream, fallback._stream]  # both scans fell back
+            assert (dict(fallback._latest), list(fallback._keys), fallback._latest_feed.position) == reference
+            assert "copied" not in caplog.text
+        finally:
+            await fallback.close()
+        monkeypatch.setattr(NatsStore, "_scan", original)
+
+        # Keys written right after the scan, before the key feed starts: followed, each counted once.
+        late = open_store(url)
+        assert isinstance(late, NatsStore)
+
+        async def scan_then_write(self: NatsStore, *args: Any) -> Any:
+            out = await original(self, *args)
+            if args[0] == self._latest_stream:
+                nc = await nats.connect([plain.url])
+                try:
+                    js = nc.jetstream()
+                    for job_run_id in (5, 2000, 2001):  # one known run written again, two new ones
+                        subject = self._subjects("src-late", job_run_id)[1]
+                        await js.publish(subject, b"", stream=self._latest_stream, headers={"Shellinfo-Revision": "9"})
+                finally:
+                    await nc.close()
+            return out
+
+        monkeypatch.setattr(NatsStore, "_scan", scan_then_write)
+        await late.start()
+        try:
+            async with jetstream_manager(plain) as jsm:
+                last = (await jsm.stream_info(late._latest_stream)).state.last_seq
+            assert await late._latest_feed.reach(last, WAIT)
+            assert late._keys == sorted(set(late._keys)) == sorted(late._latest)
+            assert len(late._keys) == 1503
+            assert {late._latest[("src-late", n)][0] for n in (5, 2000, 2001)} == {9}
+        finally:
+            await late.close()
+
+    asyncio.run(main())
+
+
+def test_a_scan_reads_the_last_message_of_every_subject(plain: SecuredNode) -> None:
+    """The reader's scan on LAST_PER_SUBJECT: one (subject, sequence) per subject, the newest, every one."""
+
+    async def main() -> None:
+        async with started(f"{plain.url}?{names()}") as store:
+            nc = await nats.connect([plain.url])
+            try:
+                js = nc.jetstream()
+                for step in range(3):
+                    for run in range(400):
+                        await js.publish(f"{store._prefix}.s.{run}", b"x%d" % step, stream=store._stream)
+            finally:
+                await nc.close()
+            scanned = await store._scan(store._stream, api.DeliverPolicy.LAST_PER_SUBJECT)
+            assert scanned == [(f"{store._prefix}.s.{run}", 801 + run, None) for run in range(400)]
 
     asyncio.run(main())
