@@ -54,7 +54,7 @@ async def fill(store: NatsStore, url: str, runs: int, behind: int) -> None:
             source = f"agent-{index % 4}"
             update = svc.RunUpdate(
                 source=source,
-                run=pb.ProtectionShellInfo(job_run_id=index, status=1, error="x" * 40),
+                run=pb.ProtectionShellInfo(job_run_id=index, status=pb.RUN_STATUS_RUNNING, error="x" * 40),
                 accepted_time_usecs=1_700_000_000_000_000 + index,
             )
             tail = f"{_source_token(source)}.{index}"
