@@ -13,7 +13,10 @@ writes, so that the start has them to repair), then times ``NatsStore.start()``
 * ``live``: the rest (the live feed of the history subscribed).
 
 Each start is checked: every run in the index, the repaired runs copied.
-``--profile PATH`` writes cProfile statistics of the last start.
+``--profile PATH`` writes cProfile statistics of the last start. ``--rss``
+runs each start in a process of its own (spawned) and adds its memory: the
+resident size before the start, its peak during the start (VmHWM, reset just
+before), and the resident size once started (the index included).
 
     python bench/bench_nats_start.py --runs 100000
 """
@@ -23,6 +26,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import cProfile
+import multiprocessing
 import sys
 import tempfile
 import time
@@ -103,6 +107,8 @@ async def one_start(url: str, stream: str, prefix: str, profile: cProfile.Profil
     timed(store, phases, "ensure", "_ensure_bucket")
     timed(store, phases, "keys", "_follow_keys")
     timed(store, phases, "repair", "_repair_all")
+    rss_before = resident("VmRSS")
+    reset_peak()
     if profile is not None:
         profile.enable()
     began = time.perf_counter()
@@ -110,12 +116,39 @@ async def one_start(url: str, stream: str, prefix: str, profile: cProfile.Profil
     total = time.perf_counter() - began
     if profile is not None:
         profile.disable()
+    rss_peak, rss_after = resident("VmHWM"), resident("VmRSS")
     phases["live"] = total - sum(phases.values())
     phases["total"] = total
+    phases["rss before"], phases["rss peak"], phases["rss after"] = rss_before, rss_peak, rss_after
     phases["indexed"] = len(store._keys)
     assert store._keys == sorted(store._latest), "the index is sorted"
     await store.close()
     return phases
+
+
+def resident(field: str) -> float:
+    """A memory figure of this process from /proc/self/status (MiB; 0 where there is none)."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return 0.0
+
+
+def reset_peak() -> None:
+    """Make VmHWM the resident size now (Linux 4.0+), so that it is the peak of what follows."""
+    try:
+        with open("/proc/self/clear_refs", "w") as clear_refs:
+            clear_refs.write("5")
+    except OSError:
+        pass
+
+
+def start_in_child(url: str, stream: str, prefix: str) -> dict[str, float]:
+    return asyncio.run(one_start(url, stream, prefix, None))
 
 
 async def prepare(url: str, stream: str, prefix: str, runs: int, behind: int) -> None:
@@ -133,6 +166,7 @@ def main() -> None:
     parser.add_argument("--behind", type=int, default=100, help="runs whose bucket entry is missing (repaired)")
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--profile", type=Path)
+    parser.add_argument("--rss", action="store_true", help="each start in a fresh process; its memory, in MiB")
     args = parser.parse_args()
     binary = nats_server_binary()
     if binary is None:
@@ -146,12 +180,22 @@ def main() -> None:
             asyncio.run(prepare(node.url, stream, prefix, args.runs, args.behind))
             for attempt in range(args.repeat):
                 profile = cProfile.Profile() if args.profile and attempt == args.repeat - 1 else None
-                phases = asyncio.run(one_start(node.url, stream, prefix, profile))
+                if args.rss:
+                    with multiprocessing.get_context("spawn").Pool(1) as pool:
+                        phases = pool.apply(start_in_child, (node.url, stream, prefix))
+                else:
+                    phases = asyncio.run(one_start(node.url, stream, prefix, profile))
                 assert phases["indexed"] == args.runs, phases
+                memory = (
+                    f"; RSS MiB: before {phases['rss before']:.0f}, peak {phases['rss peak']:.0f},"
+                    f" after {phases['rss after']:.0f}"
+                    if args.rss
+                    else ""
+                )
                 print(
                     f"start {attempt + 1}: total {phases['total']:.2f} s = ensure {phases['ensure']:.3f}"
                     f" + keys {phases['keys']:.2f} + repair {phases['repair']:.2f} + live {phases['live']:.3f}"
-                    f" ({int(phases['indexed'])} runs indexed)"
+                    f" ({int(phases['indexed'])} runs indexed){memory}"
                 )
                 if profile is not None:
                     profile.dump_stats(args.profile)
