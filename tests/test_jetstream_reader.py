@@ -606,7 +606,7 @@ def test_start_up_scans_build_the_index_nats_py_builds(
         assert isinstance(store, NatsStore)
         calls: list[str] = []
 
-        async def refuse(_url: Any, stream: str, _consumer: str, _header: Any) -> Any:
+        async def refuse(_url: Any, stream: str, _consumer: str, _header: Any, _each: Any) -> Any:
             calls.append(stream)
             raise ReaderUnavailable("test: no scan")
 
@@ -679,7 +679,117 @@ def test_a_scan_reads_the_last_message_of_every_subject(plain: SecuredNode) -> N
                         await js.publish(f"{store._prefix}.s.{run}", b"x%d" % step, stream=store._stream)
             finally:
                 await nc.close()
-            scanned = await store._scan(store._stream, api.DeliverPolicy.LAST_PER_SUBJECT)
-            assert scanned == [(f"{store._prefix}.s.{run}", 801 + run, None) for run in range(400)]
+            batches: list[list[Any]] = []
+            assert await store._scan(store._stream, api.DeliverPolicy.LAST_PER_SUBJECT, batches.append)
+            assert [entry for batch in batches for entry in batch] == [
+                (f"{store._prefix}.s.{run}", 801 + run, None) for run in range(400)
+            ]
+
+    asyncio.run(main())
+
+
+def test_a_scan_hands_its_messages_over_pull_by_pull_and_keeps_none(
+    plain: SecuredNode, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each batch is at most a pull, comes before the scan ends, and the scan keeps nothing once it is handed on."""
+    monkeypatch.setattr(reader_module, "SCAN_PULL", 50)
+
+    async def main() -> None:
+        async with started(f"{plain.url}?{names()}") as store:
+            nc = await nats.connect([plain.url])
+            try:
+                js = nc.jetstream()
+                for run in range(520):
+                    await js.publish(f"{store._prefix}.s.{run}", b"x", stream=store._stream)
+            finally:
+                await nc.close()
+            wires: list[Any] = []
+            original = reader_module._ScanWire.__init__
+
+            def remember(self: Any, *args: Any) -> None:
+                original(self, *args)
+                wires.append(self)
+
+            monkeypatch.setattr(reader_module._ScanWire, "__init__", remember)
+            sizes: list[int] = []
+
+            def each(batch: list[Any]) -> None:
+                assert wires[0].found == []  # handed on, not kept
+                sizes.append(len(batch))
+
+            assert await store._scan(store._stream, api.DeliverPolicy.ALL, each)
+            assert sum(sizes) == 520
+            assert max(sizes) <= 50
+            assert wires[0].pulls >= 11
+
+    asyncio.run(main())
+
+
+def test_a_scan_that_fails_midway_falls_back_to_the_index_and_repair_a_whole_scan_gives(
+    plain: SecuredNode, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Both scans lose their connection after some batches went into the index (and the runs to repair): nats-py
+    reads it all again; the index and the repair are those of a start whose scans went through, each run once."""
+    monkeypatch.setattr(reader_module, "SCAN_PULL", 257)
+
+    async def main() -> None:
+        url = f"{plain.url}?{names()}"
+        async with started(url):
+            pass  # stream and bucket
+        first = open_store(url)
+        assert isinstance(first, NatsStore)
+        await fill_runs(first, 1500, behind=7)
+
+        original_pull = reader_module._ScanWire._pull
+
+        def lost_at_the_third_pull(self: Any) -> None:
+            if self.pulls == 2:
+                raise ReaderUnavailable("test: connection lost mid-scan")
+            original_pull(self)
+
+        original_scan = NatsStore._scan
+        handed: dict[str, int] = {}
+        results: dict[str, bool] = {}
+
+        async def counted(self: NatsStore, stream: str, deliver: Any, each: Any, *rest: Any) -> bool:
+            def count(batch: list[Any]) -> None:
+                handed[stream] = handed.get(stream, 0) + len(batch)
+                each(batch)
+
+            results[stream] = await original_scan(self, stream, deliver, count, *rest)
+            return results[stream]
+
+        monkeypatch.setattr(reader_module._ScanWire, "_pull", lost_at_the_third_pull)
+        monkeypatch.setattr(NatsStore, "_scan", counted)
+        failing = open_store(url)
+        assert isinstance(failing, NatsStore)
+        with caplog.at_level("INFO", logger="shellinfo_grpc.nats_store"):
+            await failing.start()
+        try:
+            assert results == {failing._latest_stream: False, failing._stream: False}
+            assert handed == {failing._latest_stream: 2 * 257, failing._stream: 2 * 257}  # then lost
+            assert caplog.text.count("start-up scan through nats-py") == 2
+            assert "copied 8 run(s)" in caplog.text  # the last 7 and run 5 (deleted entry), once each
+            assert failing._keys == sorted(set(failing._keys)) == sorted(failing._latest)
+            assert len(failing._keys) == 1500
+            async with jetstream_manager(plain) as jsm:
+                state = (await jsm.stream_info(failing._latest_stream)).state
+            last = state.last_seq
+            assert await failing._latest_feed.reach(last, WAIT)
+            fell_back = (dict(failing._latest), list(failing._keys), failing._latest_feed.position)
+        finally:
+            await failing.close()
+        caplog.clear()
+
+        monkeypatch.setattr(reader_module._ScanWire, "_pull", original_pull)
+        handed.clear()
+        results.clear()
+        with caplog.at_level("INFO", logger="shellinfo_grpc.nats_store"):
+            async with started(url) as whole:
+                assert results == {whole._latest_stream: True, whole._stream: True}
+                assert handed[whole._latest_stream] == state.messages
+                assert "through nats-py" not in caplog.text
+                assert "copied" not in caplog.text  # repaired by the first start
+                assert (dict(whole._latest), list(whole._keys), whole._latest_feed.position) == fell_back
 
     asyncio.run(main())

@@ -48,7 +48,7 @@ from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from operator import itemgetter
-from typing import Any, Final, NamedTuple
+from typing import Any, Final, NamedTuple, TypeAlias
 from urllib.parse import ParseResult
 
 from shellinfo_grpc._gen.shellinfo.v1 import run_update_service_pb2 as _svc
@@ -62,6 +62,7 @@ __all__ = [
     "Endpoint",
     "JetStreamReader",
     "ReaderUnavailable",
+    "Scanned",
     "checked",
     "revision_field",
     "with_revision",
@@ -627,37 +628,59 @@ class _Wire(asyncio.Protocol):
         self._lost(ReaderUnavailable(reason))
 
 
+#: What a scan gives of a message: its subject, its stream sequence and the value of one header.
+Scanned: TypeAlias = tuple[str, int, bytes | None]
+
+
 class _ScanWire(_Wire):
     """A connection that reads one headers-only pull consumer until it has no more messages.
 
     What it keeps of each message: its subject, its stream sequence and the
-    value of one header (``header``; none if ``None``). Pulls of
-    :data:`SCAN_PULL` messages, one after the other; the scan ends when a
-    pull's message says nothing is pending after it, or a pull ends with
-    ``404 No Messages`` (or ``408``): the consumer has delivered every message
-    there was.
+    value of one header (``header``; none if ``None``), only until
+    :meth:`scan` hands it on. Pulls of :data:`SCAN_PULL` messages, one after
+    the other, the next one asked for by :meth:`scan` when it takes the
+    messages of the last one: what is kept here is never more than a pull.
+    The scan ends when a pull's message says nothing is pending after it, or
+    a pull ends with ``404 No Messages`` (or ``408``): the consumer has
+    delivered every message there was.
     """
 
     def __init__(self, endpoint: Endpoint, consumer_subject: str, header: bytes | None) -> None:
         super().__init__(endpoint, "")
         self.next_subject = consumer_subject
         self.header = header
-        self.found: list[tuple[str, int, bytes | None]] = []
+        self.found: list[Scanned] = []  # since the last batch handed on
         self.pulls = 0
         self.batch = 0  # messages the pull in flight asked for
         self.in_pull = 0  # messages it has delivered
         self.pending = -1  # what the last message said is pending after it
         self.finished = False
+        self.pull_due = False  # the pull in flight is complete and more is pending: scan() asks for the next
         self.news = 0
         self.waiter: asyncio.Future[None] | None = None
 
-    async def scan(self, timeout: float) -> list[tuple[str, int, bytes | None]]:
-        """Every message's ``(subject, stream sequence, header value)``, in stream order."""
+    async def scan(self, timeout: float, each: Callable[[list[Scanned]], None]) -> None:
+        """Hand every message's ``(subject, stream sequence, header value)`` to ``each``, in stream order.
+
+        In batches, as they arrive: each batch is what was parsed since the
+        last one (at most one pull, in practice a few socket reads), and is
+        not kept here once handed on. The next pull is asked for when the
+        messages of the last one are taken, before they are handed on, so
+        the server sends it while ``each`` works.
+        """
         self._write(b"SUB %s.* 1\r\n" % self.prefix.encode())
         self._pull()
-        while not self.finished:
+        while True:
+            batch, self.found = self.found, []
+            if self.pull_due:
+                self.pull_due = False
+                self._next_pull()
+            if batch:
+                each(batch)
             if self.error is not None:
                 raise self.error
+            if self.finished:
+                return
             self.waiter = asyncio.get_running_loop().create_future()
             before = self.news
             try:
@@ -667,9 +690,6 @@ class _ScanWire(_Wire):
                     raise ReaderUnavailable(f"no message within {timeout:g} s of a scan") from None
             finally:
                 self.waiter = None
-        if self.error is not None:
-            raise self.error
-        return self.found
 
     def _pull(self) -> None:
         self.pulls += 1
@@ -739,7 +759,7 @@ class _ScanWire(_Wire):
             if self.pending == 0:
                 self.finished = True
             else:
-                self._next_pull()
+                self.pull_due = True
         self._wake()
 
     def _next_pull(self) -> None:
@@ -749,13 +769,11 @@ class _ScanWire(_Wire):
             self._lost(exc)
 
     def _status(self, subject: bytes, line: bytes) -> None:
-        if not subject.endswith(b".%d" % self.pulls) or self.finished:
-            return  # news of a pull whose messages all came: the next one is out
+        if not subject.endswith(b".%d" % self.pulls) or self.finished or self.in_pull >= self.batch:
+            return  # news of a pull whose messages all came: the next one is out, or about to be
         code = line[9:12]
         if code in (b"404", b"408"):
             self.finished = True  # the consumer has no more messages
-        elif self.in_pull >= self.batch and code == b"409" and b"Batch Completed" in line:
-            return
         else:
             raise ReaderUnavailable(f"a scan's pull ended with {line.decode(errors='replace')!r}")
 
@@ -837,14 +855,21 @@ class JetStreamReader:
         return out
 
     async def scan(
-        self, url: ParseResult, stream: str, consumer: str, header: bytes | None
-    ) -> list[tuple[str, int, bytes | None]]:
-        """Every message a headers-only pull consumer (no acks) of ``stream`` delivers, until it has no more.
+        self,
+        url: ParseResult,
+        stream: str,
+        consumer: str,
+        header: bytes | None,
+        each: Callable[[list[Scanned]], None],
+    ) -> None:
+        """Hand ``each`` what a headers-only pull consumer (no acks) of ``stream`` delivers, until it has no more.
 
         ``(subject, stream sequence, value of header)`` each, in stream
-        order, read on a connection of its own that is closed at the end.
-        Raises :class:`ReaderUnavailable` when the scan cannot be done
-        (nothing is returned then).
+        order, in batches as they arrive (see :meth:`_ScanWire.scan`), read
+        on a connection of its own that is closed at the end. Memory: a
+        batch or two, never the whole stream. Raises
+        :class:`ReaderUnavailable` when the scan cannot be done or finished:
+        ``each`` may have had some batches by then.
         """
         endpoint = Endpoint.of(url, self._tls)
         wire = _ScanWire(endpoint, f"$JS.API.CONSUMER.MSG.NEXT.{stream}.{consumer}", header)
@@ -853,7 +878,7 @@ class JetStreamReader:
                 await wire.connect(self._timeout)
             except (OSError, TimeoutError, ssl.SSLError) as exc:
                 raise ReaderUnavailable(f"cannot connect to {endpoint.host}:{endpoint.port}: {exc!r}") from None
-            return await wire.scan(self._timeout)
+            await wire.scan(self._timeout, each)
         finally:
             wire.abort("the scan is over")
 

@@ -65,6 +65,7 @@ import asyncio
 import base64
 import bisect
 import contextlib
+import itertools
 import json
 import logging
 import os
@@ -88,7 +89,14 @@ from shellinfo_grpc._gen.shellinfo.v1 import run_update_service_pb2 as _svc
 from shellinfo_grpc.errors import ConfigurationError, HistoryExpired, RunRejected, StoreUnavailable
 from shellinfo_grpc.rules import compile_filter
 from shellinfo_grpc.stores import Item, PublishOutcome, Retention, Store, decide, new_update, now_usecs
-from shellinfo_grpc.stores._jetstream_reader import Chunk, JetStreamReader, ReaderUnavailable, checked, with_revision
+from shellinfo_grpc.stores._jetstream_reader import (
+    Chunk,
+    JetStreamReader,
+    ReaderUnavailable,
+    Scanned,
+    checked,
+    with_revision,
+)
 
 __all__ = ["PAUSE_HOOK_ENV", "NatsStore"]
 
@@ -602,19 +610,28 @@ class NatsStore(Store):
         starts right after the newest message the scan saw, or after the
         bucket's last sequence as it was before the scan if that is newer:
         every message up to there that still existed was scanned, so no key is
-        missed, and none is counted twice. When the reader cannot scan, the
-        key feed itself starts from the bucket's first message and is waited
-        for.
+        missed, and none is counted twice. The scan's batches go into the index
+        as they arrive. When the reader cannot scan, or stops midway, the key
+        feed itself starts from the bucket's first message and is waited for:
+        what a failed scan put into the index is then delivered again, and
+        :meth:`_note_latest` takes a key's message once (by its bucket
+        sequence), so the index ends as if nats-py had read it all.
         """
         last = (await self._jsm.stream_info(self._latest_stream)).state.last_seq
         self._keys_loading = True
-        scanned = await self._scan(self._latest_stream, api.DeliverPolicy.ALL, _REVISION_HEADER) if last else []
-        if scanned is not None:
-            for subject, seq, revision in scanned:
-                key = _run_key(*subject.rsplit(".", 2)[-2:])
+        newest = 0  # the newest message the scan saw
+
+        def load(batch: list[Scanned]) -> None:
+            nonlocal newest
+            note, run_key = self._note_latest, _run_key
+            for subject, seq, revision in batch:
+                key = run_key(*subject.rsplit(".", 2)[-2:])
                 if key is not None and revision is not None and revision.isdigit():
-                    self._note_latest(key, int(revision), seq)
-            position = max(last, scanned[-1][1] if scanned else 0)
+                    note(key, int(revision), seq)
+            newest = batch[-1][1]  # batches come in stream order
+
+        if not last or await self._scan(self._latest_stream, api.DeliverPolicy.ALL, load, _REVISION_HEADER):
+            position = max(last, newest)
             self._latest_feed.advance(position)
             deliver = {
                 "deliver_policy": api.DeliverPolicy.BY_START_SEQUENCE,
@@ -642,20 +659,29 @@ class NatsStore(Store):
         self._keys_live = True
 
     async def _scan(
-        self, stream: str, deliver: api.DeliverPolicy, header: str | None = None
-    ) -> list[tuple[str, int, bytes | None]] | None:
-        """``(subject, stream sequence, value of header)`` of each message of ``stream`` that ``deliver`` selects.
+        self,
+        stream: str,
+        deliver: api.DeliverPolicy,
+        each: Callable[[list[Scanned]], None],
+        header: str | None = None,
+    ) -> bool:
+        """Hand ``each`` the (subject, stream sequence, value of header) of what ``deliver`` selects in ``stream``.
 
-        Through the history reader's :meth:`~JetStreamReader.scan` on an
-        ephemeral pull consumer (no acks, in memory), which costs about a
-        microsecond a message where nats-py costs tens. ``None`` when the
-        reader cannot do it (its connection options, a protocol surprise, a
-        connection lost): the caller reads through nats-py then.
+        In stream order, in batches as they arrive (at most a pull of
+        :data:`~shellinfo_grpc.stores._jetstream_reader.SCAN_PULL` messages
+        each), so that memory holds a batch, never the stream. Through the
+        history reader's :meth:`~JetStreamReader.scan` on an ephemeral pull
+        consumer (no acks, in memory), which costs about a microsecond a
+        message where nats-py costs tens. ``False`` when the reader cannot do
+        it (its connection options, a protocol surprise, a connection lost),
+        maybe after ``each`` had some batches: the caller reads everything
+        through nats-py then, so what it does with a message must give the
+        same result when done twice.
         """
         reader = self._reader
         url = self._nc.connected_url if self._nc is not None else None
         if reader is None or url is None or reader.paused:
-            return None
+            return False
         subjects = f"{self._prefix}.>" if stream == self._stream else f"{self._latest_prefix}.>"
         config = api.ConsumerConfig(
             deliver_policy=deliver,
@@ -668,12 +694,14 @@ class NatsStore(Store):
         )
         consumer = str((await self._jsm.add_consumer(stream, config)).name)
         try:
-            return await reader.scan(url, stream, consumer, header.encode() if header is not None else None)
+            await reader.scan(url, stream, consumer, header.encode() if header is not None else None, each)
         except ReaderUnavailable as exc:
             reader.failed(exc)
             self._say_reader(str(exc))
             _log.info("stream %s: start-up scan through nats-py (%s)", stream, exc)
-            return None
+            return False
+        else:
+            return True
         finally:
             with contextlib.suppress(*_UNREACHABLE, nats.js.errors.Error):
                 await self._jsm.delete_consumer(stream, consumer)
@@ -856,22 +884,34 @@ class NatsStore(Store):
         return expected, latest, bucket_seq
 
     async def _repair_all(self) -> int:
-        """Copy into the bucket every run whose last message in the history is newer than its entry."""
+        """Copy into the bucket every run whose last message in the history is newer than its entry.
+
+        The runs to copy are found first (a scan of the last message of every
+        run, checked batch by batch as it arrives; nats-py when the reader
+        cannot scan, or stops midway), then copied. Found by run, the last
+        look winning: a scan that failed midway and the nats-py read after it
+        find each run once.
+        """
         state = (await self._jsm.stream_info(self._stream)).state
         if not state.messages:
             return 0
-        behind: list[tuple[tuple[str, int], int]] = []
+        behind: dict[tuple[str, int], int] = {}  # run -> sequence of its last message in the history
+        latest, run_key = self._latest, _run_key
 
         def check(subject: str, seq: int) -> None:
-            key = _run_key(*subject.rsplit(".", 2)[-2:])
-            if key is not None and self._latest.get(key, (0, 0))[0] < seq:
-                behind.append((key, seq))
+            key = run_key(*subject.rsplit(".", 2)[-2:])
+            if key is None:
+                return
+            if latest.get(key, (0, 0))[0] < seq:
+                behind[key] = seq
+            elif behind:
+                behind.pop(key, None)  # caught up since an earlier look (a scan that failed midway)
 
-        scanned = await self._scan(self._stream, api.DeliverPolicy.LAST_PER_SUBJECT)
-        if scanned is not None:
-            for subject, seq, _ in scanned:
+        def check_batch(batch: list[Scanned]) -> None:
+            for subject, seq, _ in batch:
                 check(subject, seq)
-        else:
+
+        if not await self._scan(self._stream, api.DeliverPolicy.LAST_PER_SUBJECT, check_batch):
             await self._consume(
                 self._stream,
                 api.DeliverPolicy.LAST_PER_SUBJECT,
@@ -888,8 +928,9 @@ class NatsStore(Store):
             return True
 
         repaired = 0
-        for start in range(0, len(behind), 64):  # 64 at a time: an upgrade copies every run
-            repaired += sum(await asyncio.gather(*(repair(key, seq) for key, seq in behind[start : start + 64])))
+        runs = iter(behind.items())
+        while some := list(itertools.islice(runs, 64)):  # 64 at a time: an upgrade copies every run
+            repaired += sum(await asyncio.gather(*(repair(key, seq) for key, seq in some)))
         return repaired
 
     # --- writing -----------------------------------------------------------------
