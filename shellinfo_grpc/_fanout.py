@@ -270,6 +270,7 @@ class Hub:
         count = sum(chunk[1] for chunk in chunks)
         size = sum(len(chunk[0]) for chunk in chunks)
         one = chunks[0] if len(chunks) == 1 else None
+        full_n, full_bytes = self._max_updates, self._max_bytes  # a paced watch with a full response goes now
         for watcher in shape.watchers:
             if watcher.overflow:
                 continue
@@ -286,7 +287,9 @@ class Hub:
             watcher.queued += count
             watcher.queued_bytes += size
             waiter = watcher.waiter
-            if waiter is not None and not watcher.held:
+            if waiter is not None and (
+                not watcher.held or watcher.queued >= full_n or watcher.queued_bytes >= full_bytes
+            ):
                 watcher.waiter = None
                 if not waiter.done():
                     waiter.set_result(None)

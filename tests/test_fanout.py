@@ -254,7 +254,7 @@ def test_the_pace_grows_with_the_number_of_watches_up_to_its_bound(watchers: int
 
 def test_a_paced_watch_sends_an_update_at_once_then_joins_what_comes_within_its_pace() -> None:
     """An update that finds the watch idle goes out at once; what follows within the pace waits for
-    the watch's slot and goes in one response; a full response never waits."""
+    the watch's slot and goes in one response; a full response never waits, held or not."""
     pace = 0.2
 
     async def body() -> None:
@@ -290,6 +290,16 @@ def test_a_paced_watch_sends_an_update_at_once_then_joins_what_comes_within_its_
         sources, waited = await next_response()
         assert sources == ["c", "d", "e"]
         assert waited < pace / 2
+        # Held with one update, the watch goes as soon as its response is full.
+        sent = time.monotonic()
+        reading = asyncio.ensure_future(next_response())
+        await store.publish_batch([("f", next(runs))])
+        await asyncio.sleep(0.02)
+        assert not reading.done()  # paced: f waits for the slot
+        await store.publish_batch([("g", next(runs)), ("h", next(runs))])
+        sources, _ = await reading
+        assert sources == ["f", "g", "h"]
+        assert time.monotonic() - sent < pace / 2
         await stream.aclose()
         hub.close()
 
