@@ -808,10 +808,14 @@ def test_sqlite_refuses_to_write_after_another_writer(tmp_path: Path) -> None:
         await publish_ok(store, "a", shell(1))
         with contextlib.closing(sqlite3.connect(path, isolation_level=None)) as conn:
             conn.execute("UPDATE meta SET value = 5 WHERE key = 'head'")
+        store._probe_interval = 0.05
         with pytest.raises(StoreUnavailable, match="another process wrote revision 5"):
             await store.publish("a", shell(2))
         assert "another process wrote revision 5" in store.unwritable
         assert await store.get("a", 2) is None
+        # The store's write probe runs into the same check: it never calls this file writable.
+        await asyncio.sleep(0.5)
+        assert "another process wrote revision 5" in store.unwritable
 
     sqlite_run(path, body)
 

@@ -453,7 +453,7 @@ class SqliteStore(Store):
         return head, oldest
 
     async def _probe(self) -> None:
-        """While writes fail: every ``_probe_interval`` s, one write of the head row; writable again if it commits."""
+        """While writes fail: every ``_probe_interval`` s, a write as large as the failed one, until one commits."""
         loop = asyncio.get_running_loop()
         try:
             while self.unwritable and not self._closing:
@@ -471,10 +471,17 @@ class SqliteStore(Store):
             self._prober = None
 
     def _write_probe(self, size: int) -> None:
-        """Writer thread: commit a ``meta`` row of ``size`` bytes, then delete it (its own transactions)."""
+        """Writer thread: commit a ``meta`` row of ``size`` bytes, then delete it (its own transactions).
+
+        Like a commit, it fails while another process has written the file
+        (the head there is not this store's): that is no state to call writable.
+        """
         conn = self._wconn
         if conn is None:
             raise StoreUnavailable(f"store {self._path} is closed")
+        (stored_head,) = conn.execute("SELECT value FROM meta WHERE key = 'head'").fetchone()
+        if stored_head != self._w_head:
+            raise StoreUnavailable(f"store {self._path}: another process wrote revision {stored_head}")
         _write(conn, "INSERT OR REPLACE INTO meta (key, value) VALUES ('probe', zeroblob(?))", size)
         _write(conn, "DELETE FROM meta WHERE key = 'probe'")
 
