@@ -525,6 +525,38 @@ def test_with_an_age_limit_every_call_checks_the_oldest_revision(plain: SecuredN
     asyncio.run(main())
 
 
+@pytest.mark.parametrize("path", ["reader", "nats-py", "warm-up"])
+def test_a_deleted_message_at_the_end_of_a_range_ends_the_read_at_once(plain: SecuredNode, path: str) -> None:
+    """The consumer skips the deleted message at ``end`` to a newer one: the range is done, nothing is waited for."""
+
+    async def main() -> None:
+        async with started(f"{plain.url}?{names()}&timeout=2") as store:
+            await fill(store, 20)
+            async with jetstream_manager(plain) as jsm:
+                await jsm.delete_msg(store._stream, 10)
+            spy = Spy(store)
+            reader = store._reader
+            if path == "nats-py":
+                store._reader = None
+            began = time.monotonic()
+            try:
+                if path == "warm-up":
+                    got = await store._read_all(1, 10)
+                else:
+                    got = await store.history_wire(1, 10, 100)
+                    assert await store.history_wire(10, 10, 100) == []
+                    assert [r for r, _ in await store.history_wire(8, 10, 100)] == [8, 9]
+                    assert [r for r, _ in await store.history_wire(5, 10, 3)] == [5, 6, 7]
+            finally:
+                store._reader = reader
+            assert time.monotonic() - began < 1.5, "the read waited for the deleted message"
+            assert [r for r, _ in got] == list(range(1, 10))
+            if path != "nats-py":
+                assert spy.pulls == 0, "the reader fell back"
+
+    asyncio.run(main())
+
+
 def test_a_peer_that_does_not_speak_nats_turns_the_reader_off() -> None:
     async def main() -> None:
         async def greet(_reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:

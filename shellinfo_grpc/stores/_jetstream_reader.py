@@ -207,7 +207,8 @@ class Chunk(NamedTuple):
     gaps: list[int]
     #: The sequences of messages that are not RunUpdates (left out of ``records``).
     foreign: list[int]
-    #: Where the next read starts: after the newest message handed out (``start`` if none was).
+    #: Where the next read starts: after the newest message handed out (``start`` if none was), or
+    #: after ``end`` when the consumer delivered a newer message (those up to ``end`` were deleted).
     next: int
 
 
@@ -364,9 +365,13 @@ class _Cursor:
         gaps: list[int] = []
         if out:
             self.next = out[-1][0] + 1
-            if self.gaps and self.gaps[0] < self.next:
-                cut = bisect.bisect_left(self.gaps, self.next)
-                gaps, self.gaps = self.gaps[:cut], self.gaps[cut:]
+        if self.last > end and len(out) < limit and self.next <= end:
+            # The consumer went past `end` (the messages up to it were deleted): the range is done.
+            # What it skipped up to `end` is a gap, checked by the caller (deleted, or trimmed).
+            self.next = end + 1
+        if self.gaps and self.gaps[0] < self.next:
+            cut = bisect.bisect_left(self.gaps, self.next)
+            gaps, self.gaps = self.gaps[:cut], self.gaps[cut:]
         self.pump()  # read ahead while the caller sends these
         records, foreign = checked(out)
         return Chunk(records, gaps, foreign, self.next)

@@ -1232,7 +1232,11 @@ class NatsStore(Store):
 
         async def pull(position: int, count: int) -> Chunk:
             messages = await self._pull(position, min(_BATCH, count, end - position + 1))
-            return _chunk(position, [m for m in messages if m[0] <= end])
+            chunk = _chunk(position, [m for m in messages if m[0] <= end])
+            if messages and messages[-1][0] > end and chunk.next <= end:
+                # Past `end` (as the reader's cursor): the range is done, what was skipped up to it a gap.
+                chunk = chunk._replace(gaps=[*chunk.gaps, chunk.next], next=end + 1)
+            return chunk
 
         fetches.append(pull)
         return fetches
