@@ -557,6 +557,31 @@ def test_a_deleted_message_at_the_end_of_a_range_ends_the_read_at_once(plain: Se
     asyncio.run(main())
 
 
+@pytest.mark.parametrize("path", ["reader", "nats-py"])
+def test_a_deleted_tail_of_the_stream_ends_the_read_at_once(plain: SecuredNode, path: str) -> None:
+    """The newest messages were deleted and nothing came after them: the range holds nothing more."""
+
+    async def main() -> None:
+        async with started(f"{plain.url}?{names()}&timeout=2") as store:
+            head = await fill(store, 20)
+            async with jetstream_manager(plain) as jsm:
+                for seq in (19, 20):
+                    await jsm.delete_msg(store._stream, seq)
+            reader = store._reader
+            if path == "nats-py":
+                store._reader = None
+            began = time.monotonic()
+            try:
+                got = await store.history_wire(15, head, 100)
+                assert await store.history_wire(19, head, 100) == []
+            finally:
+                store._reader = reader
+            assert time.monotonic() - began < 1.5, "the read waited for the deleted messages"
+            assert [r for r, _ in got] == [15, 16, 17, 18]
+
+    asyncio.run(main())
+
+
 def test_a_peer_that_does_not_speak_nats_turns_the_reader_off() -> None:
     async def main() -> None:
         async def greet(_reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:

@@ -1252,7 +1252,8 @@ class NatsStore(Store):
         read fails with :class:`HistoryExpired` rather than skip updates
         silently. When JetStream returns nothing, the oldest and newest
         revisions are checked again: a trimmed or shortened history is not
-        waited for.
+        waited for, nor a stretch up to ``end`` whose messages were all
+        deleted (the stream's leader is asked for the next message).
         """
         out: list[tuple[int, bytes]] = []
         position = start
@@ -1268,7 +1269,7 @@ class NatsStore(Store):
                 if position < oldest:
                     raise HistoryExpired(position, oldest)
                 end = min(end, last)
-                if position > end:
+                if position > end or await self._none_in(position, end):
                     break
                 # Never report a gap as the end: JetStream said it has up to `end`.
                 empty += 1
@@ -1279,6 +1280,17 @@ class NatsStore(Store):
             out += chunk.records
             position = chunk.next
         return out
+
+    async def _none_in(self, start: int, end: int) -> bool:
+        """Whether the history holds no message in ``[start, end]`` (``start`` not below the oldest: they were deleted).
+
+        Asked of the stream's leader (not a direct get, which a lagging replica may answer).
+        """
+        try:
+            msg = await self._jsm.get_msg(self._stream, seq=start, subject=f"{self._prefix}.>", next=True)
+        except nats.js.errors.NotFoundError:
+            return True
+        return int(msg.seq) > end
 
     async def _check_gap(self, missing: int) -> None:
         """Sequence ``missing`` was not delivered: fine if it was deleted, HistoryExpired if trimmed."""
