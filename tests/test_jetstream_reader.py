@@ -501,11 +501,38 @@ def test_history_trimmed_between_the_check_and_the_read_is_history_expired(plain
             assert [r for r, _ in await store.history_wire(51, head, 100)] == list(range(51, 151))
             assert checks == [0]
             # The cursor's next pull starts at 195, trimmed: the consumer skips to 251, and
-            # that gap is checked (one check), not taken for a deletion.
+            # that gap is checked (one check), not taken for a deletion, and the cursor dropped.
             with pytest.raises(HistoryExpired) as caught:
-                await store.history_wire(151, head, 100)
+                await store.history_wire(151, head, 60)  # kept: the next starts at 267
             assert checks == [1]
             assert (caught.value.requested, caught.value.oldest_revision) == (195, 251)
+            assert store._reader is not None
+            assert not store._reader._cursors, "the cursor that met the trim is kept"
+
+    asyncio.run(main())
+
+
+def test_an_idle_cursor_is_dropped_and_a_later_call_checks_the_oldest_revision(
+    plain: SecuredNode, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An abandoned catch-up's cursor (and what it read ahead) is not served after retention trimmed past it."""
+    monkeypatch.setattr(reader_module, "IDLE", 0.3)
+
+    async def main() -> None:
+        async with started(f"{plain.url}?{names()}", retention=Retention(300)) as store:
+            head = await fill(store, 300)
+            assert [r for r, _ in await store.history_wire(1, head, 50)] == list(range(1, 51))
+            assert store._reader is not None
+            assert store._reader.continues(51)
+            for index in range(400):  # retention trims 1..400
+                await store.publish("src", pb.ProtectionShellInfo(job_run_id=1000 + index, status=1))
+            await asyncio.sleep(0.5)
+            checks = count_oldest_checks(store)
+            with pytest.raises(HistoryExpired) as caught:
+                await store.history_wire(51, head, 100)
+            assert checks == [1]
+            assert (caught.value.requested, caught.value.oldest_revision) == (51, 401)
+            assert not store._reader._cursors
 
     asyncio.run(main())
 

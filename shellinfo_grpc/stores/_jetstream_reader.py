@@ -16,9 +16,9 @@ checked to be RunUpdates in one parse (a :class:`Chunk` says which were not).
 
 A **cursor** is one pull consumer reading forward from a position. A
 catch-up reads the history in consecutive calls, so a cursor is kept, keyed
-by the position its next call starts from (at most :data:`KEPT` of them; the
-consumers of dropped ones are deleted, and have an inactivity threshold in
-case the delete is lost). A cursor asks for the next pull as soon as the
+by the position its next call starts from (at most :data:`KEPT` of them, each
+unread for at most :data:`IDLE` seconds; the consumers of dropped ones are
+deleted, and have an inactivity threshold in case the delete is lost). A cursor asks for the next pull as soon as the
 previous one has arrived, while its caller is still sending what it got: up
 to two pulls of at most :data:`PULL_MESSAGES` messages or :data:`PULL_BYTES`
 bytes each are held.
@@ -54,6 +54,7 @@ from urllib.parse import ParseResult
 from shellinfo_grpc._gen.shellinfo.v1 import run_update_service_pb2 as _svc
 
 __all__ = [
+    "IDLE",
     "KEPT",
     "PULL_BYTES",
     "PULL_MESSAGES",
@@ -77,6 +78,9 @@ PULL_BYTES: Final = 8 << 20
 SCAN_PULL: Final = 32_768
 #: Cursors kept between calls (the oldest is dropped).
 KEPT: Final = 8
+#: Seconds a kept cursor may go unread before it is dropped: an abandoned catch-up's read-ahead
+#: is not served to a later call (well under its consumer's inactivity threshold of 30 s or more).
+IDLE: Final = 5.0
 #: How long the reader is not tried again after the server refused it (seconds).
 _REFUSED_PAUSE: Final = 60.0
 
@@ -283,6 +287,7 @@ class _Cursor:
         self.error: ReaderUnavailable | None = None
         self.waiter: asyncio.Future[None] | None = None
         self.news = 0  # messages or statuses seen: progress, for the timeout
+        self.used = time.monotonic()  # when it was last read: a cursor idle for IDLE seconds is dropped
 
     def wake(self) -> None:
         self.news += 1
@@ -373,6 +378,7 @@ class _Cursor:
             cut = bisect.bisect_left(self.gaps, self.next)
             gaps, self.gaps = self.gaps[:cut], self.gaps[cut:]
         self.pump()  # read ahead while the caller sends these
+        self.used = time.monotonic()
         records, foreign = checked(out)
         return Chunk(records, gaps, foreign, self.next)
 
@@ -824,6 +830,7 @@ class JetStreamReader:
 
     def continues(self, start: int) -> bool:
         """Whether a read from ``start`` continues a cursor (a catch-up's next call)."""
+        self._drop_idle()
         cursor = self._cursors.get(start)
         return cursor is not None and cursor.error is None and cursor.wire is self._wire
 
@@ -837,6 +844,7 @@ class JetStreamReader:
         of it is returned then.
         """
         wire = await self._connected(Endpoint.of(url, self._tls))
+        self._drop_idle()
         cursor = self._cursors.pop(start, None)
         if cursor is not None and cursor.wire is not wire:
             cursor = None
@@ -858,6 +866,21 @@ class JetStreamReader:
                 _, oldest = self._cursors.popitem(last=False)
                 oldest.wire.drop(oldest)
         return out
+
+    def discard(self, start: int) -> None:
+        """Drop the cursor kept for a read from ``start``, if any (what it read ahead is not to be served)."""
+        cursor = self._cursors.pop(start, None)
+        if cursor is not None:
+            cursor.wire.drop(cursor)
+
+    def _drop_idle(self) -> None:
+        """Drop the cursors unread for :data:`IDLE` seconds (kept in the order of their last reads)."""
+        since = time.monotonic() - IDLE
+        while self._cursors:
+            start, cursor = next(iter(self._cursors.items()))
+            if cursor.used >= since:
+                return
+            self.discard(start)
 
     async def scan(
         self,

@@ -1211,7 +1211,7 @@ class NatsStore(Store):
         *through_reader, pull = self._fetches(end)
         for read in through_reader:
             try:
-                return await self._read_history(start, end, limit, read)
+                return await self._read_history(start, end, limit, read, reader.discard if reader else None)
             except ReaderUnavailable as exc:
                 if reader is not None:
                     reader.failed(exc)
@@ -1242,7 +1242,12 @@ class NatsStore(Store):
         return fetches
 
     async def _read_history(
-        self, start: int, end: int, limit: int, fetch: Callable[[int, int], Awaitable[Chunk]]
+        self,
+        start: int,
+        end: int,
+        limit: int,
+        fetch: Callable[[int, int], Awaitable[Chunk]],
+        discard: Callable[[int], None] | None = None,
     ) -> list[tuple[int, bytes]]:
         """What :meth:`_history_wire` returns, from ``fetch(position, at most)`` calls.
 
@@ -1254,14 +1259,21 @@ class NatsStore(Store):
         revisions are checked again: a trimmed or shortened history is not
         waited for, nor a stretch up to ``end`` whose messages were all
         deleted (the stream's leader is asked for the next message).
+        ``discard(next)`` is called when a gap was trimmed: the reader drops
+        the cursor it keeps for ``next``, whose read-ahead may be stale.
         """
         out: list[tuple[int, bytes]] = []
         position = start
         empty = 0
         while position <= end and len(out) < limit:
             chunk = await fetch(position, limit - len(out))
-            for missing in chunk.gaps:
-                await self._check_gap(missing)
+            try:
+                for missing in chunk.gaps:
+                    await self._check_gap(missing)
+            except HistoryExpired:
+                if discard is not None:
+                    discard(chunk.next)
+                raise
             for seq in chunk.foreign:
                 _log.warning("stream %s: message %d is not a RunUpdate; skipped", self._stream, seq)
             if chunk.next <= position:
