@@ -609,6 +609,31 @@ def test_a_deleted_tail_of_the_stream_ends_the_read_at_once(plain: SecuredNode, 
     asyncio.run(main())
 
 
+def test_a_closed_reader_stays_closed(plain: SecuredNode) -> None:
+    """After close(), a read (or a scan) raises, lastingly, and opens no connection again."""
+
+    async def main() -> None:
+        async with started(f"{plain.url}?{names()}") as store:
+            head = await fill(store, 30)
+            reader, url = store._reader, urlparse(plain.url)
+            assert reader is not None
+            assert len((await reader.read(url, 1, head, 10)).records) == 10
+            reader.close()
+            assert reader.paused
+            with pytest.raises(ReaderUnavailable) as caught:
+                await reader.read(url, 11, head, 10)
+            assert caught.value.lasting
+            with pytest.raises(ReaderUnavailable):
+                await reader.scan(url, store._stream, "none", None, lambda _batch: None)
+            assert reader._wire is None
+            reader.failed(caught.value)  # what the store does next: it stays closed
+            with pytest.raises(ReaderUnavailable):
+                await reader.read(url, 11, head, 10)
+            assert reader._wire is None
+
+    asyncio.run(main())
+
+
 def test_a_peer_that_does_not_speak_nats_turns_the_reader_off() -> None:
     async def main() -> None:
         async def greet(_reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:

@@ -813,11 +813,12 @@ class JetStreamReader:
         self._opening = asyncio.Lock()
         self._cursors: OrderedDict[int, _Cursor] = OrderedDict()  # by the position their next read starts at
         self._paused_until = 0.0
+        self._closed = False  # by close(): no read opens a connection again
 
     @property
     def paused(self) -> bool:
-        """Whether the reader is not to be tried now (after it was refused, or for good)."""
-        return time.monotonic() < self._paused_until
+        """Whether the reader is not to be tried now (after it was refused, or for good, or closed)."""
+        return self._closed or time.monotonic() < self._paused_until
 
     def failed(self, error: ReaderUnavailable) -> None:
         """Note a failure: pause if the error says so; close the connection unless only a cursor failed."""
@@ -826,7 +827,7 @@ class JetStreamReader:
         elif error.pause:
             self._paused_until = time.monotonic() + error.pause
         if error.lasting or error.pause or self._wire is None or not self._wire.open:
-            self.close()
+            self._reset()
 
     def continues(self, start: int) -> bool:
         """Whether a read from ``start`` continues a cursor (a catch-up's next call)."""
@@ -899,6 +900,8 @@ class JetStreamReader:
         :class:`ReaderUnavailable` when the scan cannot be done or finished:
         ``each`` may have had some batches by then.
         """
+        if self._closed:
+            raise ReaderUnavailable("the reader is closed", lasting=True)
         endpoint = Endpoint.of(url, self._tls)
         wire = _ScanWire(endpoint, f"$JS.API.CONSUMER.MSG.NEXT.{stream}.{consumer}", header)
         try:
@@ -912,10 +915,12 @@ class JetStreamReader:
 
     async def _connected(self, endpoint: Endpoint) -> _Wire:
         async with self._opening:
+            if self._closed:
+                raise ReaderUnavailable("the reader is closed", lasting=True)
             wire = self._wire
             if wire is not None and wire.open and wire.endpoint == endpoint:
                 return wire
-            self.close()
+            self._reset()
             wire = _Wire(endpoint, self._stream)
             try:
                 await wire.connect(self._timeout)
@@ -925,11 +930,19 @@ class JetStreamReader:
             except BaseException:
                 wire.abort("the handshake failed")
                 raise
+            if self._closed:  # while the handshake went on
+                wire.abort("the reader is closed")
+                raise ReaderUnavailable("the reader is closed", lasting=True)
             self._wire = wire
             return wire
 
     def close(self) -> None:
-        """Drop every cursor (their consumers deleted) and close the connection."""
+        """Drop every cursor (their consumers deleted) and close the connection, for good."""
+        self._closed = True
+        self._reset()
+
+    def _reset(self) -> None:
+        """Drop every cursor (their consumers deleted) and close the connection: the next read opens another."""
         cursors, self._cursors = list(self._cursors.values()), OrderedDict()
         for cursor in cursors:
             cursor.wire.drop(cursor)
