@@ -239,6 +239,30 @@ def test_the_parser_appends_the_revision_and_notes_gaps_across_split_reads(step:
     assert cursor.gaps == [a + 1 for a, b in itertools.pairwise(_BOUNDARIES) if b != a + 1]
 
 
+@pytest.mark.parametrize("code", [b"404 No Messages", b"408 Request Timeout"])
+def test_a_no_messages_status_ends_the_pull_in_flight_without_failing(code: bytes) -> None:
+    """Older nats-servers end a no-wait pull with 408 where newer ones say 404: both mean no more for now."""
+    wire = reader_module._Wire(reader_module.Endpoint("h", 1, None, None, None, False), "S")
+    wire.open = True
+    cursor = reader_module._Cursor(wire, "c", 1, 1, 100)
+    wire.cursors[1] = cursor
+    cursor.pulls, cursor.target = 1, 10  # a pull of 10 in flight (there is no server to ask)
+    frames = []
+    for seq in (1, 2):
+        payload = svc.RunUpdate(source="s", run=pb.ProtectionShellInfo(job_run_id=seq)).SerializeToString()
+        headers = b"NATS/1.0\r\n\r\n"
+        reply = f"$JS.ACK.S.c.1.{seq}.{seq}.1700000000000000000.0".encode()
+        frames.append(
+            b"HMSG test.x 1 %s %d %d\r\n%s%s\r\n" % (reply, len(headers), len(headers) + len(payload), headers, payload)
+        )
+    status = b"NATS/1.0 " + code + b"\r\n\r\n"
+    frames.append(b"HMSG %s.1.1 1 %d %d\r\n%s\r\n" % (wire.prefix.encode(), len(status), len(status), status))
+    wire.data_received(b"".join(frames))
+    assert cursor.error is None
+    assert (cursor.target, cursor.exhausted) == (0, True)  # a read hands out 1 and 2 and asks again
+    assert [seq for seq, _ in cursor.received] == [1, 2]
+
+
 # --- the same as nats-py ---------------------------------------------------------------------------
 
 

@@ -11,8 +11,9 @@ from one buffer: the stream sequence from the ``$JS.ACK`` reply subject (the
 block skipped by its length, the payload copied once with the ``revision``
 field appended (the wire form of the store's catch-up), a missing sequence
 noted. A message stored without headers comes as ``MSG``. A status message
-(``404 No Messages``, ``409 ...``) ends a pull. What a read hands out is
-checked to be RunUpdates in one parse (a :class:`Chunk` says which were not).
+(``404 No Messages``, or ``408 Request Timeout`` from older servers; ``409
+...``) ends a pull. What a read hands out is checked to be RunUpdates in one
+parse (a :class:`Chunk` says which were not).
 
 A **cursor** is one pull consumer reading forward from a position. A
 catch-up reads the history in consecutive calls, so a cursor is kept, keyed
@@ -311,10 +312,12 @@ class _Cursor:
         if not self.target:
             if code != b"409" or b"Batch Completed" not in line:
                 self.fail(ReaderUnavailable(f"status {line.decode(errors='replace')!r} after its pull"))
-        elif code == b"404" or (code == b"409" and b"MaxBytes" in line and len(self.received) > self.pulled_from):
-            # No (more) messages right now; or the next one would exceed max_bytes.
+        elif code in (b"404", b"408") or (
+            code == b"409" and b"MaxBytes" in line and len(self.received) > self.pulled_from
+        ):
+            # No (more) messages right now (408 from older servers); or the next one would exceed max_bytes.
             self.target = 0
-            self.exhausted = code == b"404"
+            self.exhausted = code != b"409"
             self.pump()
         else:  # 409 consumer deleted, leadership change, a message larger than a pull, ...
             self.fail(ReaderUnavailable(f"pull ended with {line.decode(errors='replace')!r}"))
