@@ -110,6 +110,16 @@ def names() -> str:
 
 
 @contextlib.asynccontextmanager
+async def connection(servers: list[str], **options: Any) -> AsyncIterator[Any]:
+    """A plain nats-py connection of the test's own (to publish foreign messages, delete, inspect)."""
+    nc = await nats.connect(servers, **options)
+    try:
+        yield nc
+    finally:
+        await nc.close()
+
+
+@contextlib.asynccontextmanager
 async def started(url: str, **kwargs: Any) -> AsyncIterator[NatsStore]:
     store = open_store(url, **kwargs)
     assert isinstance(store, NatsStore)
@@ -153,8 +163,7 @@ async def fill(store: NatsStore, count: int, *, foreign_every: int = 0, delete_e
     """``count`` updates, a foreign message after every ``foreign_every``-th, every ``delete_every``-th
     deleted again (the 4th, ...); the head revision."""
     subject = store._subjects("src", 1)[0]
-    nc = await nats.connect([store._servers[0]], **store._connect_options)
-    try:
+    async with connection([store._servers[0]], **store._connect_options) as nc:
         js, jsm = nc.jetstream(), nc.jsm()
         for index in range(count):
             run = pb.ProtectionShellInfo(job_run_id=index % 50, status=1, error=f"e{index}")
@@ -164,8 +173,6 @@ async def fill(store: NatsStore, count: int, *, foreign_every: int = 0, delete_e
             if delete_every and index % delete_every == 3:
                 await jsm.delete_msg(store._stream, outcome.update.revision)
         return int((await jsm.stream_info(store._stream)).state.last_seq)
-    finally:
-        await nc.close()
 
 
 async def catch_up(store: NatsStore, start: int, end: int, limit: int) -> list[tuple[int, bytes]]:
@@ -299,8 +306,7 @@ def test_messages_stored_without_headers_come_as_msg_frames_and_are_read_too(pla
 
     async def main() -> None:
         async with started(f"{plain.url}?{names()}") as store:
-            nc = await nats.connect([plain.url])
-            try:
+            async with connection([plain.url]) as nc:
                 for index in range(40):
                     await store.publish("src", pb.ProtectionShellInfo(job_run_id=index, status=1))
                     if index % 9 == 0:  # a bare message (no headers), a RunUpdate or not
@@ -309,8 +315,6 @@ def test_messages_stored_without_headers_come_as_msg_frames_and_are_read_too(pla
                         await nc.publish(store._subjects("bare", index)[0], data)
                         await nc.flush()
                 head = int((await nc.jsm().stream_info(store._stream)).state.last_seq)
-            finally:
-                await nc.close()
             spy = Spy(store)
             got = await catch_up(store, 1, head, 16)
             assert spy.pulls == 0, "the reader fell back"
@@ -342,11 +346,8 @@ def test_consecutive_calls_share_one_consumer_and_drop_it_at_the_end(plain: Secu
 
 @contextlib.asynccontextmanager
 async def jetstream_manager(node: NatsNode, **options: Any) -> AsyncIterator[Any]:
-    nc = await nats.connect([node.url], **options)
-    try:
+    async with connection([node.url], **options) as nc:
         yield nc.jsm()
-    finally:
-        await nc.close()
 
 
 # --- authentication and TLS -----------------------------------------------------------------------
@@ -693,8 +694,7 @@ def test_a_peer_that_does_not_speak_nats_turns_the_reader_off() -> None:
 async def fill_runs(store: NatsStore, runs: int, behind: int) -> None:
     """``runs`` runs in the store's format (history, then the bucket entry, except for the last ``behind``),
     a foreign message on each stream, and run 5's entry deleted (a KV delete marker)."""
-    nc = await nats.connect([store._servers[0]])
-    try:
+    async with connection([store._servers[0]]) as nc:
         js = nc.jetstream()
         for index in range(runs):
             source = f"src-{index % 3}"
@@ -709,8 +709,6 @@ async def fill_runs(store: NatsStore, runs: int, behind: int) -> None:
         await js.publish(f"{store._latest_prefix}.sZm9v.12", b"no revision header", stream=store._latest_stream)
         kv = await js.key_value(store._bucket)
         await kv.delete(store._subjects("src-2", 5)[1].split(".", 2)[2])
-    finally:
-        await nc.close()
 
 
 def test_start_up_scans_build_the_index_nats_py_builds(
@@ -774,14 +772,11 @@ def test_start_up_scans_build_the_index_nats_py_builds(
         async def scan_then_write(self: NatsStore, *args: Any) -> Any:
             out = await original(self, *args)
             if args[0] == self._latest_stream:
-                nc = await nats.connect([plain.url])
-                try:
+                async with connection([plain.url]) as nc:
                     js = nc.jetstream()
                     for job_run_id in (5, 2000, 2001):  # one known run written again, two new ones
                         subject = self._subjects("src-late", job_run_id)[1]
                         await js.publish(subject, b"", stream=self._latest_stream, headers={"Shellinfo-Revision": "9"})
-                finally:
-                    await nc.close()
             return out
 
         monkeypatch.setattr(NatsStore, "_scan", scan_then_write)
@@ -804,14 +799,11 @@ def test_a_scan_reads_the_last_message_of_every_subject(plain: SecuredNode) -> N
 
     async def main() -> None:
         async with started(f"{plain.url}?{names()}") as store:
-            nc = await nats.connect([plain.url])
-            try:
+            async with connection([plain.url]) as nc:
                 js = nc.jetstream()
                 for step in range(3):
                     for run in range(400):
                         await js.publish(f"{store._prefix}.s.{run}", b"x%d" % step, stream=store._stream)
-            finally:
-                await nc.close()
             batches: list[list[Any]] = []
             assert await store._scan(store._stream, api.DeliverPolicy.LAST_PER_SUBJECT, batches.append)
             assert [entry for batch in batches for entry in batch] == [
@@ -829,13 +821,10 @@ def test_a_scan_hands_its_messages_over_pull_by_pull_and_keeps_none(
 
     async def main() -> None:
         async with started(f"{plain.url}?{names()}") as store:
-            nc = await nats.connect([plain.url])
-            try:
+            async with connection([plain.url]) as nc:
                 js = nc.jetstream()
                 for run in range(520):
                     await js.publish(f"{store._prefix}.s.{run}", b"x", stream=store._stream)
-            finally:
-                await nc.close()
             wires: list[Any] = []
             original = reader_module._ScanWire.__init__
 
